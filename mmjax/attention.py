@@ -1,0 +1,229 @@
+"""`sparse_attention`: run a policy's plan through a backend.
+
+Backends:
+  reference: materialises the [B, N, T, S] mask of `plan.to_dense_mask()` and does a masked
+    fp32 softmax. Small inputs only; it is the spec the others are tested against.
+  xla: the plan executed blockwise in plain jnp: for every query block, a loop over its
+    key-block slots gathers the listed key blocks (through the key permutation, so no
+    permuted copy of k/v is made), then the single columns in chunks, with an online
+    softmax in fp32. Memory O(T * block), so any length that fits runs on CPU or GPU.
+  pallas: the Pallas kernels of `pallas_kernels/` (GPU; `interpret=True` on the CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from mmjax import planning
+from mmjax.plan import SparsePlan
+from mmjax.policies import Policy, check_qk
+
+BACKENDS = ("reference", "xla", "pallas")
+_COL_CHUNK = 64
+
+
+def sparse_attention(q, k, v, policy: Policy | None = None, modality=None, *,
+                     backend: str = "xla", plan: SparsePlan | None = None,
+                     return_lse: bool = False, interpret: bool | None = None):
+  """Causal prefill attention computed only where the policy's plan says.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k, v: [B, S, K, H] keys and values, S == T, N a multiple of K (GQA).
+    policy: a policy from `mmjax.policies.get`; not needed when `plan` is given.
+    modality: [B, S] int ids (0 text, 1 vision, ...) or None (all text).
+    backend: "reference", "xla" or "pallas".
+    plan: a precomputed plan (from `policy.plan`); built from q, k if None.
+    return_lse: also return the log-sum-exp of the scores, [B, N, T] fp32.
+    interpret: pallas backend only: run the kernels in interpret mode (default: on CPU).
+
+  Returns:
+    [B, T, N, H] in q's dtype (and the lse when asked).
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+  b, t, n, kh, h = check_qk(q, k, modality, v)
+  if plan is None:
+    if policy is None:
+      raise ValueError("give a `policy` (or a precomputed `plan`)")
+    plan = policy.plan(q, k, modality)
+  if plan.seq_len != t or plan.batch != b or plan.num_heads != n:
+    raise ValueError(
+        f"plan is for (B, T, N) = {(plan.batch, plan.seq_len, plan.num_heads)}, "
+        f"inputs are {(b, t, n)}"
+    )
+  if backend == "reference":
+    out, lse = _reference(q, k, v, plan)
+  elif backend == "xla":
+    out, lse = _xla(q, k, v, plan)
+  else:
+    if interpret is None:
+      interpret = jax.default_backend() == "cpu"
+    out, lse = _pallas(q, k, v, plan, interpret=interpret), None
+    if return_lse:
+      raise ValueError("return_lse is supported by the 'reference' and 'xla' backends")
+  return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------
+def masked_attention(q, k, v, mask):
+  """Dense softmax attention restricted to `mask` [B, N, T, S], fp32 math.
+
+  Returns (out [B, T, N, H] in q.dtype, lse [B, N, T]).
+  """
+  n, kh = q.shape[2], k.shape[2]
+  g = n // kh
+  kr = jnp.repeat(k, g, axis=2).astype(jnp.float32)
+  vr = jnp.repeat(v, g, axis=2).astype(jnp.float32)
+  # [B, T, N, H] x [B, S, N, H] -> [B, N, T, S]
+  s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kr) / math.sqrt(q.shape[-1])
+  s = jnp.where(mask, s, -jnp.inf)
+  lse = jax.nn.logsumexp(s, axis=-1)
+  p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+  # [B, N, T, S] x [B, S, N, H] -> [B, T, N, H]
+  out = jnp.einsum("bnts,bsnh->btnh", p, vr)
+  return out.astype(q.dtype), lse
+
+
+@jax.jit
+def _reference(q, k, v, plan):
+  return masked_attention(q, k, v, plan.to_dense_mask())
+
+
+# ----------------------------------------------------------------------------------------
+# xla: blockwise gather + online softmax
+# ----------------------------------------------------------------------------------------
+def _pad_len(x, length):
+  pad = length - x.shape[1]
+  return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+
+
+@jax.jit
+def _xla(q, k, v, plan: SparsePlan):
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  length, bq, bk = plan.padded_len, plan.block_q, plan.block_k
+  nq = plan.num_q_blocks
+  scale = 1.0 / math.sqrt(h)
+  qpos = plan.q_positions()  # [B, N, L]
+  kpos = plan.k_positions()
+  # queries in view order, by blocks: [B, N, nQ, bq, H]
+  qt = _pad_len(q, length).transpose(0, 2, 1, 3)
+  qv = jnp.take_along_axis(qt, qpos[..., None], axis=2).astype(jnp.float32) * scale
+  qv = qv.reshape(b, n, nq, bq, h)
+  qpb = qpos.reshape(b, n, nq, bq)
+  kt = _pad_len(k, length).transpose(0, 2, 1, 3)  # [B, K, L, H]
+  vt = _pad_len(v, length).transpose(0, 2, 1, 3)
+  bi = jnp.arange(b)[:, None, None, None]
+  hi = (jnp.arange(n) // g)[None, :, None, None]
+
+  def gather_keys(view_idx):
+    """view_idx [B, N, nQ, c] view key indices -> (k, v [B, N, nQ, c, H], positions)."""
+    pos = jnp.take_along_axis(kpos, view_idx.reshape(b, n, -1), axis=2).reshape(view_idx.shape)
+    return kt[bi, hi, pos].astype(jnp.float32), vt[bi, hi, pos].astype(jnp.float32), pos
+
+  def update(carry, kk, vv, kp, valid):
+    m, l, acc = carry
+    # [B, N, nQ, bq, H] x [B, N, nQ, c, H] -> [B, N, nQ, bq, c]
+    s = jnp.einsum("bnqih,bnqjh->bnqij", qv, kk)
+    ok = valid[..., None, :] & (kp[..., None, :] <= qpb[..., :, None])
+    s = jnp.where(ok, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.where(ok, jnp.exp(s - m_safe[..., None]), 0.0)
+    corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
+    l = l * corr + p.sum(-1)
+    # [B, N, nQ, bq, c] x [B, N, nQ, c, H] -> [B, N, nQ, bq, H]
+    acc = acc * corr[..., None] + jnp.einsum("bnqij,bnqjh->bnqih", p, vv)
+    return m_new, l, acc
+
+  init = (
+      jnp.full((b, n, nq, bq), -jnp.inf, jnp.float32),
+      jnp.zeros((b, n, nq, bq), jnp.float32),
+      jnp.zeros((b, n, nq, bq, h), jnp.float32),
+  )
+
+  def block_step(s, carry):
+    blk = plan.block_idx[..., s]  # [B, N, nQ]
+    idx = blk[..., None] * bk + jnp.arange(bk)
+    kk, vv, kp = gather_keys(idx)
+    valid = jnp.broadcast_to((s < plan.block_count)[..., None], idx.shape)
+    return update(carry, kk, vv, kp, valid)
+
+  carry = jax.lax.fori_loop(0, plan.max_blocks, block_step, init)
+
+  mc = plan.max_cols
+  if mc:
+    chunk = min(_COL_CHUNK, mc)
+    n_chunks = -(-mc // chunk)
+    cidx = jnp.pad(plan.col_idx, ((0, 0), (0, 0), (0, 0), (0, n_chunks * chunk - mc)))
+
+    def col_step(c, carry):
+      sl = jax.lax.dynamic_slice_in_dim(cidx, c * chunk, chunk, axis=3)
+      kk, vv, kp = gather_keys(sl)
+      valid = (c * chunk + jnp.arange(chunk)) < plan.col_count[..., None]
+      return update(carry, kk, vv, kp, valid)
+
+    carry = jax.lax.fori_loop(0, n_chunks, col_step, carry)
+
+  m, l, acc = carry
+  out = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+  out = out.reshape(b, n, length, h)
+  lse = lse.reshape(b, n, length)
+  inv = jnp.argsort(qpos, axis=-1)  # view index of each original position
+  out = jnp.take_along_axis(out, inv[..., None], axis=2)
+  lse = jnp.take_along_axis(lse, inv, axis=2)
+  return out.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype), lse[:, :, :t]
+
+
+# ----------------------------------------------------------------------------------------
+# pallas
+# ----------------------------------------------------------------------------------------
+def _pallas(q, k, v, plan: SparsePlan, *, interpret: bool):
+  try:
+    from pallas_kernels import block_sparse as kernels  # noqa: PLC0415
+  except ImportError as e:  # pragma: no cover - the package ships with mmjax
+    raise ValueError(f"backend='pallas' needs the pallas_kernels package: {e}") from e
+  return _pallas_run(q, k, v, plan, interpret=interpret, kernel=kernels.sparse_attention)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "kernel"))
+def _pallas_run(q, k, v, plan, *, interpret, kernel):
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  length = plan.padded_len
+  qpos, kpos = plan.q_positions(), plan.k_positions()
+  q = _pad_len(q, length)
+  k = _pad_len(k, length)
+  v = _pad_len(v, length)
+  # view-ordered copies. Keys keep one copy per kv head when every q head of the group
+  # shares the key permutation (all policies but per-head grid strides); otherwise one per
+  # q head.
+  qv = jnp.take_along_axis(q, qpos.transpose(0, 2, 1)[..., None], axis=1)
+  if plan.k_perm is None:
+    kv_pos = kpos[:, ::g]
+    kk, vv = k, v
+  else:
+    kv_pos = kpos
+    kk = jnp.take_along_axis(jnp.repeat(k, g, axis=2), kpos.transpose(0, 2, 1)[..., None], 1)
+    vv = jnp.take_along_axis(jnp.repeat(v, g, axis=2), kpos.transpose(0, 2, 1)[..., None], 1)
+  out = kernel(
+      qv, kk, vv, qpos, kv_pos, plan.block_idx, plan.block_count, plan.col_idx,
+      plan.col_count, block_q=plan.block_q, block_k=plan.block_k, interpret=interpret,
+  )
+  inv = jnp.argsort(qpos, axis=-1).transpose(0, 2, 1)  # [B, L, N]
+  out = jnp.take_along_axis(out, inv[..., None], axis=1)
+  return out[:, :t]
+
+
+def padded_length(seq_len: int, block_q: int, block_k: int) -> int:
+  return planning.padded_length(seq_len, block_q, block_k)

@@ -1,0 +1,463 @@
+"""Per-head plan construction, shared by every policy (runs under jit, vmapped over heads).
+
+Every policy reduces to a *view* and a list of *components*:
+
+* The view orders queries and keys: identity, grouped by modality (both sides: 2D
+  boundary; queries only: Q boundary), and optionally one modality group (or the whole
+  sequence) re-ordered by a grid stride so that lines at that stride become contiguous.
+* A component is a pattern (a_shape, vertical_slash, block_sparse, grid, dense) applied to
+  the (query modality, key modality) pair it owns (None = every modality).
+
+Each component scores the [nQ, nK] key blocks with a priority:
+  3 = a block holding the query's own token (always kept),
+  2 = a structural block (sink, local window, slash line, grid band),
+  (1, 2) = a block picked by its pooled score (top-k),
+  -inf = not wanted.
+Blocks that no query of the block can see causally are dropped, the components' priorities
+are merged by max, and each query block keeps its top `max_blocks` (a static size), sorted
+ascending. Vertical columns are single keys kept per query block unless a kept block
+already holds them.
+
+Coordinates: a pattern measures distances in *ranks*, not view indices. In a symmetric
+view the rank of a token is its index inside its modality group in view order (so slash
+lines of text continue across the video between two text segments, and a grid-permuted
+group has its band along its own diagonal); `orank` is the index inside the group in
+original order (sinks are the first tokens of a group). In a query-only view (Q boundary)
+keys stay in original order, so ranks are original positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG = -jnp.inf
+BIG = np.int32(2**30)
+PRI_SELF = 3.0
+PRI_STRUCT = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherThan:
+  """Modality selector: every real token whose id is not in `ids`."""
+
+  ids: tuple[int, ...]
+
+
+def _mod_ok(mods, sel):
+  if sel is None:
+    return jnp.ones(mods.shape, bool)
+  if isinstance(sel, OtherThan):
+    return ~jnp.isin(mods, jnp.asarray(sel.ids, jnp.int32))
+  return mods == sel
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """A pattern on a (query modality, key modality) pair; None matches every modality."""
+
+  q_mod: int | OtherThan | None
+  k_mod: int | OtherThan | None
+  pattern: object  # a simple policy (see mmjax.policies); read through its fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the view is built.
+
+  group: "none" (identity order), "both" (2D boundary) or "q" (Q boundary).
+  grid_groups: modality ids whose group is grid-permuted (-1 = the whole sequence, when
+    group == "none"), each with the grid pattern that estimates its stride.
+  """
+
+  group: str
+  grid_groups: tuple[tuple[int, object], ...] = ()
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------
+def _block_min_max(x, valid, nb):
+  xb = x.reshape(nb, -1)
+  vb = valid.reshape(nb, -1)
+  mn = jnp.where(vb, xb, BIG).min(-1)
+  mx = jnp.where(vb, xb, -BIG).max(-1)
+  return mn, mx, vb.any(-1)
+
+
+def _rank_in_group(group_of_sorted):
+  """Index of each element within its group, for elements already sorted by group."""
+  n = group_of_sorted.shape[0]
+  idx = jnp.arange(n, dtype=jnp.int32)
+  is_start = jnp.concatenate([jnp.array([True]), group_of_sorted[1:] != group_of_sorted[:-1]])
+  start = jax.lax.cummax(jnp.where(is_start, idx, 0))
+  return idx - start
+
+
+def _topk_threshold_mask(score, valid, k):
+  """Per row, True for the k highest valid scores (ties may add a few)."""
+  k = min(k, score.shape[-1])
+  s = jnp.where(valid, score, NEG)
+  thr = jax.lax.top_k(s, k)[0][..., -1:]
+  return valid & (s >= thr) & (s > NEG)
+
+
+def _masked_mean(x, w, nb):
+  """Mean of x [L, H] over rows with w [L] bool, per block of L // nb rows -> [nb, H]."""
+  xb = x.reshape(nb, -1, x.shape[-1])
+  wb = w.reshape(nb, -1, 1).astype(x.dtype)
+  return (xb * wb).sum(1) / jnp.maximum(wb.sum(1), 1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# the per-head context: the view and its block statistics
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class HeadView:
+  """Arrays of one (batch, head) in view order. L padded length, T real length."""
+
+  q: jax.Array  # [L, H] f32
+  k: jax.Array  # [L, H] f32
+  q_pos: jax.Array  # [L] original positions
+  k_pos: jax.Array
+  q_mod: jax.Array  # [L] modality ids (-1 for padding)
+  k_mod: jax.Array
+  q_rank: jax.Array  # [L] rank coordinates (see module docstring)
+  k_rank: jax.Array
+  k_orank: jax.Array  # [L] rank inside group in original order (sinks)
+  q_perm: jax.Array | None
+  k_perm: jax.Array | None
+  symmetric: bool
+  seq_len: int
+  block_q: int
+  block_k: int
+  scale: float
+
+  @property
+  def n_q(self):
+    return self.q.shape[0] // self.block_q
+
+  @property
+  def n_k(self):
+    return self.k.shape[0] // self.block_k
+
+  def q_ok(self, mod):
+    return (self.q_pos < self.seq_len) & _mod_ok(self.q_mod, mod)
+
+  def k_ok(self, mod):
+    return (self.k_pos < self.seq_len) & _mod_ok(self.k_mod, mod)
+
+  def causal_possible(self):
+    """[nQ, nK] some real query of block i may see some key of block j."""
+    _, qmax, _ = _block_min_max(self.q_pos, self.q_ok(None), self.n_q)
+    kmin, _, _ = _block_min_max(self.k_pos, self.k_ok(None), self.n_k)
+    return kmin[None, :] <= qmax[:, None]
+
+
+def _group_order(pos, mod, real, grid_strides, grid_all):
+  """Sort key for grouping by modality (+ optional grid permutation inside groups).
+
+  Returns (perm [L]: original index at each view index, rank [L], orank [L]) where rank is
+  the index inside the group in view order and orank the index inside the group in
+  original order, both given in view order.
+  """
+  grp = jnp.where(real, mod, BIG)
+  # index inside group in original order (stable sort by group, then back).
+  by_group = jnp.lexsort((pos, grp))
+  orank_sorted = _rank_in_group(grp[by_group])
+  orank = jnp.zeros_like(pos).at[by_group].set(orank_sorted)
+  sub = jnp.zeros_like(pos)
+  for gmod, stride in grid_strides:  # stride is a traced scalar
+    in_g = real & ((mod == gmod) if not grid_all else True)
+    sub = jnp.where(in_g, orank % jnp.maximum(stride, 1), sub)
+  perm = jnp.lexsort((orank, sub, grp)).astype(jnp.int32)
+  rank = _rank_in_group(grp[perm])
+  return perm, rank.astype(jnp.int32), orank[perm].astype(jnp.int32)
+
+
+def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, scale):
+  """Builds the HeadView of one head. q, k: [L, H]; mod: [L] (pads anything)."""
+  length = q.shape[0]
+  pos = jnp.arange(length, dtype=jnp.int32)
+  real = pos < seq_len
+  mod = jnp.where(real, mod, -1)
+  if layout.group == "none" and not grid_strides:
+    return HeadView(
+        q=q, k=k, q_pos=pos, k_pos=pos, q_mod=mod, k_mod=mod, q_rank=pos, k_rank=pos,
+        k_orank=pos, q_perm=None, k_perm=None, symmetric=True, seq_len=seq_len,
+        block_q=block_q, block_k=block_k, scale=scale,
+    )
+  if layout.group == "none":  # grid over the whole sequence
+    perm, rank, orank = _group_order(pos, jnp.zeros_like(mod), real, grid_strides, True)
+  else:
+    perm, rank, orank = _group_order(pos, mod, real, grid_strides, False)
+  if layout.group == "q":
+    # queries grouped, keys in original order: ranks are original positions.
+    return HeadView(
+        q=q[perm], k=k, q_pos=perm, k_pos=pos, q_mod=mod[perm], k_mod=mod, q_rank=perm,
+        k_rank=pos, k_orank=pos, q_perm=perm, k_perm=None, symmetric=False,
+        seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale,
+    )
+  return HeadView(
+      q=q[perm], k=k[perm], q_pos=perm, k_pos=perm, q_mod=mod[perm], k_mod=mod[perm],
+      q_rank=rank, k_rank=rank, k_orank=orank, q_perm=perm, k_perm=perm, symmetric=True,
+      seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale,
+  )
+
+
+# ----------------------------------------------------------------------------------------
+# online estimates from the last queries
+# ----------------------------------------------------------------------------------------
+def last_query_probs(v: HeadView, q_mod, k_mod, last_q):
+  """Softmax of the last `last_q` real queries of modality q_mod against the keys of k_mod.
+
+  Returns (p [last_q, L] probabilities (0 where not allowed), offsets [last_q, L] rank
+  distance q_rank - k_rank).
+  """
+  qok = v.q_ok(q_mod)
+  last_q = min(last_q, v.q.shape[0])
+  _, rows = jax.lax.top_k(jnp.where(qok, v.q_pos, -1), last_q)
+  row_ok = qok[rows]
+  s = jnp.einsum("qh,kh->qk", v.q[rows], v.k) * v.scale  # [last_q, L]
+  allowed = (v.k_pos[None, :] <= v.q_pos[rows][:, None]) & row_ok[:, None]
+  allowed &= v.k_ok(k_mod)[None, :]
+  s = jnp.where(allowed, s, NEG)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.where(allowed, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  p = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
+  offsets = v.q_rank[rows][:, None] - v.k_rank[None, :]
+  offsets = jnp.where(allowed & (offsets >= 0), offsets, -1)
+  return p, offsets
+
+
+def slash_sums(p, offsets, length):
+  """Attention mass per rank offset (diagonal): [L]."""
+  ok = offsets >= 0
+  return jax.ops.segment_sum(
+      jnp.where(ok, p, 0.0).ravel(), jnp.where(ok, offsets, 0).ravel(), num_segments=length
+  )
+
+
+def estimate_stride(slash, min_stride, max_stride, multiples=4):
+  """The stride whose multiples carry the most mean slash mass (grid lines).
+
+  A true stride s beats its divisors (half their multiples fall between grid lines) and its
+  multiples (their first `multiples` lines lie farther away, where mass decays).
+  """
+  length = slash.shape[0]
+  hi = min(max_stride, max((length - 1) // multiples, min_stride))
+  cands = jnp.arange(min_stride, hi + 1, dtype=jnp.int32)
+  m = jnp.arange(1, multiples + 1, dtype=jnp.int32)
+  offs = cands[:, None] * m[None, :]
+  vals = jnp.where(offs < length, slash[jnp.minimum(offs, length - 1)], 0.0).mean(-1)
+  return cands[jnp.argmax(vals)]
+
+
+# ----------------------------------------------------------------------------------------
+# block priorities of each pattern
+# ----------------------------------------------------------------------------------------
+def _rank_stats(v: HeadView, q_mod, k_mod):
+  qmin, qmax, qany = _block_min_max(v.q_rank, v.q_ok(q_mod), v.n_q)
+  kmin, kmax, kany = _block_min_max(v.k_rank, v.k_ok(k_mod), v.n_k)
+  komin, _, _ = _block_min_max(v.k_orank, v.k_ok(k_mod), v.n_k)
+  return qmin, qmax, qany, kmin, kmax, kany, komin
+
+
+def _sink_local(v, q_mod, k_mod, sink, local):
+  qmin, qmax, qany, kmin, kmax, kany, komin = _rank_stats(v, q_mod, k_mod)
+  pair = qany[:, None] & kany[None, :]
+  sink_b = (komin < sink)[None, :]
+  local_b = (kmax[None, :] >= qmin[:, None] - local) & (kmin[None, :] <= qmax[:, None])
+  return pair & (sink_b | local_b)
+
+
+def pooled_block_scores(v: HeadView, q_mod, k_mod):
+  """[nQ, nK] pooled-q . pooled-k scores and the pairs where both sides have tokens."""
+  qok, kok = v.q_ok(q_mod), v.k_ok(k_mod)
+  qp = _masked_mean(v.q, qok, v.n_q)
+  kp = _masked_mean(v.k, kok, v.n_k)
+  s = jnp.einsum("ih,jh->ij", qp, kp) * v.scale  # [nQ, nK]
+  qany = qok.reshape(v.n_q, -1).any(-1)
+  kany = kok.reshape(v.n_k, -1).any(-1)
+  return s, qany[:, None] & kany[None, :]
+
+
+def _scored(v, q_mod, k_mod, top_k, causal):
+  s, pair = pooled_block_scores(v, q_mod, k_mod)
+  keep = _topk_threshold_mask(s, pair & causal, top_k)
+  return jnp.where(keep, 1.0 + jax.nn.sigmoid(s), NEG)
+
+
+def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal):
+  """Returns (priority [nQ, nK], column candidates [V] view indices, column valid [V])."""
+  no_cols = (jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
+  if kind == "dense":
+    _, _, qany, _, _, kany, _ = _rank_stats(v, q_mod, k_mod)
+    return jnp.where(qany[:, None] & kany[None, :], PRI_STRUCT, NEG), *no_cols
+  if kind == "a_shape":
+    hit = _sink_local(v, q_mod, k_mod, pat.sink_tokens, pat.local_tokens)
+    return jnp.where(hit, PRI_STRUCT, NEG), *no_cols
+  if kind == "block_sparse":
+    return _scored(v, q_mod, k_mod, pat.top_k_blocks, causal), *no_cols
+  if kind == "grid":
+    hit = _sink_local(v, q_mod, k_mod, pat.sink_tokens, pat.band_tokens)
+    pri = jnp.where(hit, PRI_STRUCT, NEG)
+    return jnp.maximum(pri, _scored(v, q_mod, k_mod, pat.top_k_blocks, causal)), *no_cols
+  if kind == "vertical_slash":
+    return _vertical_slash(pat, v, q_mod, k_mod)
+  raise ValueError(f"unknown pattern kind {kind!r}")
+
+
+def _vertical_slash(pat, v: HeadView, q_mod, k_mod):
+  length = v.k.shape[0]
+  p, offsets = last_query_probs(v, q_mod, k_mod, pat.last_q)
+  kok = v.k_ok(k_mod)
+  # vertical: column mass; the first `keep_first` keys of the group are always kept.
+  vert = jnp.where(kok, p.sum(0), NEG)
+  vert = jnp.where(kok & (v.k_orank < pat.keep_first), jnp.inf, vert)
+  nv = min(pat.vertical_size, length)
+  vval, cols = jax.lax.top_k(vert, nv)
+  cols_ok = vval > NEG
+  # slash: diagonal mass by rank offset; the `keep_local` nearest diagonals always kept.
+  sl = slash_sums(p, offsets, length)
+  sl = jnp.where(jnp.arange(length) < pat.keep_local, jnp.inf, sl)
+  ns = min(pat.slash_size, length)
+  sval, offs = jax.lax.top_k(sl, ns)
+  ind = jnp.zeros((length + 1,), jnp.int32).at[offs].add((sval > 0).astype(jnp.int32))
+  csum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(ind)])
+  # a slash at offset o crosses block (i, j) iff o in [qmin_i - kmax_j, qmax_i - kmin_j].
+  qmin, qmax, qany, kmin, kmax, kany, _ = _rank_stats(v, q_mod, k_mod)
+  lo = jnp.clip(qmin[:, None] - kmax[None, :], 0, length)
+  hi = jnp.clip(qmax[:, None] - kmin[None, :], -1, length - 1)
+  hit = (hi >= lo) & (csum[hi + 1] - csum[lo] > 0) & qany[:, None] & kany[None, :]
+  return jnp.where(hit, PRI_STRUCT, NEG), cols.astype(jnp.int32), cols_ok
+
+
+# ----------------------------------------------------------------------------------------
+# merging components and selecting
+# ----------------------------------------------------------------------------------------
+def select_blocks(pri, max_blocks):
+  """Top `max_blocks` finite priorities per row -> (idx [nQ, MB] ascending, count [nQ])."""
+  n_k = pri.shape[-1]
+  vals, idx = jax.lax.top_k(pri, max_blocks)
+  valid = vals > NEG
+  key = jnp.sort(jnp.where(valid, idx, n_k + idx), axis=-1)
+  idx = jnp.where(key >= n_k, key - n_k, key)
+  return idx.astype(jnp.int32), valid.sum(-1).astype(jnp.int32)
+
+
+def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols):
+  """Per query block, the candidate keys not inside a kept block, deduplicated.
+
+  cand, cand_ok: [nQ, V] view indices of candidate keys. Returns (idx [nQ, MC], count).
+  """
+  n_q, n_k = v.n_q, v.n_k
+  if max_cols == 0:
+    z = jnp.zeros((n_q, 0), jnp.int32)
+    return z, jnp.zeros((n_q,), jnp.int32)
+  valid_b = jnp.arange(block_idx.shape[-1]) < block_count[:, None]
+  rows = jnp.arange(n_q)[:, None]
+  kept = jnp.zeros((n_q, n_k), jnp.int32).at[rows, block_idx].add(valid_b.astype(jnp.int32)) > 0
+  _, qmax, _ = _block_min_max(v.q_pos, v.q_ok(None), n_q)
+  ok = cand_ok & ~jnp.take_along_axis(kept, cand // v.block_k, axis=1)
+  ok &= v.k_pos[cand] <= qmax[:, None]
+  srt = jnp.sort(jnp.where(ok, cand, BIG), axis=-1)
+  if srt.shape[1] < max_cols:  # every head of a plan has the same MC
+    srt = jnp.pad(srt, ((0, 0), (0, max_cols - srt.shape[1])), constant_values=BIG)
+  dup = jnp.concatenate([jnp.zeros((n_q, 1), bool), srt[:, 1:] == srt[:, :-1]], axis=1)
+  srt = jnp.where(dup, BIG, srt)
+  srt = jnp.sort(srt, axis=-1)[:, :max_cols]
+  count = (srt < BIG).sum(-1).astype(jnp.int32)
+  return jnp.where(srt < BIG, srt, 0).astype(jnp.int32), count
+
+
+def self_priority(v: HeadView):
+  """[nQ, nK] PRI_SELF on the key blocks that hold each query's own token (symmetric views)."""
+  n_q, n_k = v.n_q, v.n_k
+  i = jnp.arange(n_q)[:, None]
+  j = jnp.arange(n_k)[None, :]
+  lo = (i * v.block_q) // v.block_k
+  hi = ((i + 1) * v.block_q - 1) // v.block_k
+  return jnp.where((j >= lo) & (j <= hi), PRI_SELF, NEG)
+
+
+def head_plan(layout, components, q, k, mod, *, seq_len, block_q, block_k, scale,
+              max_blocks, max_cols):
+  """Plan of one (batch, head). q, k: [L, H]; mod: [L]. Returns a dict of arrays."""
+  length = q.shape[0]
+  q = q.astype(jnp.float32)
+  k = k.astype(jnp.float32)
+  kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
+
+  # 1. grid strides, estimated in the grouped (not yet grid-permuted) view.
+  strides = []
+  aux = {}
+  if layout.grid_groups:
+    pre = build_view(Layout(layout.group), (), q, k, mod, **kw)
+    for gmod, gpat in layout.grid_groups:
+      gm = None if gmod < 0 else gmod
+      if gpat.stride > 0:
+        stride = jnp.int32(gpat.stride)
+      else:
+        p, _ = last_query_probs(pre, gm, gm, gpat.last_q)
+        # offsets in ORIGINAL rank inside the group (text between frames removed).
+        qok = pre.q_ok(gm)
+        _, rows = jax.lax.top_k(jnp.where(qok, pre.q_pos, -1), min(gpat.last_q, length))
+        qor = _orank_of(pre, rows)
+        offs = qor[:, None] - pre.k_orank[None, :]
+        offs = jnp.where((p > 0) & (offs >= 0), offs, -1)
+        stride = estimate_stride(slash_sums(p, offs, length), gpat.min_stride, gpat.max_stride)
+      strides.append((gmod, stride))
+      aux["stride" if gmod < 0 else f"stride_{gmod}"] = stride
+  v = build_view(layout, tuple(strides), q, k, mod, **kw)
+
+  # 2. component priorities, merged by max on the pairs each one owns.
+  causal = v.causal_possible()
+  pri = jnp.full((v.n_q, v.n_k), NEG)
+  cands, cands_ok = [], []
+  for comp in components:
+    kind = comp.pattern.name
+    cp, cols, cols_ok = pattern_priority(kind, comp.pattern, v, comp.q_mod, comp.k_mod, causal)
+    pri = jnp.maximum(pri, cp)
+    if cols.shape[0]:
+      _, _, qany = _block_min_max(v.q_pos, v.q_ok(comp.q_mod), v.n_q)
+      cands.append(jnp.broadcast_to(cols, (v.n_q, cols.shape[0])))
+      cands_ok.append(qany[:, None] & cols_ok[None, :])
+  if v.symmetric:
+    pri = jnp.maximum(pri, self_priority(v))
+  else:
+    # query-only permutation: each query block gets its own tokens as columns.
+    qself = v.q_pos.reshape(v.n_q, block_q)
+    cands.append(jnp.minimum(qself, length - 1))
+    cands_ok.append(qself < seq_len)
+  pri = jnp.where(causal, pri, NEG)
+
+  # 3. selection.
+  block_idx, block_count = select_blocks(pri, max_blocks)
+  if cands:
+    cand = jnp.concatenate(cands, axis=1)
+    cand_ok = jnp.concatenate(cands_ok, axis=1)
+  else:
+    cand = jnp.zeros((v.n_q, 0), jnp.int32)
+    cand_ok = jnp.zeros((v.n_q, 0), bool)
+  col_idx, col_count = select_columns(cand, cand_ok, v, block_idx, block_count, max_cols)
+  return dict(
+      block_idx=block_idx, block_count=block_count, col_idx=col_idx, col_count=col_count,
+      q_perm=v.q_perm, k_perm=v.k_perm, aux=aux,
+  )
+
+
+def _orank_of(v: HeadView, rows):
+  """Original-order rank inside the group of view queries `rows` (symmetric or q views)."""
+  if v.symmetric:
+    return v.k_orank[rows]  # queries and keys share the view in symmetric layouts
+  return v.q_pos[rows]
+
+
+def padded_length(seq_len, block_q, block_k):
+  m = block_q * block_k // math.gcd(block_q, block_k)
+  return -(-seq_len // m) * m

@@ -1,0 +1,576 @@
+"""Sparsity policies: frozen, hashable dataclasses (static under jit) that build a SparsePlan.
+
+    policy = mmjax.policies.get("vertical_slash", vertical_size=512)
+    plan = policy.plan(q, k, modality)      # q [B, T, N, H], k [B, S, K, H], modality [B, S]
+
+Names: dense, a_shape, vertical_slash, block_sparse, grid, q_boundary, 2d_boundary,
+mminference. Budgets are in tokens (or key blocks for top-k) and follow MInference's
+defaults where it has them (last_q 64, vertical kept >= 30 first keys, slash kept >= 100
+nearest diagonals, blocks of 64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import planning
+from mmjax.plan import SparsePlan
+
+TEXT, VISION = 0, 1
+
+
+# ----------------------------------------------------------------------------------------
+# validation shared by plan() and the attention entry point
+# ----------------------------------------------------------------------------------------
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_qk(q, k, modality=None, v=None):
+  """Raises ValueError for malformed prefill inputs. Returns (B, T, N, K, H)."""
+  if getattr(q, "ndim", None) != 4:
+    raise ValueError(f"q must be [B, T, N, H] (rank 4), got shape {getattr(q, 'shape', None)}")
+  if getattr(k, "ndim", None) != 4:
+    raise ValueError(f"k must be [B, S, K, H] (rank 4), got shape {getattr(k, 'shape', None)}")
+  b, t, n, h = q.shape
+  bk, s, kh, hk = k.shape
+  if bk != b:
+    raise ValueError(f"batch mismatch: q has B={b}, k has B={bk}")
+  if s != t:
+    raise ValueError(f"prefill is causal self-attention: need T == S, got T={t}, S={s}")
+  if hk != h:
+    raise ValueError(f"head_dim mismatch: q has H={h}, k has H={hk}")
+  if kh == 0 or n % kh:
+    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh} (GQA)")
+  if t == 0:
+    raise ValueError("empty sequence: T must be >= 1")
+  if v is not None and tuple(v.shape) != tuple(k.shape):
+    raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+  if modality is not None:
+    if getattr(modality, "ndim", None) != 2 or tuple(modality.shape) != (b, s):
+      raise ValueError(
+          f"modality must be [B, S] = {(b, s)} int ids (0 text, 1 vision), "
+          f"got shape {getattr(modality, 'shape', None)}"
+      )
+    if not jnp.issubdtype(modality.dtype, jnp.integer):
+      raise ValueError(f"modality must be an integer array, got dtype {modality.dtype}")
+    if _is_concrete(modality) and bool(jnp.any(modality < 0)):
+      raise ValueError("modality ids must be >= 0 (0 text, 1 vision, more ids allowed)")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x is not None and _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+      raise ValueError(f"{name} contains NaN or Inf")
+  return b, t, n, kh, h
+
+
+# ----------------------------------------------------------------------------------------
+# the policies
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Base class. Subclasses set `name` and their budget fields."""
+
+  name: ClassVar[str] = ""
+  block_q: int = 64
+  block_k: int = 64
+
+  def __post_init__(self):
+    for f in ("block_q", "block_k"):
+      val = getattr(self, f)
+      if not isinstance(val, int) or val <= 0 or val & (val - 1):
+        raise ValueError(f"{self.name}: {f} must be a positive power of two, got {val!r}")
+
+  # --- what subclasses describe --------------------------------------------------------
+  def layout(self) -> planning.Layout:
+    return planning.Layout("none")
+
+  def components(self) -> tuple[planning.Component, ...]:
+    return (planning.Component(None, None, self),)
+
+  def max_blocks(self, n_k: int) -> int:
+    """Static bound on the key blocks a query block keeps (self blocks included)."""
+    raise NotImplementedError
+
+  def max_cols(self) -> int:
+    return 0
+
+  def _self_blocks(self) -> int:
+    return -(-self.block_q // self.block_k) + 1
+
+  # --- building the plan ---------------------------------------------------------------
+  def plan(self, q, k, modality=None) -> SparsePlan:
+    """Builds the plan for q [B, T, N, H], k [B, S, K, H], modality [B, S] or None.
+
+    Checks the inputs (NaN only when they are concrete, i.e. outside a caller's jit), then
+    runs the jitted planner: a second input of the same shapes does not retrace.
+    """
+    b, t, _, _, _ = check_qk(q, k, modality)
+    if modality is None:
+      modality = jnp.zeros((b, t), jnp.int32)
+    return _plan_jit(self, q, k, modality.astype(jnp.int32))
+
+  def full_budget(self, seq_len: int) -> Policy:
+    """The same policy with budgets large enough to reproduce dense attention."""
+    raise NotImplementedError
+
+
+def _plan_impl(policy: Policy, q, k, modality):
+  b, t, n, kh, h = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+  length = planning.padded_length(t, policy.block_q, policy.block_k)
+  pad = length - t
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    modality = jnp.pad(modality, ((0, 0), (0, pad)), constant_values=-1)
+  head_specs = policy.head_policies(n) if isinstance(policy, MMInference) else (policy,) * n
+  n_k = length // policy.block_k
+  mb = max(min(p.max_blocks(n_k), n_k) for p in head_specs)
+  mc = max(min(p.max_cols(), length) for p in head_specs)
+  scale = 1.0 / math.sqrt(h)
+  group = n // kh
+
+  def run(spec, qh, kh_, mod):
+    out = planning.head_plan(
+        spec.layout(), spec.components(), qh, kh_, mod, seq_len=t, block_q=policy.block_q,
+        block_k=policy.block_k, scale=scale, max_blocks=mb, max_cols=mc,
+    )
+    if out["q_perm"] is None:
+      out["q_perm"] = jnp.arange(length, dtype=jnp.int32)
+    if out["k_perm"] is None:
+      out["k_perm"] = jnp.arange(length, dtype=jnp.int32)
+    return out
+
+  results = [None] * n
+  # heads grouped by spec (static); each group vmapped over (batch, head).
+  by_spec: dict[Policy, list[int]] = {}
+  for i, spec in enumerate(head_specs):
+    by_spec.setdefault(spec, []).append(i)
+  for spec, heads in by_spec.items():
+    heads_arr = np.asarray(heads)
+    qg = q[:, :, heads_arr]  # [B, L, n_g, H]
+    kg = k[:, :, heads_arr // group]  # [B, L, n_g, H]
+    f = jax.vmap(jax.vmap(functools.partial(run, spec), in_axes=(1, 1, None)), (0, 0, 0))
+    out = f(qg, kg, modality)  # leaves [B, n_g, ...]
+    for j, hd in enumerate(heads):
+      results[hd] = jax.tree_util.tree_map(lambda x, j=j: x[:, j], out)
+
+  def stack(key):
+    return jnp.stack([r[key] for r in results], axis=1)
+
+  aux_keys = sorted({key for r in results for key in r["aux"]})
+  aux = {}
+  for key in aux_keys:  # heads without this entry report -1
+    aux[key] = jnp.stack(
+        [r["aux"].get(key, jnp.full((b,), -1, jnp.int32)) for r in results], axis=1
+    )
+  identity = all(p.layout() == planning.Layout("none") for p in head_specs)
+  q_only = all(p.layout().group == "q" for p in head_specs)
+  return SparsePlan(
+      block_idx=stack("block_idx"), block_count=stack("block_count"),
+      col_idx=stack("col_idx"), col_count=stack("col_count"),
+      q_perm=None if identity else stack("q_perm"),
+      k_perm=None if (identity or q_only) else stack("k_perm"),
+      aux=aux, seq_len=t, block_q=policy.block_q, block_k=policy.block_k,
+  )
+
+
+_plan_jit = jax.jit(_plan_impl, static_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(Policy):
+  """Every causal block: the baseline, as a plan like the others."""
+
+  name: ClassVar[str] = "dense"
+
+  def max_blocks(self, n_k):
+    return n_k
+
+  def full_budget(self, seq_len):
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class AShape(Policy):
+  """Attention sinks (the first `sink_tokens` keys) plus a local window of `local_tokens`."""
+
+  name: ClassVar[str] = "a_shape"
+  sink_tokens: int = 128
+  local_tokens: int = 1024
+
+  def max_blocks(self, n_k):
+    return -(-self.sink_tokens // self.block_k) + -(-(self.local_tokens + self.block_q)
+                                                     // self.block_k) + 2
+
+  def full_budget(self, seq_len):
+    return dataclasses.replace(self, local_tokens=seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerticalSlash(Policy):
+  """MInference's vertical-slash: from the last `last_q` queries' attention, the top
+  `vertical_size` key columns and the top `slash_size` diagonals. The first `keep_first`
+  keys and the `keep_local` nearest diagonals are always kept. Slash lines are run as key
+  blocks, columns as single keys."""
+
+  name: ClassVar[str] = "vertical_slash"
+  last_q: int = 64
+  vertical_size: int = 1000
+  slash_size: int = 1024
+  keep_first: int = 30
+  keep_local: int = 100
+
+  def max_blocks(self, n_k):
+    per_line = -(-self.block_q // self.block_k) + 1
+    return self.slash_size * per_line + self._self_blocks()
+
+  def max_cols(self):
+    return self.vertical_size
+
+  def full_budget(self, seq_len):
+    return dataclasses.replace(self, vertical_size=seq_len, slash_size=seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparse(Policy):
+  """Top `top_k_blocks` key blocks per query block by mean-pooled q . k (+ the diagonal)."""
+
+  name: ClassVar[str] = "block_sparse"
+  top_k_blocks: int = 32
+
+  def max_blocks(self, n_k):
+    return self.top_k_blocks + self._self_blocks()
+
+  def full_budget(self, seq_len):
+    return dataclasses.replace(self, top_k_blocks=-(-seq_len // self.block_k))
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid(Policy):
+  """Video grid: lines every `stride` tokens (a frame, or a row of patches).
+
+  The stride is estimated online (unless `stride` > 0) from the last queries: the
+  candidate in [min_stride, max_stride] whose first multiples carry the most diagonal
+  mass. Queries and keys are permuted by (index mod stride) so the grid lines become a
+  band along the diagonal; the plan keeps that band (`band_tokens` wide in the permuted
+  order), the first `sink_tokens`, and the `top_k_blocks` best pooled blocks.
+  """
+
+  name: ClassVar[str] = "grid"
+  last_q: int = 64
+  stride: int = 0
+  min_stride: int = 16
+  max_stride: int = 4096
+  band_tokens: int = 512
+  sink_tokens: int = 64
+  top_k_blocks: int = 8
+
+  def layout(self):
+    return planning.Layout("none", ((-1, self),))
+
+  def max_blocks(self, n_k):
+    band = -(-(self.band_tokens + self.block_q) // self.block_k) + 2
+    return -(-self.sink_tokens // self.block_k) + band + self.top_k_blocks + self._self_blocks()
+
+  def full_budget(self, seq_len):
+    return dataclasses.replace(
+        self, band_tokens=seq_len, top_k_blocks=-(-seq_len // self.block_k)
+    )
+
+
+SIMPLE = {c.name: c for c in (Dense, AShape, VerticalSlash, BlockSparse, Grid)}
+
+
+def _as_policy(spec, where, block_q, block_k) -> Policy:
+  """A sub-pattern given as a Policy, a name, or {"name": ..., **kwargs}."""
+  if isinstance(spec, Policy):
+    p = spec
+  elif isinstance(spec, str):
+    p = get(spec)
+  elif isinstance(spec, Mapping):
+    d = dict(spec)
+    if "name" not in d:
+      raise ValueError(f"{where}: a pattern dict needs a 'name' key, got {sorted(d)}")
+    p = get(d.pop("name"), **d)
+  else:
+    raise ValueError(f"{where}: expected a policy, a name or a dict, got {spec!r}")
+  if (p.block_q, p.block_k) == (Policy.block_q, Policy.block_k):
+    p = dataclasses.replace(p, block_q=block_q, block_k=block_k)  # sub-patterns inherit
+  if (p.block_q, p.block_k) != (block_q, block_k):
+    raise ValueError(
+        f"{where}: block sizes ({p.block_q}, {p.block_k}) must equal the parent's "
+        f"({block_q}, {block_k})"
+    )
+  return p
+
+
+@dataclasses.dataclass(frozen=True)
+class QBoundary(Policy):
+  """Q-boundary: queries grouped by modality (stable), keys in original order; each query
+  modality has its own pattern over all keys. `patterns` maps modality id -> pattern (one
+  of dense, a_shape, vertical_slash, block_sparse); `default` serves other ids."""
+
+  name: ClassVar[str] = "q_boundary"
+  patterns: Any = ((TEXT, VerticalSlash()), (VISION, VerticalSlash()))
+  default: Any = BlockSparse()
+  allowed: ClassVar[tuple[str, ...]] = ("dense", "a_shape", "vertical_slash", "block_sparse")
+
+  def __post_init__(self):
+    super().__post_init__()
+    items = self.patterns.items() if isinstance(self.patterns, Mapping) else self.patterns
+    pats = []
+    for m, spec in items:
+      p = _as_policy(spec, f"q_boundary.patterns[{m}]", self.block_q, self.block_k)
+      if p.name not in self.allowed:
+        raise ValueError(
+            f"q_boundary.patterns[{m}]: {p.name!r} needs permuted keys; use one of "
+            f"{self.allowed} (or 2d_boundary for grid)"
+        )
+      pats.append((int(m), p))
+    object.__setattr__(self, "patterns", tuple(sorted(pats, key=lambda x: x[0])))
+    d = _as_policy(self.default, "q_boundary.default", self.block_q, self.block_k)
+    if d.name not in self.allowed:
+      raise ValueError(f"q_boundary.default: use one of {self.allowed}, got {d.name!r}")
+    object.__setattr__(self, "default", d)
+
+  def layout(self):
+    return planning.Layout("q")
+
+  def components(self):
+    comps = [planning.Component(m, None, p) for m, p in self.patterns]
+    # query rows of any other modality id take the default pattern.
+    known = tuple(m for m, _ in self.patterns)
+    comps.append(planning.Component(planning.OtherThan(known), None, self.default))
+    return tuple(comps)
+
+  def max_blocks(self, n_k):
+    return sum(p.max_blocks(n_k) for _, p in self.patterns) + self.default.max_blocks(n_k)
+
+  def max_cols(self):
+    return sum(p.max_cols() for _, p in self.patterns) + self.default.max_cols() + self.block_q
+
+  def full_budget(self, seq_len):
+    return dataclasses.replace(
+        self, patterns=tuple((m, p.full_budget(seq_len)) for m, p in self.patterns),
+        default=self.default.full_budget(seq_len),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoDBoundary(Policy):
+  """2D-boundary: queries and keys grouped by modality (the same permutation), a pattern
+  per (query modality, key modality) pair. Intra-modality pairs may use any simple
+  pattern (grid permutes that modality's group by its own stride); cross-modality pairs
+  use block_sparse or dense. Pairs not listed use `cross` (cross-modality) or `default`."""
+
+  name: ClassVar[str] = "2d_boundary"
+  patterns: Any = (
+      ((TEXT, TEXT), VerticalSlash()),
+      ((VISION, VISION), Grid()),
+      ((TEXT, VISION), BlockSparse(top_k_blocks=8)),
+      ((VISION, TEXT), BlockSparse(top_k_blocks=8)),
+  )
+  default: Any = AShape()
+  cross: Any = BlockSparse(top_k_blocks=8)
+  cross_allowed: ClassVar[tuple[str, ...]] = ("dense", "block_sparse")
+
+  def __post_init__(self):
+    super().__post_init__()
+    items = self.patterns.items() if isinstance(self.patterns, Mapping) else self.patterns
+    pats = []
+    for pair, spec in items:
+      if isinstance(pair, str):
+        pair = tuple(int(x) for x in pair.split(","))
+      qm, km = (int(x) for x in pair)
+      p = _as_policy(spec, f"2d_boundary.patterns[{qm},{km}]", self.block_q, self.block_k)
+      if qm != km and p.name not in self.cross_allowed:
+        raise ValueError(
+            f"2d_boundary.patterns[{qm},{km}]: cross-modality pairs take one of "
+            f"{self.cross_allowed}, got {p.name!r}"
+        )
+      pats.append(((qm, km), p))
+    object.__setattr__(self, "patterns", tuple(sorted(pats, key=lambda x: x[0])))
+    d = _as_policy(self.default, "2d_boundary.default", self.block_q, self.block_k)
+    if d.name == "grid":
+      raise ValueError("2d_boundary.default: grid must be listed per modality pair")
+    object.__setattr__(self, "default", d)
+    c = _as_policy(self.cross, "2d_boundary.cross", self.block_q, self.block_k)
+    if c.name not in self.cross_allowed:
+      raise ValueError(f"2d_boundary.cross: use one of {self.cross_allowed}, got {c.name!r}")
+    object.__setattr__(self, "cross", c)
+
+  def layout(self):
+    grids = tuple((qm, p) for (qm, km), p in self.patterns if p.name == "grid")
+    return planning.Layout("both", grids)
+
+  def components(self):
+    comps = [planning.Component(qm, km, p) for (qm, km), p in self.patterns]
+    listed = {pair for pair, _ in self.patterns}
+    ids = tuple(sorted({m for pair in listed for m in pair}))
+    other = planning.OtherThan(ids)
+    for qm in ids:  # pairs of named ids that are not listed
+      for km in ids:
+        if (qm, km) not in listed:
+          comps.append(planning.Component(qm, km, self.default if qm == km else self.cross))
+    # ids never named: cross to/from the named ones, `default` among themselves.
+    comps.append(planning.Component(other, other, self.default))
+    for m in ids:
+      comps.append(planning.Component(m, other, self.cross))
+      comps.append(planning.Component(other, m, self.cross))
+    return tuple(comps)
+
+  def _all(self):
+    return [p for _, p in self.patterns] + [self.default, self.cross]
+
+  def max_blocks(self, n_k):
+    return sum(p.max_blocks(n_k) for p in self._all())
+
+  def max_cols(self):
+    return sum(p.max_cols() for p in self._all())
+
+  def full_budget(self, seq_len):
+    return dataclasses.replace(
+        self, patterns=tuple((pair, p.full_budget(seq_len)) for pair, p in self.patterns),
+        default=self.default.full_budget(seq_len), cross=self.cross.full_budget(seq_len),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# mminference: a searched per-layer / per-head table
+# ----------------------------------------------------------------------------------------
+def policy_to_dict(p: Policy) -> dict:
+  d = {"name": p.name}
+  for f in dataclasses.fields(p):
+    val = getattr(p, f.name)
+    if isinstance(p, QBoundary | TwoDBoundary) and f.name in ("patterns",):
+      val = [[list(m) if isinstance(m, tuple) else m, policy_to_dict(s)] for m, s in val]
+    elif isinstance(val, Policy):
+      val = policy_to_dict(val)
+    d[f.name] = val
+  return d
+
+
+def policy_from_dict(d: Mapping) -> Policy:
+  d = dict(d)
+  if "name" not in d:
+    raise ValueError(f"a policy dict needs a 'name' key, got keys {sorted(d)}")
+  name = d.pop("name")
+  if name in ("q_boundary", "2d_boundary"):
+    if "patterns" in d:
+      d["patterns"] = tuple(
+          (tuple(m) if isinstance(m, list) else m, policy_from_dict(s)) for m, s in d["patterns"]
+      )
+    for key in ("default", "cross"):
+      if key in d and isinstance(d[key], Mapping):
+        d[key] = policy_from_dict(d[key])
+  return get(name, **d)
+
+
+@dataclasses.dataclass(frozen=True)
+class MMInference(Policy):
+  """Per-head patterns from a searched table: `table[layer][head]` is a policy (any name
+  but mminference). Give `table` (a tuple of tuples of policies, or what `load_table`
+  reads) or `table_path` (a JSON file written by the search), and the `layer`."""
+
+  name: ClassVar[str] = "mminference"
+  table: Any = None
+  table_path: str = ""
+  layer: int = 0
+
+  def __post_init__(self):
+    super().__post_init__()
+    table = self.table
+    if table is None:
+      if not self.table_path:
+        raise ValueError("mminference: give `table` or `table_path` (a searched pattern JSON)")
+      table = load_table(self.table_path)
+    if isinstance(table, Mapping):
+      table = table_from_json(table)
+    rows = []
+    for li, row in enumerate(table):
+      rows.append(tuple(
+          _as_policy(s if not isinstance(s, Mapping) else policy_from_dict(s),
+                     f"mminference.table[{li}][{hi}]", self.block_q, self.block_k)
+          for hi, s in enumerate(row)
+      ))
+    if not rows:
+      raise ValueError("mminference: the table has no layers")
+    for row in rows:
+      for p in row:
+        if isinstance(p, MMInference):
+          raise ValueError("mminference: a table entry cannot itself be mminference")
+    if not 0 <= self.layer < len(rows):
+      raise ValueError(f"mminference: layer={self.layer} but the table has {len(rows)} layers")
+    object.__setattr__(self, "table", tuple(rows))
+
+  def head_policies(self, n: int) -> tuple[Policy, ...]:
+    row = self.table[self.layer]
+    if len(row) != n:
+      raise ValueError(f"mminference: table layer {self.layer} has {len(row)} heads, q has {n}")
+    return row
+
+  def for_layer(self, layer: int) -> MMInference:
+    return dataclasses.replace(self, layer=layer)
+
+  def max_blocks(self, n_k):
+    return max(p.max_blocks(n_k) for p in self.table[self.layer])
+
+  def max_cols(self):
+    return max(p.max_cols() for p in self.table[self.layer])
+
+  def full_budget(self, seq_len):
+    return dataclasses.replace(
+        self, table=tuple(tuple(p.full_budget(seq_len) for p in row) for row in self.table)
+    )
+
+
+def table_to_json(table, **meta) -> dict:
+  """A JSON-able dict of a pattern table (policies per layer and head) plus metadata."""
+  return dict(meta, layers=[[policy_to_dict(p) for p in row] for row in table])
+
+
+def table_from_json(d: Mapping) -> tuple:
+  if "layers" not in d:
+    raise ValueError(f"a pattern table JSON needs a 'layers' list, got keys {sorted(d)}")
+  return tuple(tuple(policy_from_dict(h) for h in row) for row in d["layers"])
+
+
+def load_table(path: str) -> tuple:
+  if not os.path.exists(path):
+    raise ValueError(f"mminference: table_path {path!r} does not exist")
+  with open(path) as f:
+    return table_from_json(json.load(f))
+
+
+# ----------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[Policy]] = {
+    **SIMPLE, "q_boundary": QBoundary, "2d_boundary": TwoDBoundary, "mminference": MMInference,
+}
+
+
+def names() -> list[str]:
+  """The policy names `get` accepts."""
+  return list(_REGISTRY)
+
+
+def get(name: str, **kwargs) -> Policy:
+  """The policy `name` with budgets overridden by kwargs (unknown keys raise)."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown policy {name!r}; known: {names()}")
+  cls = _REGISTRY[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"policy {name!r} has no option(s) {unknown}; options: {sorted(fields)}")
+  return cls(**kwargs)
