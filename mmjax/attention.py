@@ -157,7 +157,8 @@ def _xla(q, k, v, plan: SparsePlan):
     valid = jnp.broadcast_to((s < plan.block_count)[..., None], idx.shape)
     return update(carry, kk, vv, kp, valid)
 
-  carry = jax.lax.fori_loop(0, plan.max_blocks, block_step, init)
+  # trip counts are data-dependent (the longest list), so short plans loop less.
+  carry = jax.lax.fori_loop(0, plan.block_count.max(), block_step, init)
 
   mc = plan.max_cols
   if mc:
@@ -171,7 +172,8 @@ def _xla(q, k, v, plan: SparsePlan):
       valid = (c * chunk + jnp.arange(chunk)) < plan.col_count[..., None]
       return update(carry, kk, vv, kp, valid)
 
-    carry = jax.lax.fori_loop(0, n_chunks, col_step, carry)
+    steps = jnp.minimum((plan.col_count.max() + chunk - 1) // chunk, n_chunks)
+    carry = jax.lax.fori_loop(0, steps, col_step, carry)
 
   m, l, acc = carry
   out = jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0)

@@ -218,19 +218,9 @@ def last_query_probs(v: HeadView, q_mod, k_mod, last_q):
   Returns (p [last_q, L] probabilities (0 where not allowed), offsets [last_q, L] rank
   distance q_rank - k_rank).
   """
-  qok = v.q_ok(q_mod)
-  last_q = min(last_q, v.q.shape[0])
-  _, rows = jax.lax.top_k(jnp.where(qok, v.q_pos, -1), last_q)
-  row_ok = qok[rows]
-  s = jnp.einsum("qh,kh->qk", v.q[rows], v.k) * v.scale  # [last_q, L]
-  allowed = (v.k_pos[None, :] <= v.q_pos[rows][:, None]) & row_ok[:, None]
-  allowed &= v.k_ok(k_mod)[None, :]
-  s = jnp.where(allowed, s, NEG)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  e = jnp.where(allowed, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-  p = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
+  p, rows = _last_rows_probs(v, q_mod, k_mod, last_q, True)
   offsets = v.q_rank[rows][:, None] - v.k_rank[None, :]
-  offsets = jnp.where(allowed & (offsets >= 0), offsets, -1)
+  offsets = jnp.where((p > 0) & (offsets >= 0), offsets, -1)
   return p, offsets
 
 
@@ -243,18 +233,24 @@ def slash_sums(p, offsets, length):
 
 
 def estimate_stride(slash, min_stride, max_stride, multiples=4):
-  """The stride whose multiples carry the most mean slash mass (grid lines).
+  """The stride whose grid lines stand out most from the diagonals between them.
 
-  A true stride s beats its divisors (half their multiples fall between grid lines) and its
-  multiples (their first `multiples` lines lie farther away, where mass decays).
+  score(s) = mean over m = 1..multiples of slash[m*s] - slash[m*s + s//2]. Contrasting each
+  line with the half-way diagonal cancels smooth decay (a local window makes every small
+  offset heavy), divisors of the true stride lose (half their lines are off the grid) and
+  multiples lose (their first lines lie farther away, where mass is lower).
   """
   length = slash.shape[0]
-  hi = min(max_stride, max((length - 1) // multiples, min_stride))
+  hi = min(max_stride, max((length - 1) // (multiples + 1), min_stride))
   cands = jnp.arange(min_stride, hi + 1, dtype=jnp.int32)
   m = jnp.arange(1, multiples + 1, dtype=jnp.int32)
-  offs = cands[:, None] * m[None, :]
-  vals = jnp.where(offs < length, slash[jnp.minimum(offs, length - 1)], 0.0).mean(-1)
-  return cands[jnp.argmax(vals)]
+  on = cands[:, None] * m[None, :]
+  off = on + cands[:, None] // 2
+
+  def at(o):
+    return jnp.where(o < length, slash[jnp.minimum(o, length - 1)], 0.0)
+
+  return cands[jnp.argmax((at(on) - at(off)).mean(-1))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -399,14 +395,18 @@ def head_plan(layout, components, q, k, mod, *, seq_len, block_q, block_k, scale
   if layout.grid_groups:
     pre = build_view(Layout(layout.group), (), q, k, mod, **kw)
     for gmod, gpat in layout.grid_groups:
-      gm = None if gmod < 0 else gmod
       if gpat.stride > 0:
         stride = jnp.int32(gpat.stride)
       else:
-        p, _ = last_query_probs(pre, gm, gm, gpat.last_q)
+        # whole-sequence grid: the last queries of `gpat.modality` (vision) if there are
+        # any, against every key; a modality group: its own last queries and keys.
+        if gmod >= 0:
+          gm, km = gmod, gmod
+        else:
+          has = jnp.any(pre.q_ok(gpat.modality)) if gpat.modality >= 0 else False
+          gm, km = (gpat.modality if gpat.modality >= 0 else None), None
+        p, rows = _last_rows_probs(pre, gm, km, gpat.last_q, has if gmod < 0 else True)
         # offsets in ORIGINAL rank inside the group (text between frames removed).
-        qok = pre.q_ok(gm)
-        _, rows = jax.lax.top_k(jnp.where(qok, pre.q_pos, -1), min(gpat.last_q, length))
         qor = _orank_of(pre, rows)
         offs = qor[:, None] - pre.k_orank[None, :]
         offs = jnp.where((p > 0) & (offs >= 0), offs, -1)
@@ -449,6 +449,25 @@ def head_plan(layout, components, q, k, mod, *, seq_len, block_q, block_k, scale
       block_idx=block_idx, block_count=block_count, col_idx=col_idx, col_count=col_count,
       q_perm=v.q_perm, k_perm=v.k_perm, aux=aux,
   )
+
+
+def _last_rows_probs(v: HeadView, q_mod, k_mod, last_q, use_mod):
+  """last_query_probs, with the query modality dropped where `use_mod` is False."""
+  last_q = min(last_q, v.q.shape[0])
+  qok = jnp.where(use_mod, v.q_ok(q_mod), v.q_ok(None))
+  _, rows = jax.lax.top_k(jnp.where(qok, v.q_pos, -1), last_q)
+  row_ok = qok[rows]
+  s = jnp.einsum("qh,kh->qk", v.q[rows], v.k) * v.scale  # [last_q, L]
+  allowed = (v.k_pos[None, :] <= v.q_pos[rows][:, None]) & row_ok[:, None]
+  allowed &= v.k_ok(k_mod)[None, :]
+  return _softmax_where(s, allowed), rows
+
+
+def _softmax_where(s, allowed):
+  s = jnp.where(allowed, s, NEG)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.where(allowed, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  return e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
 
 
 def _orank_of(v: HeadView, rows):

@@ -258,15 +258,17 @@ class BlockSparse(Policy):
 class Grid(Policy):
   """Video grid: lines every `stride` tokens (a frame, or a row of patches).
 
-  The stride is estimated online (unless `stride` > 0) from the last queries: the
-  candidate in [min_stride, max_stride] whose first multiples carry the most diagonal
-  mass. Queries and keys are permuted by (index mod stride) so the grid lines become a
+  The stride is estimated online (unless `stride` > 0) from the last `last_q` queries of
+  `modality` (vision; any query when the input has none, or with modality=-1): the
+  candidate in [min_stride, max_stride] whose first multiples stand out most from the
+  diagonals half-way between them. Queries and keys are permuted by (index mod stride) so the grid lines become a
   band along the diagonal; the plan keeps that band (`band_tokens` wide in the permuted
   order), the first `sink_tokens`, and the `top_k_blocks` best pooled blocks.
   """
 
   name: ClassVar[str] = "grid"
   last_q: int = 64
+  modality: int = 1
   stride: int = 0
   min_stride: int = 16
   max_stride: int = 4096
