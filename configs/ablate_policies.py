@@ -15,8 +15,16 @@ import ml_collections
 
 from mmjax import synthetic
 
-POLICIES = ("dense", "a_shape", "vertical_slash", "block_sparse", "grid", "q_boundary",
-            "2d_boundary", "mminference")
+POLICIES = (
+  "dense",
+  "a_shape",
+  "vertical_slash",
+  "block_sparse",
+  "grid",
+  "q_boundary",
+  "2d_boundary",
+  "mminference",
+)
 
 
 def get_config(arg: str | None = None):
@@ -31,14 +39,15 @@ def get_config(arg: str | None = None):
   c.head_dim = 128
   c.head_kinds = list(synthetic.HEAD_KINDS)
   c.policies = list(POLICIES)
-  c.layout = ml_collections.ConfigDict(dict(
-      frames=24, height=16, width=16, text_prefix=64, text_between=16, text_suffix=64))
+  c.layout = ml_collections.ConfigDict(
+    dict(frames=24, height=16, width=16, text_prefix=64, text_between=16, text_suffix=64)
+  )
   # per-policy keyword overrides; mminference's table "oracle" = each planted head's own
   # policy (what the offline search should find on this suite).
-  c.policy_kwargs = ml_collections.ConfigDict({
-      name: ml_collections.ConfigDict({}) for name in POLICIES})
+  c.policy_kwargs = ml_collections.ConfigDict(
+    {name: ml_collections.ConfigDict({}) for name in POLICIES}
+  )
   c.policy_kwargs.mminference = ml_collections.ConfigDict({"table": "oracle"})
   if arg == "smoke":
-    c.layout.update(frames=4, height=8, width=8, text_prefix=32, text_between=8,
-                    text_suffix=32)
+    c.layout.update(frames=4, height=8, width=8, text_prefix=32, text_between=8, text_suffix=32)
   return c

@@ -1,6 +1,6 @@
 r"""Ablation of sparsity policies vs dense attention; writes metrics, config, manifest.
 
-  python experiments/ablate.py --config=configs/ablate_policies.py --workdir=/tmp/mmjax_ablate
+python experiments/ablate.py --config=configs/ablate_policies.py --workdir=/tmp/mmjax_ablate
 """
 
 import os
@@ -14,8 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmjax import ablation, runinfo  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "ablate_policies.py"),
-    "Ablation config file (`path.py:arg`).", lock_config=True)
+  "config",
+  os.path.join(os.path.dirname(__file__), "..", "configs", "ablate_policies.py"),
+  "Ablation config file (`path.py:arg`).",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/ablate", "Where results are written.")
 
 
@@ -25,8 +28,10 @@ def main(argv):
   runinfo.write_run_files(_WORKDIR.value, ablation.config_to_dict(cfg), cfg.seed)
   rows = ablation.run(cfg, _WORKDIR.value)
   print(ablation.format_table(rows))
-  print(f"\nresults in {_WORKDIR.value}/ (metrics.jsonl, table.md, config.json, manifest.json, "
-        "recall_vs_density.png)")
+  print(
+    f"\nresults in {_WORKDIR.value}/ (metrics.jsonl, table.md, config.json, manifest.json, "
+    "recall_vs_density.png)"
+  )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ def apply() -> None:
     started = False
   if started:
     warnings.warn(
-        "mmjax: jax's backend started before mmjax was imported, so XLA_FLAGS could not get "
-        f"{_FLAG} (jaxlib {version}'s CPU YNN fusion gives nondeterministic results); "
-        "import mmjax first or set the flag yourself",
-        stacklevel=3,
+      "mmjax: jax's backend started before mmjax was imported, so XLA_FLAGS could not get "
+      f"{_FLAG} (jaxlib {version}'s CPU YNN fusion gives nondeterministic results); "
+      "import mmjax first or set the flag yourself",
+      stacklevel=3,
     )
     return
   os.environ["XLA_FLAGS"] = (flags + " " + _FLAG).strip()

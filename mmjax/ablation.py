@@ -57,21 +57,22 @@ def evaluate(policy, batch, backend="xla", dense=None):
   out_d, lse_d = dense
   plan, plan_s = _timed(lambda: policy.plan(q, k, mod))
   (out, lse), attn_s = _timed(
-      lambda: sparse_attention(q, k, v, plan=plan, backend=backend, return_lse=True)
+    lambda: sparse_attention(q, k, v, plan=plan, backend=backend, return_lse=True)
   )
   head_recall = jnp.exp(lse - lse_d).mean(axis=(0, 2))  # [N]
   rel = jnp.linalg.norm((out - out_d).astype(jnp.float32)) / jnp.linalg.norm(
-      out_d.astype(jnp.float32))
+    out_d.astype(jnp.float32)
+  )
   return {
-      "density": float(plan.density()),
-      "recall": float(head_recall.mean()),
-      "min_head_recall": float(head_recall.min()),
-      "head_recall": [round(float(x), 6) for x in head_recall],
-      "head_density": [round(float(x), 6) for x in plan.head_density().mean(0)],
-      "rel_error": float(rel),
-      "plan_s": plan_s,
-      "attn_s": attn_s,
-      "aux": {key: np.asarray(val).tolist() for key, val in plan.aux.items()},
+    "density": float(plan.density()),
+    "recall": float(head_recall.mean()),
+    "min_head_recall": float(head_recall.min()),
+    "head_recall": [round(float(x), 6) for x in head_recall],
+    "head_density": [round(float(x), 6) for x in plan.head_density().mean(0)],
+    "rel_error": float(rel),
+    "plan_s": plan_s,
+    "attn_s": attn_s,
+    "aux": {key: np.asarray(val).tolist() for key, val in plan.aux.items()},
   }
 
 
@@ -79,14 +80,25 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
   """Runs the ablation described by `cfg` (see configs/ablate_policies.py)."""
   layout = synthetic.VideoLayout(**dict(cfg.layout))
   batch = synthetic.make_batch(
-      seed=cfg.seed, layout=layout, head_kinds=tuple(cfg.head_kinds), batch=cfg.batch,
-      head_dim=cfg.head_dim, dtype=jnp.dtype(cfg.dtype),
+    seed=cfg.seed,
+    layout=layout,
+    head_kinds=tuple(cfg.head_kinds),
+    batch=cfg.batch,
+    head_dim=cfg.head_dim,
+    dtype=jnp.dtype(cfg.dtype),
   )
   unknown = sorted(set(cfg.policy_kwargs) - set(cfg.policies))
   if unknown:
     raise ValueError(f"policy_kwargs names policies not in `policies`: {unknown}")
-  dense = sparse_attention(batch.q, batch.k, batch.v, policies.Dense(), batch.modality,
-                           backend=cfg.backend, return_lse=True)
+  dense = sparse_attention(
+    batch.q,
+    batch.k,
+    batch.v,
+    policies.Dense(),
+    batch.modality,
+    backend=cfg.backend,
+    return_lse=True,
+  )
   rows = []
   it = tqdm(cfg.policies, desc="policies", disable=not progress)
   for name in it:
@@ -98,12 +110,15 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
       for row in rows:  # timings apart, these lines are identical across reruns
-        f.write(json.dumps({k: v for k, v in row.items() if not k.endswith("_s")},
-                           sort_keys=True) + "\n")
+        f.write(
+          json.dumps({k: v for k, v in row.items() if not k.endswith("_s")}, sort_keys=True) + "\n"
+        )
     with open(os.path.join(workdir, "timings.jsonl"), "w") as f:
       for row in rows:
-        f.write(json.dumps({"policy": row["policy"], "plan_s": row["plan_s"],
-                            "attn_s": row["attn_s"]}) + "\n")
+        f.write(
+          json.dumps({"policy": row["policy"], "plan_s": row["plan_s"], "attn_s": row["attn_s"]})
+          + "\n"
+        )
     with open(os.path.join(workdir, "table.md"), "w") as f:
       f.write(format_table(rows, layout, cfg) + "\n")
     plot(rows, os.path.join(workdir, "recall_vs_density.png"))
@@ -113,18 +128,20 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
 def format_table(rows, layout=None, cfg=None) -> str:
   head = ""
   if layout is not None:
-    head = (f"T={layout.seq_len} ({layout.frames} frames of {layout.height}x{layout.width}, "
-            f"text {layout.text_prefix}+{layout.text_between}/frame+{layout.text_suffix}), "
-            f"heads={list(cfg.head_kinds)}, backend={cfg.backend}\n\n")
+    head = (
+      f"T={layout.seq_len} ({layout.frames} frames of {layout.height}x{layout.width}, "
+      f"text {layout.text_prefix}+{layout.text_between}/frame+{layout.text_suffix}), "
+      f"heads={list(cfg.head_kinds)}, backend={cfg.backend}\n\n"
+    )
   lines = [
-      "| policy | density | recall | min head recall | rel. error vs dense | plan s | attn s |",
-      "|---|---|---|---|---|---|---|",
+    "| policy | density | recall | min head recall | rel. error vs dense | plan s | attn s |",
+    "|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(
-        f"| {r['policy']} | {r['density']:.3f} | {r['recall']:.4f} | "
-        f"{r['min_head_recall']:.4f} | {r['rel_error']:.2e} | {r['plan_s']:.3f} | "
-        f"{r['attn_s']:.3f} |"
+      f"| {r['policy']} | {r['density']:.3f} | {r['recall']:.4f} | "
+      f"{r['min_head_recall']:.4f} | {r['rel_error']:.2e} | {r['plan_s']:.3f} | "
+      f"{r['attn_s']:.3f} |"
     )
   return head + "\n".join(lines)
 
@@ -142,8 +159,13 @@ def plot(rows, path: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for r in rows:
     ax.scatter(r["density"], r["recall"], s=40)
-    ax.annotate(r["policy"], (r["density"], r["recall"]), fontsize=8,
-                xytext=(4, 4), textcoords="offset points")
+    ax.annotate(
+      r["policy"],
+      (r["density"], r["recall"]),
+      fontsize=8,
+      xytext=(4, 4),
+      textcoords="offset points",
+    )
   ax.set_xlabel("density (fraction of causal pairs computed)")
   ax.set_ylabel("attention recall (mean over heads, queries)")
   ax.set_xlim(0, 1.05)
@@ -156,5 +178,8 @@ def plot(rows, path: str) -> None:
 
 def config_to_dict(cfg) -> dict:
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  return json.loads(json.dumps(d, default=lambda o: dataclasses.asdict(o)
-                               if dataclasses.is_dataclass(o) else str(o)))
+  return json.loads(
+    json.dumps(
+      d, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+    )
+  )

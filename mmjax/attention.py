@@ -26,9 +26,18 @@ BACKENDS = ("reference", "xla", "pallas")
 _COL_CHUNK = 64
 
 
-def sparse_attention(q, k, v, policy: Policy | None = None, modality=None, *,
-                     backend: str = "xla", plan: SparsePlan | None = None,
-                     return_lse: bool = False, interpret: bool | None = None):
+def sparse_attention(
+  q,
+  k,
+  v,
+  policy: Policy | None = None,
+  modality=None,
+  *,
+  backend: str = "xla",
+  plan: SparsePlan | None = None,
+  return_lse: bool = False,
+  interpret: bool | None = None,
+):
   """Causal prefill attention computed only where the policy's plan says.
 
   Args:
@@ -53,8 +62,8 @@ def sparse_attention(q, k, v, policy: Policy | None = None, modality=None, *,
     plan = policy.plan(q, k, modality)
   if plan.seq_len != t or plan.batch != b or plan.num_heads != n:
     raise ValueError(
-        f"plan is for (B, T, N) = {(plan.batch, plan.seq_len, plan.num_heads)}, "
-        f"inputs are {(b, t, n)}"
+      f"plan is for (B, T, N) = {(plan.batch, plan.seq_len, plan.num_heads)}, "
+      f"inputs are {(b, t, n)}"
     )
   if backend == "reference":
     out, lse = _reference(q, k, v, plan)
@@ -145,9 +154,9 @@ def _xla(q, k, v, plan: SparsePlan):
     return m_new, l, acc
 
   init = (
-      jnp.full((b, n, nq, bq), -jnp.inf, jnp.float32),
-      jnp.zeros((b, n, nq, bq), jnp.float32),
-      jnp.zeros((b, n, nq, bq, h), jnp.float32),
+    jnp.full((b, n, nq, bq), -jnp.inf, jnp.float32),
+    jnp.zeros((b, n, nq, bq), jnp.float32),
+    jnp.zeros((b, n, nq, bq, h), jnp.float32),
   )
 
   def block_step(s, carry):
@@ -219,8 +228,18 @@ def _pallas_run(q, k, v, plan, *, interpret, kernel):
     kk = jnp.take_along_axis(jnp.repeat(k, g, axis=2), kpos.transpose(0, 2, 1)[..., None], 1)
     vv = jnp.take_along_axis(jnp.repeat(v, g, axis=2), kpos.transpose(0, 2, 1)[..., None], 1)
   out = kernel(
-      qv, kk, vv, qpos, kv_pos, plan.block_idx, plan.block_count, plan.col_idx,
-      plan.col_count, block_q=plan.block_q, block_k=plan.block_k, interpret=interpret,
+    qv,
+    kk,
+    vv,
+    qpos,
+    kv_pos,
+    plan.block_idx,
+    plan.block_count,
+    plan.col_idx,
+    plan.col_count,
+    block_q=plan.block_q,
+    block_k=plan.block_k,
+    interpret=interpret,
   )
   inv = jnp.argsort(qpos, axis=-1).transpose(0, 2, 1)  # [B, L, N]
   out = jnp.take_along_axis(out, inv[..., None], axis=1)

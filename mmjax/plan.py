@@ -91,7 +91,7 @@ class SparsePlan:
     if self.q_perm is not None:
       return self.q_perm
     return jnp.broadcast_to(
-        jnp.arange(self.padded_len, dtype=jnp.int32), (self.batch, self.num_heads, self.padded_len)
+      jnp.arange(self.padded_len, dtype=jnp.int32), (self.batch, self.num_heads, self.padded_len)
     )
 
   def k_positions(self) -> jax.Array:
@@ -99,7 +99,7 @@ class SparsePlan:
     if self.k_perm is not None:
       return self.k_perm
     return jnp.broadcast_to(
-        jnp.arange(self.padded_len, dtype=jnp.int32), (self.batch, self.num_heads, self.padded_len)
+      jnp.arange(self.padded_len, dtype=jnp.int32), (self.batch, self.num_heads, self.padded_len)
     )
 
   # ---- masks --------------------------------------------------------------------------

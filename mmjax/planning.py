@@ -187,9 +187,22 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
   mod = jnp.where(real, mod, -1)
   if layout.group == "none" and not grid_strides:
     return HeadView(
-        q=q, k=k, q_pos=pos, k_pos=pos, q_mod=mod, k_mod=mod, q_rank=pos, k_rank=pos,
-        k_orank=pos, q_perm=None, k_perm=None, symmetric=True, seq_len=seq_len,
-        block_q=block_q, block_k=block_k, scale=scale,
+      q=q,
+      k=k,
+      q_pos=pos,
+      k_pos=pos,
+      q_mod=mod,
+      k_mod=mod,
+      q_rank=pos,
+      k_rank=pos,
+      k_orank=pos,
+      q_perm=None,
+      k_perm=None,
+      symmetric=True,
+      seq_len=seq_len,
+      block_q=block_q,
+      block_k=block_k,
+      scale=scale,
     )
   if layout.group == "none":  # grid over the whole sequence
     perm, rank, orank = _group_order(pos, jnp.zeros_like(mod), real, grid_strides, True)
@@ -198,14 +211,40 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
   if layout.group == "q":
     # queries grouped, keys in original order: ranks are original positions.
     return HeadView(
-        q=q[perm], k=k, q_pos=perm, k_pos=pos, q_mod=mod[perm], k_mod=mod, q_rank=perm,
-        k_rank=pos, k_orank=pos, q_perm=perm, k_perm=None, symmetric=False,
-        seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale,
+      q=q[perm],
+      k=k,
+      q_pos=perm,
+      k_pos=pos,
+      q_mod=mod[perm],
+      k_mod=mod,
+      q_rank=perm,
+      k_rank=pos,
+      k_orank=pos,
+      q_perm=perm,
+      k_perm=None,
+      symmetric=False,
+      seq_len=seq_len,
+      block_q=block_q,
+      block_k=block_k,
+      scale=scale,
     )
   return HeadView(
-      q=q[perm], k=k[perm], q_pos=perm, k_pos=perm, q_mod=mod[perm], k_mod=mod[perm],
-      q_rank=rank, k_rank=rank, k_orank=orank, q_perm=perm, k_perm=perm, symmetric=True,
-      seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale,
+    q=q[perm],
+    k=k[perm],
+    q_pos=perm,
+    k_pos=perm,
+    q_mod=mod[perm],
+    k_mod=mod[perm],
+    q_rank=rank,
+    k_rank=rank,
+    k_orank=orank,
+    q_perm=perm,
+    k_perm=perm,
+    symmetric=True,
+    seq_len=seq_len,
+    block_q=block_q,
+    block_k=block_k,
+    scale=scale,
   )
 
 
@@ -228,7 +267,7 @@ def slash_sums(p, offsets, length):
   """Attention mass per rank offset (diagonal): [L]."""
   ok = offsets >= 0
   return jax.ops.segment_sum(
-      jnp.where(ok, p, 0.0).ravel(), jnp.where(ok, offsets, 0).ravel(), num_segments=length
+    jnp.where(ok, p, 0.0).ravel(), jnp.where(ok, offsets, 0).ravel(), num_segments=length
   )
 
 
@@ -381,8 +420,9 @@ def self_priority(v: HeadView):
   return jnp.where((j >= lo) & (j <= hi), PRI_SELF, NEG)
 
 
-def head_plan(layout, components, q, k, mod, *, seq_len, block_q, block_k, scale,
-              max_blocks, max_cols):
+def head_plan(
+  layout, components, q, k, mod, *, seq_len, block_q, block_k, scale, max_blocks, max_cols
+):
   """Plan of one (batch, head). q, k: [L, H]; mod: [L]. Returns a dict of arrays."""
   length = q.shape[0]
   q = q.astype(jnp.float32)
@@ -446,8 +486,13 @@ def head_plan(layout, components, q, k, mod, *, seq_len, block_q, block_k, scale
     cand_ok = jnp.zeros((v.n_q, 0), bool)
   col_idx, col_count = select_columns(cand, cand_ok, v, block_idx, block_count, max_cols)
   return dict(
-      block_idx=block_idx, block_count=block_count, col_idx=col_idx, col_count=col_count,
-      q_perm=v.q_perm, k_perm=v.k_perm, aux=aux,
+    block_idx=block_idx,
+    block_count=block_count,
+    col_idx=col_idx,
+    col_count=col_count,
+    q_perm=v.q_perm,
+    k_perm=v.k_perm,
+    aux=aux,
   )
 
 

@@ -59,8 +59,8 @@ def check_qk(q, k, modality=None, v=None):
   if modality is not None:
     if getattr(modality, "ndim", None) != 2 or tuple(modality.shape) != (b, s):
       raise ValueError(
-          f"modality must be [B, S] = {(b, s)} int ids (0 text, 1 vision), "
-          f"got shape {getattr(modality, 'shape', None)}"
+        f"modality must be [B, S] = {(b, s)} int ids (0 text, 1 vision), "
+        f"got shape {getattr(modality, 'shape', None)}"
       )
     if not jnp.issubdtype(modality.dtype, jnp.integer):
       raise ValueError(f"modality must be an integer array, got dtype {modality.dtype}")
@@ -140,8 +140,17 @@ def _plan_impl(policy: Policy, q, k, modality):
 
   def run(spec, qh, kh_, mod):
     out = planning.head_plan(
-        spec.layout(), spec.components(), qh, kh_, mod, seq_len=t, block_q=policy.block_q,
-        block_k=policy.block_k, scale=scale, max_blocks=mb, max_cols=mc,
+      spec.layout(),
+      spec.components(),
+      qh,
+      kh_,
+      mod,
+      seq_len=t,
+      block_q=policy.block_q,
+      block_k=policy.block_k,
+      scale=scale,
+      max_blocks=mb,
+      max_cols=mc,
     )
     if out["q_perm"] is None:
       out["q_perm"] = jnp.arange(length, dtype=jnp.int32)
@@ -170,16 +179,21 @@ def _plan_impl(policy: Policy, q, k, modality):
   aux = {}
   for key in aux_keys:  # heads without this entry report -1
     aux[key] = jnp.stack(
-        [r["aux"].get(key, jnp.full((b,), -1, jnp.int32)) for r in results], axis=1
+      [r["aux"].get(key, jnp.full((b,), -1, jnp.int32)) for r in results], axis=1
     )
   identity = all(p.layout() == planning.Layout("none") for p in head_specs)
   q_only = all(p.layout().group == "q" for p in head_specs)
   return SparsePlan(
-      block_idx=stack("block_idx"), block_count=stack("block_count"),
-      col_idx=stack("col_idx"), col_count=stack("col_count"),
-      q_perm=None if identity else stack("q_perm"),
-      k_perm=None if (identity or q_only) else stack("k_perm"),
-      aux=aux, seq_len=t, block_q=policy.block_q, block_k=policy.block_k,
+    block_idx=stack("block_idx"),
+    block_count=stack("block_count"),
+    col_idx=stack("col_idx"),
+    col_count=stack("col_count"),
+    q_perm=None if identity else stack("q_perm"),
+    k_perm=None if (identity or q_only) else stack("k_perm"),
+    aux=aux,
+    seq_len=t,
+    block_q=policy.block_q,
+    block_k=policy.block_k,
   )
 
 
@@ -208,8 +222,11 @@ class AShape(Policy):
   local_tokens: int = 1024
 
   def max_blocks(self, n_k):
-    return -(-self.sink_tokens // self.block_k) + -(-(self.local_tokens + self.block_q)
-                                                     // self.block_k) + 2
+    return (
+      -(-self.sink_tokens // self.block_k)
+      + -(-(self.local_tokens + self.block_q) // self.block_k)
+      + 2
+    )
 
   def full_budget(self, seq_len):
     return dataclasses.replace(self, local_tokens=seq_len)
@@ -219,15 +236,18 @@ class AShape(Policy):
 class VerticalSlash(Policy):
   """MInference's vertical-slash: from the last `last_q` queries' attention, the top
   `vertical_size` key columns and the top `slash_size` diagonals. The first `keep_first`
-  keys and the `keep_local` nearest diagonals are always kept. Slash lines are run as key
-  blocks, columns as single keys."""
+  keys and the `keep_local` nearest diagonals are always kept (and count in the budgets).
+  Slash lines are run as key blocks, columns as single keys. Every selected diagonal
+  costs a whole diagonal of key blocks, so the default slash budget is small;
+  MInference's searched 128k budgets go up to thousands of diagonals, most of them next
+  to the main one."""
 
   name: ClassVar[str] = "vertical_slash"
   last_q: int = 64
-  vertical_size: int = 1000
-  slash_size: int = 1024
+  vertical_size: int = 512
+  slash_size: int = 128
   keep_first: int = 30
-  keep_local: int = 100
+  keep_local: int = 64
 
   def max_blocks(self, n_k):
     per_line = -(-self.block_q // self.block_k) + 1
@@ -261,9 +281,10 @@ class Grid(Policy):
   The stride is estimated online (unless `stride` > 0) from the last `last_q` queries of
   `modality` (vision; any query when the input has none, or with modality=-1): the
   candidate in [min_stride, max_stride] whose first multiples stand out most from the
-  diagonals half-way between them. Queries and keys are permuted by (index mod stride) so the grid lines become a
-  band along the diagonal; the plan keeps that band (`band_tokens` wide in the permuted
-  order), the first `sink_tokens`, and the `top_k_blocks` best pooled blocks.
+  diagonals half-way between them. Queries and keys are permuted by (index mod stride)
+  so the grid lines become a band along the diagonal; the plan keeps that band
+  (`band_tokens` wide in the permuted order), the first `sink_tokens`, and the
+  `top_k_blocks` best pooled blocks.
   """
 
   name: ClassVar[str] = "grid"
@@ -284,9 +305,7 @@ class Grid(Policy):
     return -(-self.sink_tokens // self.block_k) + band + self.top_k_blocks + self._self_blocks()
 
   def full_budget(self, seq_len):
-    return dataclasses.replace(
-        self, band_tokens=seq_len, top_k_blocks=-(-seq_len // self.block_k)
-    )
+    return dataclasses.replace(self, band_tokens=seq_len, top_k_blocks=-(-seq_len // self.block_k))
 
 
 SIMPLE = {c.name: c for c in (Dense, AShape, VerticalSlash, BlockSparse, Grid)}
@@ -309,8 +328,8 @@ def _as_policy(spec, where, block_q, block_k) -> Policy:
     p = dataclasses.replace(p, block_q=block_q, block_k=block_k)  # sub-patterns inherit
   if (p.block_q, p.block_k) != (block_q, block_k):
     raise ValueError(
-        f"{where}: block sizes ({p.block_q}, {p.block_k}) must equal the parent's "
-        f"({block_q}, {block_k})"
+      f"{where}: block sizes ({p.block_q}, {p.block_k}) must equal the parent's "
+      f"({block_q}, {block_k})"
     )
   return p
 
@@ -334,8 +353,8 @@ class QBoundary(Policy):
       p = _as_policy(spec, f"q_boundary.patterns[{m}]", self.block_q, self.block_k)
       if p.name not in self.allowed:
         raise ValueError(
-            f"q_boundary.patterns[{m}]: {p.name!r} needs permuted keys; use one of "
-            f"{self.allowed} (or 2d_boundary for grid)"
+          f"q_boundary.patterns[{m}]: {p.name!r} needs permuted keys; use one of "
+          f"{self.allowed} (or 2d_boundary for grid)"
         )
       pats.append((int(m), p))
     object.__setattr__(self, "patterns", tuple(sorted(pats, key=lambda x: x[0])))
@@ -362,8 +381,9 @@ class QBoundary(Policy):
 
   def full_budget(self, seq_len):
     return dataclasses.replace(
-        self, patterns=tuple((m, p.full_budget(seq_len)) for m, p in self.patterns),
-        default=self.default.full_budget(seq_len),
+      self,
+      patterns=tuple((m, p.full_budget(seq_len)) for m, p in self.patterns),
+      default=self.default.full_budget(seq_len),
     )
 
 
@@ -376,10 +396,10 @@ class TwoDBoundary(Policy):
 
   name: ClassVar[str] = "2d_boundary"
   patterns: Any = (
-      ((TEXT, TEXT), VerticalSlash()),
-      ((VISION, VISION), Grid()),
-      ((TEXT, VISION), BlockSparse(top_k_blocks=8)),
-      ((VISION, TEXT), BlockSparse(top_k_blocks=8)),
+    ((TEXT, TEXT), VerticalSlash()),
+    ((VISION, VISION), Grid()),
+    ((TEXT, VISION), BlockSparse(top_k_blocks=8)),
+    ((VISION, TEXT), BlockSparse(top_k_blocks=8)),
   )
   default: Any = AShape()
   cross: Any = BlockSparse(top_k_blocks=8)
@@ -396,8 +416,8 @@ class TwoDBoundary(Policy):
       p = _as_policy(spec, f"2d_boundary.patterns[{qm},{km}]", self.block_q, self.block_k)
       if qm != km and p.name not in self.cross_allowed:
         raise ValueError(
-            f"2d_boundary.patterns[{qm},{km}]: cross-modality pairs take one of "
-            f"{self.cross_allowed}, got {p.name!r}"
+          f"2d_boundary.patterns[{qm},{km}]: cross-modality pairs take one of "
+          f"{self.cross_allowed}, got {p.name!r}"
         )
       pats.append(((qm, km), p))
     object.__setattr__(self, "patterns", tuple(sorted(pats, key=lambda x: x[0])))
@@ -441,8 +461,10 @@ class TwoDBoundary(Policy):
 
   def full_budget(self, seq_len):
     return dataclasses.replace(
-        self, patterns=tuple((pair, p.full_budget(seq_len)) for pair, p in self.patterns),
-        default=self.default.full_budget(seq_len), cross=self.cross.full_budget(seq_len),
+      self,
+      patterns=tuple((pair, p.full_budget(seq_len)) for pair, p in self.patterns),
+      default=self.default.full_budget(seq_len),
+      cross=self.cross.full_budget(seq_len),
     )
 
 
@@ -469,7 +491,7 @@ def policy_from_dict(d: Mapping) -> Policy:
   if name in ("q_boundary", "2d_boundary"):
     if "patterns" in d:
       d["patterns"] = tuple(
-          (tuple(m) if isinstance(m, list) else m, policy_from_dict(s)) for m, s in d["patterns"]
+        (tuple(m) if isinstance(m, list) else m, policy_from_dict(s)) for m, s in d["patterns"]
       )
     for key in ("default", "cross"):
       if key in d and isinstance(d[key], Mapping):
@@ -499,11 +521,17 @@ class MMInference(Policy):
       table = table_from_json(table)
     rows = []
     for li, row in enumerate(table):
-      rows.append(tuple(
-          _as_policy(s if not isinstance(s, Mapping) else policy_from_dict(s),
-                     f"mminference.table[{li}][{hi}]", self.block_q, self.block_k)
+      rows.append(
+        tuple(
+          _as_policy(
+            s if not isinstance(s, Mapping) else policy_from_dict(s),
+            f"mminference.table[{li}][{hi}]",
+            self.block_q,
+            self.block_k,
+          )
           for hi, s in enumerate(row)
-      ))
+        )
+      )
     if not rows:
       raise ValueError("mminference: the table has no layers")
     for row in rows:
@@ -531,7 +559,7 @@ class MMInference(Policy):
 
   def full_budget(self, seq_len):
     return dataclasses.replace(
-        self, table=tuple(tuple(p.full_budget(seq_len) for p in row) for row in self.table)
+      self, table=tuple(tuple(p.full_budget(seq_len) for p in row) for row in self.table)
     )
 
 
@@ -557,7 +585,10 @@ def load_table(path: str) -> tuple:
 # registry
 # ----------------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Policy]] = {
-    **SIMPLE, "q_boundary": QBoundary, "2d_boundary": TwoDBoundary, "mminference": MMInference,
+  **SIMPLE,
+  "q_boundary": QBoundary,
+  "2d_boundary": TwoDBoundary,
+  "mminference": MMInference,
 }
 
 

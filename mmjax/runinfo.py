@@ -12,15 +12,24 @@ import sys
 
 import jax
 
-PACKAGES = ("jax", "jaxlib", "flax", "numpy", "ml-collections", "absl-py", "orbax-checkpoint",
-            "mmjax")
+PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "numpy",
+  "ml-collections",
+  "absl-py",
+  "orbax-checkpoint",
+  "mmjax",
+)
 
 
 def _git(*args) -> str:
   here = os.path.dirname(os.path.abspath(__file__))
   try:
-    return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
-                          timeout=10, check=True).stdout.strip()
+    return subprocess.run(
+      ["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return ""
 
@@ -35,17 +44,17 @@ def manifest(seed: int | None = None) -> dict:
       versions[name] = None
   devices = jax.devices()
   return {
-      "git_commit": _git("rev-parse", "HEAD") or None,
-      "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-      "versions": versions,
-      "python": sys.version.split()[0],
-      "platform": platform.platform(),
-      "backend": jax.default_backend(),
-      "devices": [d.device_kind for d in devices],
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "seed": seed,
-      "command": " ".join(sys.argv),
-      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "git_commit": _git("rev-parse", "HEAD") or None,
+    "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    "versions": versions,
+    "python": sys.version.split()[0],
+    "platform": platform.platform(),
+    "backend": jax.default_backend(),
+    "devices": [d.device_kind for d in devices],
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "seed": seed,
+    "command": " ".join(sys.argv),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
 
 

@@ -127,7 +127,8 @@ def _head(kind, layout: VideoLayout, rng, head_dim, strength):
     freqs = rng.uniform(0, np.pi / width, d_loc // 2)
     zeros = np.zeros(d_loc // 2)
     k[:, sl_loc] = _fourier(pos, freqs, zeros)
-    qf = sum(w * _fourier(pos - width / 2 - o, freqs, zeros) for o, w in zip(offsets, weights))
+    pairs = zip(offsets, weights, strict=True)
+    qf = sum(w * _fourier(pos - width / 2 - o, freqs, zeros) for o, w in pairs)
     q[rows, sl_loc] = a * qf[rows]
 
   if kind == "a_shape":
@@ -139,7 +140,7 @@ def _head(kind, layout: VideoLayout, rng, head_dim, strength):
     colcode = _codes(rng, 1, d_code)[0]
     k[cols, sl_code] = colcode
     q[:, sl_code] = 0.6 * a * colcode
-    local(pos >= 0, 32, offsets=(0.0, 300.0), weights=(1.0, 0.9))
+    local(pos >= 0, 16, offsets=(0.0, 300.0), weights=(1.0, 0.9))
   elif kind == "block_sparse":
     seg = 256
     n_topics = 6
@@ -182,15 +183,21 @@ def _head(kind, layout: VideoLayout, rng, head_dim, strength):
   else:
     raise ValueError(f"unknown head kind {kind!r}; known: {HEAD_KINDS}")
   noise = 0.3
-  q[:, sl_code.stop:] += noise * rng.standard_normal((t, head_dim - sl_code.stop))
-  k[:, sl_code.stop:] += noise * rng.standard_normal((t, head_dim - sl_code.stop))
+  q[:, sl_code.stop :] += noise * rng.standard_normal((t, head_dim - sl_code.stop))
+  k[:, sl_code.stop :] += noise * rng.standard_normal((t, head_dim - sl_code.stop))
   # the logit scale of the kernels is 1/sqrt(H): pre-multiply so `strength` is in logits.
   return q * np.sqrt(head_dim), k
 
 
-def make_batch(seed: int = 0, layout: VideoLayout | None = None, head_kinds=HEAD_KINDS,
-               batch: int = 1, head_dim: int = 128, strength: float = 12.0,
-               dtype=jnp.float32) -> SyntheticBatch:
+def make_batch(
+  seed: int = 0,
+  layout: VideoLayout | None = None,
+  head_kinds=HEAD_KINDS,
+  batch: int = 1,
+  head_dim: int = 128,
+  strength: float = 12.0,
+  dtype=jnp.float32,
+) -> SyntheticBatch:
   """A batch with one head per entry of `head_kinds` (same layout for every batch item).
 
   Returns q, k, v of shape [B, T, N, H] (K = N), modality [B, T].
@@ -202,7 +209,9 @@ def make_batch(seed: int = 0, layout: VideoLayout | None = None, head_kinds=HEAD
   rng = np.random.default_rng(seed)
   qs, ks = [], []
   for _ in range(batch):
-    qh, kh = zip(*[_head(kind, layout, rng, head_dim, strength) for kind in head_kinds])
+    qh, kh = zip(
+      *[_head(kind, layout, rng, head_dim, strength) for kind in head_kinds], strict=True
+    )
     qs.append(np.stack(qh, axis=1))
     ks.append(np.stack(kh, axis=1))
   q = np.stack(qs)
@@ -210,8 +219,12 @@ def make_batch(seed: int = 0, layout: VideoLayout | None = None, head_kinds=HEAD
   v = rng.standard_normal(q.shape)
   mod = np.broadcast_to(layout.arrays()[0], (batch, layout.seq_len))
   return SyntheticBatch(
-      q=jnp.asarray(q, dtype), k=jnp.asarray(k, dtype), v=jnp.asarray(v, dtype),
-      modality=jnp.asarray(mod, jnp.int32), head_kinds=tuple(head_kinds), layout=layout,
+    q=jnp.asarray(q, dtype),
+    k=jnp.asarray(k, dtype),
+    v=jnp.asarray(v, dtype),
+    modality=jnp.asarray(mod, jnp.int32),
+    head_kinds=tuple(head_kinds),
+    layout=layout,
   )
 
 

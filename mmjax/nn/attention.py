@@ -15,8 +15,9 @@ from mmjax.attention import sparse_attention
 from mmjax.policies import Dense, Policy
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float = 1e6,
-                 mrope_section: tuple[int, ...] | None = None):
+def rope_cos_sin(
+  positions, head_dim: int, theta: float = 1e6, mrope_section: tuple[int, ...] | None = None
+):
   """cos, sin [B, T, H] for rotary embeddings (rotate-half convention).
 
   Args:
@@ -41,13 +42,14 @@ def rope_cos_sin(positions, head_dim: int, theta: float = 1e6,
   else:
     if positions.ndim != 3 or positions.shape[0] != len(mrope_section):
       raise ValueError(
-          f"mRoPE takes positions [{len(mrope_section)}, B, T], got shape {positions.shape}"
+        f"mRoPE takes positions [{len(mrope_section)}, B, T], got shape {positions.shape}"
       )
     if sum(mrope_section) != half:
       raise ValueError(f"mrope_section {mrope_section} must sum to head_dim / 2 = {half}")
     # frequency f takes its angle from position row r(f): the sections in order.
-    row_of_freq = jnp.repeat(jnp.arange(len(mrope_section)), jnp.asarray(mrope_section),
-                             total_repeat_length=half)
+    row_of_freq = jnp.repeat(
+      jnp.arange(len(mrope_section)), jnp.asarray(mrope_section), total_repeat_length=half
+    )
     # [R, B, T, H/2] -> pick row r(f) for every frequency f -> [B, T, H/2]
     ang_all = positions[..., None].astype(jnp.float32) * inv_freq
     ang = jnp.take_along_axis(ang_all, row_of_freq[None, None, None, :], axis=0)[0]
@@ -99,7 +101,7 @@ class SparseAttention(nn.Module):
       raise ValueError(f"x must be [B, T, D], got shape {x.shape}")
     if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+        f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
       )
     b, t, d = x.shape
     pshape = (b, t) if self.mrope_section is None else (len(self.mrope_section), b, t)
@@ -108,8 +110,11 @@ class SparseAttention(nn.Module):
 
     def proj(name, heads, bias):
       return nn.DenseGeneral(
-          (heads, self.head_dim), use_bias=bias, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=name,
+        (heads, self.head_dim),
+        use_bias=bias,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
       )
 
     # [B, T, D] -> [B, T, N, H] and [B, T, K, H]
@@ -123,8 +128,12 @@ class SparseAttention(nn.Module):
     o = sparse_attention(q, k, v, policy, modality, backend=self.backend)
     # [B, T, N, H] -> [B, T, D]
     return nn.DenseGeneral(
-        d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="o_proj",
+      d,
+      axis=(-2, -1),
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="o_proj",
     )(o)
 
 

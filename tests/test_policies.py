@@ -1,0 +1,119 @@
+"""Every policy on random inputs: reference is the masked softmax, xla matches reference,
+causality, self, full budget = dense, plan invariants, jit without retracing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mmjax
+from mmjax import policies as P
+from tests import helpers
+
+# (B, T, N, K, H, dtype, modality, block_q, block_k): T not a multiple of the blocks in the
+# first and third; GQA in the first; batch 2; all-text, all-vision and interleaved inputs.
+CASES = {
+  "b2_gqa_interleaved_f32": (2, 200, 4, 2, 32, jnp.float32, "interleaved", 16, 16),
+  "vision_bf16_bq32": (1, 256, 4, 4, 64, jnp.bfloat16, "vision", 32, 16),
+  "text_f32_bk32": (1, 150, 2, 1, 32, jnp.float32, "text", 16, 32),
+}
+NAMES = [*helpers.small_policies().keys(), "mminference"]
+
+
+def _policy(name, n, bq, bk):
+  if name == "mminference":
+    return helpers.mixed_table_policy(n, bq, bk)
+  return helpers.small_policies(bq, bk)[name]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", NAMES)
+def test_policy_on_random_inputs(name, case):
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES[case]
+  q, k, v, mod = helpers.random_inputs(hash(case) % 1000, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  plan = pol.plan(q, k, mod)
+  helpers.check_plan_invariants(plan)
+  mask = np.asarray(plan.to_dense_mask())
+  assert mask.shape == (b, n, t, t)
+  causal = np.tril(np.ones((t, t), bool))
+  assert not (mask & ~causal).any(), "a mask admits a future key"
+  assert np.diagonal(mask, axis1=2, axis2=3).all(), "a query does not see itself"
+  # density is the mask's share of causal pairs.
+  np.testing.assert_allclose(
+    float(plan.density()), mask.sum() / (b * n * t * (t + 1) / 2), rtol=1e-6
+  )
+  ref = mmjax.sparse_attention(q, k, v, plan=plan, backend="reference")
+  want = helpers.numpy_attention(q, k, v, mask)
+  tol = helpers.TOL[dtype]
+  np.testing.assert_allclose(
+    np.asarray(ref, np.float64), want, atol=max(tol, 4e-3 if dtype == jnp.bfloat16 else 0), rtol=tol
+  )
+  out = mmjax.sparse_attention(q, k, v, plan=plan, backend="xla")
+  assert out.dtype == q.dtype and out.shape == q.shape
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol * 2, rtol=tol * 2
+  )
+  if name != "dense":
+    assert float(plan.density()) < 1.0 or modk == "text" and t < 160, "policy was not sparse"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_budget_is_dense(name):
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, v, mod = helpers.random_inputs(7, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk).full_budget(t)
+  plan = pol.plan(q, k, mod)
+  mask = np.asarray(plan.to_dense_mask())
+  np.testing.assert_array_equal(mask, np.broadcast_to(np.tril(np.ones((t, t), bool)), mask.shape))
+  dense = mmjax.sparse_attention(q, k, v, P.get("dense"), mod, backend="xla")
+  out = mmjax.sparse_attention(q, k, v, plan=plan, backend="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=2e-5, rtol=2e-5)
+
+
+def test_plan_does_not_retrace():
+  pol = helpers.small_policies()["2d_boundary"]
+  q, k, _, mod = helpers.random_inputs(1, 1, 128, 2, 2, 32, jnp.float32)
+  pol.plan(q, k, mod)
+  size = P._plan_jit._cache_size()
+  q2, k2, _, mod2 = helpers.random_inputs(2, 1, 128, 2, 2, 32, jnp.float32)
+  p2 = pol.plan(q2, k2, mod2)
+  assert P._plan_jit._cache_size() == size
+  p1 = pol.plan(q, k, mod)
+  assert not np.array_equal(np.asarray(p1.to_dense_mask()), np.asarray(p2.to_dense_mask()))
+
+
+def test_plan_under_user_jit_and_deterministic():
+  pol = helpers.small_policies()["grid"]
+  q, k, v, mod = helpers.random_inputs(3, 1, 192, 2, 1, 32, jnp.float32)
+  f = jax.jit(lambda q, k, v, m: mmjax.sparse_attention(q, k, v, pol, m))
+  np.testing.assert_array_equal(np.asarray(f(q, k, v, mod)), np.asarray(f(q, k, v, mod)))
+  np.testing.assert_allclose(
+    np.asarray(f(q, k, v, mod)), np.asarray(mmjax.sparse_attention(q, k, v, pol, mod)), atol=1e-6
+  )
+
+
+def test_policies_are_hashable_and_static():
+  for name, pol in helpers.small_policies().items():
+    assert hash(pol) == hash(helpers.small_policies()[name])
+    assert pol == helpers.small_policies()[name]
+  assert set(P.names()) == {
+    "dense",
+    "a_shape",
+    "vertical_slash",
+    "block_sparse",
+    "grid",
+    "q_boundary",
+    "2d_boundary",
+    "mminference",
+  }
+
+
+def test_table_json_roundtrip(tmp_path):
+  pol = helpers.mixed_table_policy(4)
+  path = tmp_path / "table.json"
+  import json
+
+  path.write_text(json.dumps(P.table_to_json(pol.table, model="test")))
+  loaded = P.get("mminference", table_path=str(path), block_q=16, block_k=16)
+  assert loaded.table == pol.table
