@@ -37,8 +37,8 @@ def get_config(arg: str | None = None):
   c.dtype = "float32"
   c.batch = 1
   c.head_dim = 128
-  c.head_kinds = list(synthetic.HEAD_KINDS)
-  c.policies = list(POLICIES)
+  c.head_kinds = tuple(synthetic.HEAD_KINDS)
+  c.policies = tuple(POLICIES)
   c.layout = ml_collections.ConfigDict(
     dict(frames=24, height=16, width=16, text_prefix=64, text_between=16, text_suffix=64)
   )

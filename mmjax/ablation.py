@@ -87,9 +87,12 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
     head_dim=cfg.head_dim,
     dtype=jnp.dtype(cfg.dtype),
   )
-  unknown = sorted(set(cfg.policy_kwargs) - set(cfg.policies))
+  unknown = sorted(set(cfg.policy_kwargs) - set(policies.names()))
   if unknown:
-    raise ValueError(f"policy_kwargs names policies not in `policies`: {unknown}")
+    raise ValueError(f"policy_kwargs names unknown policies {unknown}; known: {policies.names()}")
+  unknown = sorted(set(cfg.policies) - set(policies.names()))
+  if unknown:
+    raise ValueError(f"policies: unknown {unknown}; known: {policies.names()}")
   dense = sparse_attention(
     batch.q,
     batch.k,
