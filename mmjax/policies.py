@@ -4,9 +4,11 @@
     plan = policy.plan(q, k, modality)      # q [B, T, N, H], k [B, S, K, H], modality [B, S]
 
 Names: dense, a_shape, vertical_slash, block_sparse, grid, q_boundary, 2d_boundary,
-mminference. Budgets are in tokens (or key blocks for top-k) and follow MInference's
-defaults where it has them (last_q 64, vertical kept >= 30 first keys, slash kept >= 100
-nearest diagonals, blocks of 64).
+mminference. Budgets are in tokens (or key blocks for top-k). From MInference's
+vertical-slash estimate: last_q 64 queries, softmax, the first 30 keys always among the
+vertical picks, blocks of 64. MInference always keeps the 100 nearest diagonals; mmjax's
+default keeps 64 (one block diagonal) because its default slash budget (128) is sized for
+tens of thousands of tokens, where every extra diagonal costs a whole block diagonal.
 """
 
 from __future__ import annotations
