@@ -81,22 +81,29 @@ def sparse_attention(
 # ----------------------------------------------------------------------------------------
 # reference
 # ----------------------------------------------------------------------------------------
+def _precision(dtype):
+  """f32 inputs get true f32 matmuls (GPUs otherwise use TF32 for them)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def masked_attention(q, k, v, mask):
   """Dense softmax attention restricted to `mask` [B, N, T, S], fp32 math.
 
   Returns (out [B, T, N, H] in q.dtype, lse [B, N, T]).
   """
+  prec = _precision(q.dtype)
   n, kh = q.shape[2], k.shape[2]
   g = n // kh
   kr = jnp.repeat(k, g, axis=2).astype(jnp.float32)
   vr = jnp.repeat(v, g, axis=2).astype(jnp.float32)
   # [B, T, N, H] x [B, S, N, H] -> [B, N, T, S]
-  s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kr) / math.sqrt(q.shape[-1])
+  s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), kr, precision=prec)
+  s = s / math.sqrt(q.shape[-1])
   s = jnp.where(mask, s, -jnp.inf)
   lse = jax.nn.logsumexp(s, axis=-1)
   p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
   # [B, N, T, S] x [B, S, N, H] -> [B, T, N, H]
-  out = jnp.einsum("bnts,bsnh->btnh", p, vr)
+  out = jnp.einsum("bnts,bsnh->btnh", p, vr, precision=prec)
   return out.astype(q.dtype), lse
 
 
@@ -121,6 +128,7 @@ def _xla(q, k, v, plan: SparsePlan):
   length, bq, bk = plan.padded_len, plan.block_q, plan.block_k
   nq = plan.num_q_blocks
   scale = 1.0 / math.sqrt(h)
+  prec = _precision(q.dtype)
   qpos = plan.q_positions()  # [B, N, L]
   kpos = plan.k_positions()
   # queries in view order, by blocks: [B, N, nQ, bq, H]
@@ -141,7 +149,7 @@ def _xla(q, k, v, plan: SparsePlan):
   def update(carry, kk, vv, kp, valid):
     m, l, acc = carry
     # [B, N, nQ, bq, H] x [B, N, nQ, c, H] -> [B, N, nQ, bq, c]
-    s = jnp.einsum("bnqih,bnqjh->bnqij", qv, kk)
+    s = jnp.einsum("bnqih,bnqjh->bnqij", qv, kk, precision=prec)
     ok = valid[..., None, :] & (kp[..., None, :] <= qpb[..., :, None])
     s = jnp.where(ok, s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(-1))
@@ -150,7 +158,7 @@ def _xla(q, k, v, plan: SparsePlan):
     corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
     l = l * corr + p.sum(-1)
     # [B, N, nQ, bq, c] x [B, N, nQ, c, H] -> [B, N, nQ, bq, H]
-    acc = acc * corr[..., None] + jnp.einsum("bnqij,bnqjh->bnqih", p, vv)
+    acc = acc * corr[..., None] + jnp.einsum("bnqij,bnqjh->bnqih", p, vv, precision=prec)
     return m_new, l, acc
 
   init = (
