@@ -84,12 +84,19 @@ class Policy:
   name: ClassVar[str] = ""
   block_q: int = 64
   block_k: int = 64
+  # plan this many heads at a time (0: all at once); bounds the planner's memory, which
+  # holds [nQ, nK] matrices per head in flight. Does not change the plan.
+  heads_per_step: int = 0
 
   def __post_init__(self):
     for f in ("block_q", "block_k"):
       val = getattr(self, f)
       if not isinstance(val, int) or val <= 0 or val & (val - 1):
         raise ValueError(f"{self.name}: {f} must be a positive power of two, got {val!r}")
+    if not isinstance(self.heads_per_step, int) or self.heads_per_step < 0:
+      raise ValueError(
+        f"{self.name}: heads_per_step must be an int >= 0, got {self.heads_per_step!r}"
+      )
 
   # --- what subclasses describe --------------------------------------------------------
   def layout(self) -> planning.Layout:
@@ -170,7 +177,7 @@ def _plan_impl(policy: Policy, q, k, modality):
     qg = q[:, :, heads_arr]  # [B, L, n_g, H]
     kg = k[:, :, heads_arr // group]  # [B, L, n_g, H]
     f = jax.vmap(jax.vmap(functools.partial(run, spec), in_axes=(1, 1, None)), (0, 0, 0))
-    out = f(qg, kg, modality)  # leaves [B, n_g, ...]
+    out = _map_head_chunks(f, qg, kg, modality, policy.heads_per_step)  # leaves [B, n_g, ...]
     for j, hd in enumerate(heads):
       results[hd] = jax.tree_util.tree_map(lambda x, j=j: x[:, j], out)
 
@@ -197,6 +204,28 @@ def _plan_impl(policy: Policy, q, k, modality):
     block_q=policy.block_q,
     block_k=policy.block_k,
   )
+
+
+def _map_head_chunks(f, qg, kg, modality, per_step):
+  """f over all heads at once, or `per_step` heads at a time (lax.map) to bound memory."""
+  n_g = qg.shape[2]
+  if not per_step or per_step >= n_g:
+    return f(qg, kg, modality)
+  chunks = -(-n_g // per_step)
+  pad = chunks * per_step - n_g
+
+  def split(x):  # [B, L, n_g, H] -> [chunks, B, L, per_step, H]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    x = x.reshape(x.shape[0], x.shape[1], chunks, per_step, x.shape[3])
+    return jnp.moveaxis(x, 2, 0)
+
+  out = jax.lax.map(lambda a: f(a[0], a[1], modality), (split(qg), split(kg)))
+
+  def merge(x):  # [chunks, B, per_step, ...] -> [B, n_g, ...]
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], chunks * per_step, *x.shape[3:])[:, :n_g]
+
+  return jax.tree_util.tree_map(merge, out)
 
 
 _plan_jit = jax.jit(_plan_impl, static_argnums=0)

@@ -117,3 +117,16 @@ def test_table_json_roundtrip(tmp_path):
   path.write_text(json.dumps(P.table_to_json(pol.table, model="test")))
   loaded = P.get("mminference", table_path=str(path), block_q=16, block_k=16)
   assert loaded.table == pol.table
+
+
+@pytest.mark.parametrize("name", ["2d_boundary", "mminference"])
+def test_heads_per_step_gives_the_same_plan(name):
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(11, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  import dataclasses
+
+  chunked = dataclasses.replace(pol, heads_per_step=3)  # 4 heads: a padded second chunk
+  a, c = pol.plan(q, k, mod), chunked.plan(q, k, mod)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(c), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -1,0 +1,53 @@
+"""Sparse attention vs dense (cuDNN on the GPU) over lengths and policies.
+
+Hypothesis: at a fixed budget the sparse plans' cost grows ~linearly with T while dense
+grows quadratically, so the speedup over cuDNN grows with length.
+
+  python experiments/bench_attention.py --config=configs/bench_attention.py \
+      --workdir=benchmarks/results/h100      # on the GPU (device tool)
+  python experiments/bench_attention.py --config=configs/bench_attention.py:smoke
+
+Args: "" (Qwen2.5-VL-7B attention: 28 q heads, 4 kv heads, H=128, bf16, 16k..1M, pallas
+backend), "xla" (the same with the xla backend, to 128k), "smoke" (tiny, CPU, xla backend).
+"""
+
+import ml_collections
+
+POLICIES = ("a_shape", "vertical_slash", "block_sparse", "grid", "q_boundary", "2d_boundary")
+
+
+def get_config(arg: str | None = None):
+  arg = arg or ""
+  if arg not in ("", "xla", "smoke"):
+    raise ValueError(f"configs/bench_attention.py: unknown arg {arg!r}; use '', xla, smoke")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.backend = "pallas"
+  c.baseline_impl = ""  # "": cudnn on the GPU, XLA on the CPU
+  c.dtype = "bfloat16"
+  c.num_heads = 28
+  c.num_kv_heads = 4
+  c.head_dim = 128
+  c.block_q = 64
+  c.block_k = 64
+  c.heads_per_step = 4
+  c.iters = 10
+  c.lengths = (16384, 65536, 131072, 262144, 524288, 1048576)
+  c.dense_ours_max_len = 262144  # the dense plan's index lists grow as T^2
+  c.frame_tokens = 576  # 24 x 24 merged patches per frame
+  c.text_between = 16
+  c.text_prefix = 256
+  c.policies = POLICIES
+  c.policy_kwargs = ml_collections.ConfigDict({n: ml_collections.ConfigDict({}) for n in POLICIES})
+  if arg == "xla":
+    c.backend = "xla"
+    c.lengths = (16384, 65536, 131072)
+  if arg == "smoke":
+    c.backend = "xla"
+    c.dtype = "float32"
+    c.num_heads, c.num_kv_heads, c.head_dim = 4, 2, 32
+    c.lengths = (256, 512)
+    c.iters = 2
+    c.frame_tokens, c.text_between, c.text_prefix = 64, 8, 32
+    c.dense_ours_max_len = 512
+  return c

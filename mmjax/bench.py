@@ -1,0 +1,203 @@
+"""Attention benchmark: sparse policies (plan + kernel) against dense attention, same run.
+
+For each length and policy it times, with warm-up and `block_until_ready`, medians of
+`iters` runs:
+  baseline   dense causal attention (cuDNN on the GPU via jax.nn.dot_product_attention;
+             XLA's on the CPU),
+  dense_ours the `dense` plan through our backend,
+  plan       the policy's plan alone,
+  kernel     the backend on a precomputed plan,
+  total      plan + backend in one jitted call,
+and reports the speedup of `total` over the baseline, the density, and the effective
+TFLOP/s of the kernel: 4 * computed (query, key) pairs * H / time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from mmjax import policies, runinfo
+from mmjax.attention import sparse_attention
+
+
+def video_text_modality(length: int, frame_tokens: int, text_between: int, prefix: int):
+  """[1, T] ids: a text prefix, then frames (text_between text tokens + frame_tokens vision)
+  until the last 5% of tokens, which are text (the question)."""
+  mod = np.zeros(length, np.int32)
+  end = int(length * 0.95)
+  pos = prefix
+  while pos < end:
+    pos += text_between
+    mod[pos : min(pos + frame_tokens, end)] = 1
+    pos += frame_tokens
+  return jnp.asarray(mod[None])
+
+
+def timeit(fn, *args, warmup: int = 2, iters: int = 10) -> float:
+  """Median wall time in ms of fn(*args), synchronised with block_until_ready."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def dense_baseline(impl: str | None):
+  @jax.jit
+  def f(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+
+  return f
+
+
+def _causal_flops(t, n, h):
+  return 4.0 * t * (t + 1) / 2 * n * h
+
+
+@dataclasses.dataclass
+class Row:
+  length: int
+  policy: str
+  density: float
+  baseline_ms: float
+  plan_ms: float
+  kernel_ms: float
+  total_ms: float
+  speedup: float
+  kernel_tflops: float
+  baseline_tflops: float
+  dense_ours_ms: float | None = None
+
+
+def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
+  """Runs the benchmark described by `cfg` (see configs/bench_attention.py)."""
+  on_gpu = jax.default_backend() == "gpu"
+  impl = cfg.baseline_impl or ("cudnn" if on_gpu else None)
+  baseline = dense_baseline(impl)
+  dtype = jnp.dtype(cfg.dtype)
+  rows = []
+  for length in cfg.lengths:
+    keys = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    shape_q = (1, length, cfg.num_heads, cfg.head_dim)
+    shape_k = (1, length, cfg.num_kv_heads, cfg.head_dim)
+    q = jax.random.normal(keys[0], shape_q, jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], shape_k, jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], shape_k, jnp.float32).astype(dtype)
+    mod = video_text_modality(length, cfg.frame_tokens, cfg.text_between, cfg.text_prefix)
+    base_ms = timeit(baseline, q, k, v, iters=cfg.iters)
+    flops = _causal_flops(length, cfg.num_heads, cfg.head_dim)
+    dense_ours = None
+    if length <= cfg.dense_ours_max_len:
+      dplan = policies.Dense(block_q=cfg.block_q, block_k=cfg.block_k).plan(q, k, mod)
+      dense_ours = timeit(_kernel_fn(cfg.backend), q, k, v, dplan, iters=cfg.iters)
+      del dplan
+    it = tqdm(cfg.policies, desc=f"T={length}", disable=not progress)
+    for name in it:
+      kwargs = dict(cfg.policy_kwargs.get(name, {}))
+      pol = policies.get(
+        name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=cfg.heads_per_step, **kwargs
+      )
+      plan_fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m))
+      plan_ms = timeit(plan_fn, q, k, mod, iters=cfg.iters)
+      plan = plan_fn(q, k, mod)
+      kernel_ms = timeit(_kernel_fn(cfg.backend), q, k, v, plan, iters=cfg.iters)
+      total_fn = jax.jit(
+        lambda q, k, v, m, pol=pol: sparse_attention(q, k, v, pol, m, backend=cfg.backend)
+      )
+      total_ms = timeit(total_fn, q, k, v, mod, iters=cfg.iters)
+      density = float(plan.density())
+      row = Row(
+        length=length,
+        policy=name,
+        density=density,
+        baseline_ms=base_ms,
+        plan_ms=plan_ms,
+        kernel_ms=kernel_ms,
+        total_ms=total_ms,
+        speedup=base_ms / total_ms,
+        kernel_tflops=flops * density / kernel_ms / 1e9,
+        baseline_tflops=flops / base_ms / 1e9,
+        dense_ours_ms=dense_ours,
+      )
+      rows.append(dataclasses.asdict(row))
+      del plan
+  result = {
+    "rows": rows,
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "baseline": f"jax.nn.dot_product_attention(is_causal=True, implementation={impl!r})",
+    "manifest": runinfo.manifest(cfg.seed),
+  }
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "bench.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+      f.write(format_table(result) + "\n")
+    plot(rows, os.path.join(workdir, "speedup.png"))
+  return rows
+
+
+def _kernel_fn(backend):
+  @jax.jit
+  def f(q, k, v, plan):
+    return sparse_attention(q, k, v, plan=plan, backend=backend)
+
+  return f
+
+
+def format_table(result) -> str:
+  lines = [
+    f"device: {result['device']}, jax {result['jax']}, {result['date']}; "
+    f"baseline: {result['baseline']}",
+    "",
+    "| T | policy | density | baseline ms | ours dense ms | plan ms | kernel ms | "
+    "plan+kernel ms | speedup | kernel TFLOP/s (eff.) | baseline TFLOP/s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in result["rows"]:
+    dense = f"{r['dense_ours_ms']:.2f}" if r["dense_ours_ms"] is not None else "-"
+    lines.append(
+      f"| {r['length']} | {r['policy']} | {r['density']:.3f} | {r['baseline_ms']:.2f} | "
+      f"{dense} | {r['plan_ms']:.2f} | {r['kernel_ms']:.2f} | {r['total_ms']:.2f} | "
+      f"{r['speedup']:.2f}x | {r['kernel_tflops']:.0f} | {r['baseline_tflops']:.0f} |"
+    )
+  return "\n".join(lines)
+
+
+def plot(rows, path: str) -> None:
+  try:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+  except ImportError:
+    print(f"matplotlib is not installed: no plot at {path}")
+    return
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  for name in sorted({r["policy"] for r in rows}):
+    pts = sorted((r["length"], r["speedup"]) for r in rows if r["policy"] == name)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set_xlabel("tokens")
+  ax.set_ylabel("speedup over dense baseline (plan + kernel)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,37 @@
+"""Every config in configs/ loads with each documented arg; smoke args run on the CPU."""
+
+import importlib
+import json
+import pkgutil
+
+import pytest
+
+import configs
+from mmjax import ablation, bench
+
+CONFIG_ARGS = {"ablate_policies": ("", "smoke"), "bench_attention": ("", "xla", "smoke")}
+
+
+def test_every_config_is_listed():
+  found = {m.name for m in pkgutil.iter_modules(configs.__path__)}
+  assert found == set(CONFIG_ARGS), "add new configs (and their args) to CONFIG_ARGS"
+
+
+@pytest.mark.parametrize("name", list(CONFIG_ARGS))
+def test_config_loads_with_every_arg(name):
+  mod = importlib.import_module(f"configs.{name}")
+  for arg in CONFIG_ARGS[name]:
+    cfg = mod.get_config(arg)
+    json.dumps(ablation.config_to_dict(cfg))
+    assert "`" not in str(arg)
+  with pytest.raises(ValueError, match="unknown arg"):
+    mod.get_config("no-such-arg")
+
+
+def test_bench_smoke_runs(tmp_path):
+  cfg = importlib.import_module("configs.bench_attention").get_config("smoke")
+  rows = bench.run(cfg, str(tmp_path), progress=False)
+  assert len(rows) == len(cfg.lengths) * len(cfg.policies)
+  for r in rows:
+    assert 0 < r["density"] <= 1 and r["baseline_ms"] > 0 and r["total_ms"] > 0
+  assert (tmp_path / "bench.json").exists() and (tmp_path / "table.md").exists()
