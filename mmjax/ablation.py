@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from mmjax import policies, synthetic
+from mmjax import plotting, policies, synthetic
 from mmjax.attention import sparse_attention
 
 METRIC_KEYS = ("policy", "density", "recall", "min_head_recall", "rel_error", "plan_s", "attn_s")
@@ -151,13 +151,8 @@ def format_table(rows, layout=None, cfg=None) -> str:
 
 def plot(rows, path: str) -> None:
   """Recall vs density, one point per policy (skipped with a note without matplotlib)."""
-  try:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-  except ImportError:
-    print(f"matplotlib is not installed: no plot at {path} (pip install 'mmjax[plot]')")
+  plt = plotting.pyplot(path)
+  if plt is None:
     return
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for r in rows:

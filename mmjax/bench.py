@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from mmjax import policies, runinfo
+from mmjax import plotting, policies, runinfo
 from mmjax.attention import sparse_attention
 
 
@@ -180,13 +180,8 @@ def format_table(result) -> str:
 
 
 def plot(rows, path: str) -> None:
-  try:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-  except ImportError:
-    print(f"matplotlib is not installed: no plot at {path}")
+  plt = plotting.pyplot(path)
+  if plt is None:
     return
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   for name in sorted({r["policy"] for r in rows}):

@@ -185,6 +185,7 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
   pos = jnp.arange(length, dtype=jnp.int32)
   real = pos < seq_len
   mod = jnp.where(real, mod, -1)
+  common = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
   if layout.group == "none" and not grid_strides:
     return HeadView(
       q=q,
@@ -199,10 +200,7 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
       q_perm=None,
       k_perm=None,
       symmetric=True,
-      seq_len=seq_len,
-      block_q=block_q,
-      block_k=block_k,
-      scale=scale,
+      **common,
     )
   if layout.group == "none":  # grid over the whole sequence
     perm, rank, orank = _group_order(pos, jnp.zeros_like(mod), real, grid_strides, True)
@@ -223,10 +221,7 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
       q_perm=perm,
       k_perm=None,
       symmetric=False,
-      seq_len=seq_len,
-      block_q=block_q,
-      block_k=block_k,
-      scale=scale,
+      **common,
     )
   return HeadView(
     q=q[perm],
@@ -241,10 +236,7 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
     q_perm=perm,
     k_perm=perm,
     symmetric=True,
-    seq_len=seq_len,
-    block_q=block_q,
-    block_k=block_k,
-    scale=scale,
+    **common,
   )
 
 
