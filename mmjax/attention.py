@@ -7,7 +7,10 @@ Backends:
     key-block slots gathers the listed key blocks (through the key permutation, so no
     permuted copy of k/v is made), then the single columns in chunks, with an online
     softmax in fp32. Memory O(T * block), so any length that fits runs on CPU or GPU.
-  pallas: the Pallas kernels of `pallas_kernels/` (GPU; `interpret=True` on the CPU).
+  pallas: `pallas_kernels.sparse_flash` (GPU; interpret mode on the CPU). The plan's
+    permutation is applied by a gather before the kernel and undone after it; keys are
+    copied per query head only when the plan permutes keys (their order may differ
+    between the heads of a kv group).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def sparse_attention(
   plan: SparsePlan | None = None,
   return_lse: bool = False,
   interpret: bool | None = None,
+  pallas_options: dict | None = None,
 ):
   """Causal prefill attention computed only where the policy's plan says.
 
@@ -49,6 +53,7 @@ def sparse_attention(
     plan: a precomputed plan (from `policy.plan`); built from q, k if None.
     return_lse: also return the log-sum-exp of the scores, [B, N, T] fp32.
     interpret: pallas backend only: run the kernels in interpret mode (default: on CPU).
+    pallas_options: pallas backend only: kernel knobs (col_chunk, num_warps, num_stages).
 
   Returns:
     [B, T, N, H] in q's dtype (and the lse when asked).
@@ -72,7 +77,7 @@ def sparse_attention(
   else:
     if interpret is None:
       interpret = jax.default_backend() == "cpu"
-    out, lse = _pallas(q, k, v, plan, interpret=interpret), None
+    out, lse = _pallas(q, k, v, plan, interpret=interpret, options=pallas_options), None
     if return_lse:
       raise ValueError("return_lse is supported by the 'reference' and 'xla' backends")
   return (out, lse) if return_lse else out
@@ -206,35 +211,48 @@ def _xla(q, k, v, plan: SparsePlan):
 # ----------------------------------------------------------------------------------------
 # pallas
 # ----------------------------------------------------------------------------------------
-def _pallas(q, k, v, plan: SparsePlan, *, interpret: bool):
-  try:
-    from pallas_kernels import block_sparse as kernels  # noqa: PLC0415
-  except ImportError as e:  # pragma: no cover - the package ships with mmjax
-    raise ValueError(f"backend='pallas' needs the pallas_kernels package: {e}") from e
-  return _pallas_run(q, k, v, plan, interpret=interpret, kernel=kernels.sparse_attention)
+def _pallas(q, k, v, plan: SparsePlan, *, interpret: bool, options):
+  from pallas_kernels import sparse_flash  # noqa: PLC0415
+
+  if q.dtype not in sparse_flash.SUPPORTED_DTYPES:
+    raise ValueError(
+      f"backend='pallas' supports dtypes {sparse_flash.SUPPORTED_DTYPES}, got {q.dtype}"
+    )
+  if q.shape[-1] not in sparse_flash.SUPPORTED_HEAD_DIMS:
+    raise ValueError(
+      f"backend='pallas' supports head_dim in {sparse_flash.SUPPORTED_HEAD_DIMS}"
+      f", got {q.shape[-1]}; use backend='xla'"
+    )
+  if min(plan.block_q, plan.block_k) < 16:
+    raise ValueError("backend='pallas' needs block_q and block_k >= 16")
+  opts = tuple(sorted((options or {}).items()))
+  unknown = {k for k, _ in opts} - {"col_chunk", "num_warps", "num_stages"}
+  if unknown:
+    raise ValueError(
+      f"pallas_options: unknown {sorted(unknown)}; use col_chunk, num_warps, num_stages"
+    )
+  return _pallas_run(
+    q, k, v, plan, interpret=interpret, kernel=sparse_flash.sparse_attention, options=opts
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "kernel"))
-def _pallas_run(q, k, v, plan, *, interpret, kernel):
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  g = n // kh
+@functools.partial(jax.jit, static_argnames=("interpret", "kernel", "options"))
+def _pallas_run(q, k, v, plan, *, interpret, kernel, options):
+  t = q.shape[1]
+  g = q.shape[2] // k.shape[2]
   length = plan.padded_len
   qpos, kpos = plan.q_positions(), plan.k_positions()
-  q = _pad_len(q, length)
-  k = _pad_len(k, length)
-  v = _pad_len(v, length)
-  # view-ordered copies. Keys keep one copy per kv head when every q head of the group
-  # shares the key permutation (all policies but per-head grid strides); otherwise one per
-  # q head.
-  qv = jnp.take_along_axis(q, qpos.transpose(0, 2, 1)[..., None], axis=1)
+  q, k, v = (_pad_len(x, length) for x in (q, k, v))
+  # view-ordered copies: queries when they are permuted; keys, one copy per q head, only
+  # when keys are permuted (heads of one kv group may order them differently).
+  qv = q if plan.q_perm is None else jnp.take_along_axis(q, qpos.transpose(0, 2, 1)[..., None], 1)
   if plan.k_perm is None:
-    kv_pos = kpos[:, ::g]
-    kk, vv = k, v
+    kv_pos, kk, vv = kpos[:, ::g], k, v
   else:
+    idx = kpos.transpose(0, 2, 1)[..., None]
     kv_pos = kpos
-    kk = jnp.take_along_axis(jnp.repeat(k, g, axis=2), kpos.transpose(0, 2, 1)[..., None], 1)
-    vv = jnp.take_along_axis(jnp.repeat(v, g, axis=2), kpos.transpose(0, 2, 1)[..., None], 1)
+    kk = jnp.take_along_axis(jnp.repeat(k, g, axis=2), idx, 1)
+    vv = jnp.take_along_axis(jnp.repeat(v, g, axis=2), idx, 1)
   out = kernel(
     qv,
     kk,
@@ -248,9 +266,11 @@ def _pallas_run(q, k, v, plan, *, interpret, kernel):
     block_q=plan.block_q,
     block_k=plan.block_k,
     interpret=interpret,
+    **dict(options),
   )
-  inv = jnp.argsort(qpos, axis=-1).transpose(0, 2, 1)  # [B, L, N]
-  out = jnp.take_along_axis(out, inv[..., None], axis=1)
+  if plan.q_perm is not None:
+    inv = jnp.argsort(qpos, axis=-1).transpose(0, 2, 1)  # [B, L, N]
+    out = jnp.take_along_axis(out, inv[..., None], axis=1)
   return out[:, :t]
 
 

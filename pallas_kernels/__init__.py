@@ -1,0 +1,1 @@
+"""Pallas GPU kernels for mmjax. Never imports flax or mmjax."""

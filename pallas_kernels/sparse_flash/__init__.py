@@ -1,0 +1,17 @@
+"""Block-sparse + column flash attention in view order, causal by original positions."""
+
+from pallas_kernels.sparse_flash.kernel import (
+  SUPPORTED_DTYPES,
+  SUPPORTED_HEAD_DIMS,
+  BlockSizes,
+  sparse_attention,
+)
+from pallas_kernels.sparse_flash.reference import sparse_attention_reference
+
+__all__ = [
+  "SUPPORTED_DTYPES",
+  "SUPPORTED_HEAD_DIMS",
+  "BlockSizes",
+  "sparse_attention",
+  "sparse_attention_reference",
+]
