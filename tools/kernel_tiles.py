@@ -4,6 +4,7 @@ python tools/kernel_tiles.py --length 32768 --out results.json
 """
 
 import argparse
+import functools
 import json
 import math
 
@@ -15,6 +16,10 @@ from mmjax import bench
 from mmjax import policies as P
 
 TILES = ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2))
+
+
+def _attend(q, k, v, plan, opts):
+  return mmjax.sparse_attention(q, k, v, plan=plan, backend="pallas", pallas_options=dict(opts))
 
 
 def main():
@@ -46,11 +51,7 @@ def main():
     }
     for name, pol in pols.items():
       plan = jax.jit(pol.plan)(q, k)
-      f = jax.jit(
-        lambda q, k, v, plan, opts=tuple(opts.items()): mmjax.sparse_attention(
-          q, k, v, plan=plan, backend="pallas", pallas_options=dict(opts)
-        )
-      )
+      f = jax.jit(functools.partial(_attend, opts=tuple(opts.items())))
       try:
         out = f(q, k, v, plan)
         ms = bench.timeit(f, q, k, v, plan, iters=args.iters)
