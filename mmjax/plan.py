@@ -135,7 +135,7 @@ class SparsePlan:
 
   # ---- cost ---------------------------------------------------------------------------
   def computed_pairs(self) -> jax.Array:
-    """[B, N] number of causal (query, key) pairs the plan computes, real tokens only.
+    """[B, N] float32 count of causal (query, key) pairs the plan computes (real tokens).
 
     Counted block by block without materialising an [L, L] mask (memory O(L * MB)).
     """
@@ -157,7 +157,8 @@ class SparsePlan:
         cok &= (jnp.arange(cols.shape[0]) < ccount)[None, :]
         return ok.sum(dtype=jnp.int32) + cok.sum(dtype=jnp.int32)
 
-      return jax.lax.map(per_qblock, (qp_h, bidx, bcnt, cidx, ccnt)).sum()
+      # per-block counts fit int32; a head's total (up to T^2 / 2) may not: sum in f32.
+      return jax.lax.map(per_qblock, (qp_h, bidx, bcnt, cidx, ccnt)).astype(jnp.float32).sum()
 
     f = jax.vmap(jax.vmap(per_head))
     return f(qp, kpb, kp, self.block_idx, self.block_count, self.col_idx, self.col_count)
@@ -166,9 +167,9 @@ class SparsePlan:
     """Fraction of causal (query, key) pairs computed, over all batches and heads."""
     t = self.seq_len
     causal = t * (t + 1) // 2 * self.batch * self.num_heads
-    return self.computed_pairs().sum().astype(jnp.float32) / np.float32(causal)
+    return self.computed_pairs().sum() / np.float32(causal)
 
   def head_density(self) -> jax.Array:
     """[B, N] fraction of causal pairs computed per head."""
     t = self.seq_len
-    return self.computed_pairs().astype(jnp.float32) / np.float32(t * (t + 1) // 2)
+    return self.computed_pairs() / np.float32(t * (t + 1) // 2)

@@ -27,6 +27,7 @@ def main():
   ap.add_argument("--length", type=int, default=32768)
   ap.add_argument("--out", default="")
   ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--quick", action="store_true", help="only the 128x64 w4 s2 tile")
   args = ap.parse_args()
   t, n, kh, h = args.length, 28, 4, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -38,7 +39,7 @@ def main():
   rows = [dict(name="cudnn", ms=base, tflops=flops_dense / base / 1e9, density=1.0)]
   print(f"cudnn causal: {base:.2f} ms, {flops_dense / base / 1e9:.0f} TFLOP/s", flush=True)
   ref = None
-  for bq, bk, warps, stages in TILES:
+  for bq, bk, warps, stages in TILES[1:2] if args.quick else TILES:
     opts = dict(num_warps=warps, num_stages=stages)
     pols = {
       "dense": P.get("dense", block_q=bq, block_k=bk),
@@ -88,6 +89,31 @@ def main():
         flush=True,
       )
       del plan
+  # column gathers: chunk width sweep on the vertical-slash plan (128x64 tiles).
+  pol = P.get("vertical_slash", block_q=128, block_k=64, vertical_size=1000, slash_size=256)
+  plan = jax.jit(pol.plan)(q, k)
+  density = float(plan.density())
+  for chunk in (16, 32, 64, 128):
+    f = jax.jit(functools.partial(_attend, opts=(("col_chunk", chunk),)))
+    ms = bench.timeit(f, q, k, v, plan, iters=args.iters)
+    tf = flops_dense * density / ms / 1e9
+    rows.append(
+      dict(
+        name="vertical_slash",
+        bq=128,
+        bk=64,
+        col_chunk=chunk,
+        ms=ms,
+        tflops=tf,
+        density=density,
+        vs_cudnn_speed=base / ms,
+      )
+    )
+    print(
+      f"vertical_slash col_chunk {chunk:3d}: {ms:8.2f} ms density {density:.3f} "
+      f"{tf:5.0f} TFLOP/s eff speedup {base / ms:5.2f}x",
+      flush=True,
+    )
   if args.out:
     with open(args.out, "w") as fh:
       json.dump(
