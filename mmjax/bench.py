@@ -106,34 +106,12 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
       del dplan
     it = tqdm(cfg.policies, desc=f"T={length}", disable=not progress)
     for name in it:
-      kwargs = dict(cfg.policy_kwargs.get(name, {}))
-      pol = policies.get(
-        name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=cfg.heads_per_step, **kwargs
-      )
-      plan_fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m))
-      plan_ms = timeit(plan_fn, q, k, mod, iters=cfg.iters)
-      plan = plan_fn(q, k, mod)
-      kernel_ms = timeit(_kernel_fn(cfg.backend), q, k, v, plan, iters=cfg.iters)
-      total_fn = jax.jit(
-        lambda q, k, v, m, pol=pol: sparse_attention(q, k, v, pol, m, backend=cfg.backend)
-      )
-      total_ms = timeit(total_fn, q, k, v, mod, iters=cfg.iters)
-      density = float(plan.density())
-      row = Row(
-        length=length,
-        policy=name,
-        density=density,
-        baseline_ms=base_ms,
-        plan_ms=plan_ms,
-        kernel_ms=kernel_ms,
-        total_ms=total_ms,
-        speedup=base_ms / total_ms,
-        kernel_tflops=flops * density / kernel_ms / 1e9,
-        baseline_tflops=flops / base_ms / 1e9,
-        dense_ours_ms=dense_ours,
-      )
-      rows.append(dataclasses.asdict(row))
-      del plan
+      try:
+        rows.append(_bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours))
+      except Exception as e:  # noqa: BLE001  (an OOM at 1M tokens: record it, go on)
+        print(f"T={length} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        rows.append(dict(length=length, policy=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    del q, k, v
   result = {
     "rows": rows,
     "device": jax.devices()[0].device_kind,
@@ -150,6 +128,36 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
       f.write(format_table(result) + "\n")
     plot(rows, os.path.join(workdir, "speedup.png"))
   return rows
+
+
+def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
+  kwargs = dict(cfg.policy_kwargs.get(name, {}))
+  pol = policies.get(
+    name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=cfg.heads_per_step, **kwargs
+  )
+  plan_fn = jax.jit(lambda q, k, m: pol.plan(q, k, m))
+  plan_ms = timeit(plan_fn, q, k, mod, iters=cfg.iters)
+  plan = plan_fn(q, k, mod)
+  kernel_ms = timeit(_kernel_fn(cfg.backend), q, k, v, plan, iters=cfg.iters)
+  density = float(plan.density())
+  del plan
+  total_fn = jax.jit(lambda q, k, v, m: sparse_attention(q, k, v, pol, m, backend=cfg.backend))
+  total_ms = timeit(total_fn, q, k, v, mod, iters=cfg.iters)
+  return dataclasses.asdict(
+    Row(
+      length=q.shape[1],
+      policy=name,
+      density=density,
+      baseline_ms=base_ms,
+      plan_ms=plan_ms,
+      kernel_ms=kernel_ms,
+      total_ms=total_ms,
+      speedup=base_ms / total_ms,
+      kernel_tflops=flops * density / kernel_ms / 1e9,
+      baseline_tflops=flops / base_ms / 1e9,
+      dense_ours_ms=dense_ours,
+    )
+  )
 
 
 def _kernel_fn(backend):
@@ -170,6 +178,9 @@ def format_table(result) -> str:
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
+    if "error" in r:
+      lines.append(f"| {r['length']} | {r['policy']} | failed: {r['error'][:80]} |" + " |" * 8)
+      continue
     dense = f"{r['dense_ours_ms']:.2f}" if r["dense_ours_ms"] is not None else "-"
     lines.append(
       f"| {r['length']} | {r['policy']} | {r['density']:.3f} | {r['baseline_ms']:.2f} | "
@@ -185,7 +196,9 @@ def plot(rows, path: str) -> None:
     return
   fig, ax = plt.subplots(figsize=(6.5, 4.5))
   for name in sorted({r["policy"] for r in rows}):
-    pts = sorted((r["length"], r["speedup"]) for r in rows if r["policy"] == name)
+    pts = sorted(
+      (r["length"], r["speedup"]) for r in rows if r["policy"] == name and "error" not in r
+    )
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
   ax.set_xscale("log", base=2)
   ax.axhline(1.0, color="gray", lw=0.8)

@@ -256,11 +256,23 @@ def last_query_probs(v: HeadView, q_mod, k_mod, last_q):
 
 
 def slash_sums(p, offsets, length):
-  """Attention mass per rank offset (diagonal): [L]."""
+  """Attention mass per rank offset (diagonal): [L].
+
+  Entries with no offset (masked: other modality, future) go to `_SPREAD` spare segments
+  by position rather than to one: on a GPU, a scatter-add of millions of entries into a
+  single segment serialises on that address (381 ms of a 440 ms plan at 128k tokens).
+  """
   ok = offsets >= 0
-  return jax.ops.segment_sum(
-    jnp.where(ok, p, 0.0).ravel(), jnp.where(ok, offsets, 0).ravel(), num_segments=length
+  spare = length + jnp.arange(offsets.size, dtype=jnp.int32).reshape(offsets.shape) % _SPREAD
+  sums = jax.ops.segment_sum(
+    jnp.where(ok, p, 0.0).ravel(),
+    jnp.where(ok, offsets, spare).ravel(),
+    num_segments=length + _SPREAD,
   )
+  return sums[:length]
+
+
+_SPREAD = 1024
 
 
 def estimate_stride(slash, min_stride, max_stride, multiples=4):

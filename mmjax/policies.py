@@ -423,7 +423,8 @@ class TwoDBoundary(Policy):
   """2D-boundary: queries and keys grouped by modality (the same permutation), a pattern
   per (query modality, key modality) pair. Intra-modality pairs may use any simple
   pattern (grid permutes that modality's group by its own stride); cross-modality pairs
-  use block_sparse or dense. Pairs not listed use `cross` (cross-modality) or `default`."""
+  use block_sparse or dense. Pairs of named ids not listed use `cross` (cross-modality) or
+  `default` (intra); queries or keys of ids never named use `cross`."""
 
   name: ClassVar[str] = "2d_boundary"
   patterns: Any = (
@@ -474,11 +475,11 @@ class TwoDBoundary(Policy):
       for km in ids:
         if (qm, km) not in listed:
           comps.append(planning.Component(qm, km, self.default if qm == km else self.cross))
-    # ids never named: cross to/from the named ones, `default` among themselves.
-    comps.append(planning.Component(other, other, self.default))
-    for m in ids:
-      comps.append(planning.Component(m, other, self.cross))
-      comps.append(planning.Component(other, m, self.cross))
+    # ids never named: their queries take `cross` over every key, and the named ids'
+    # queries take `cross` over their keys (two components, not one per id pair: each
+    # costs a pass over q and k).
+    comps.append(planning.Component(other, None, self.cross))
+    comps.append(planning.Component(planning.OtherThan(()), other, self.cross))
     return tuple(comps)
 
   def _all(self):
