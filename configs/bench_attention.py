@@ -31,6 +31,7 @@ def get_config(arg: str | None = None):
   c.block_q = 128  # tools/kernel_tiles.py: 128x64, 4 warps, 2 stages was the best tile
   c.block_k = 64
   c.heads_per_step = 4
+  c.warmup = 2
   c.iters = 10
   c.lengths = (16384, 65536, 131072, 262144, 524288, 1048576)
   c.dense_ours_max_len = 262144  # the dense plan's index lists grow as T^2

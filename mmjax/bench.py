@@ -97,12 +97,14 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
     k = jax.random.normal(keys[1], shape_k, jnp.float32).astype(dtype)
     v = jax.random.normal(keys[2], shape_k, jnp.float32).astype(dtype)
     mod = video_text_modality(length, cfg.frame_tokens, cfg.text_between, cfg.text_prefix)
-    base_ms = timeit(baseline, q, k, v, iters=cfg.iters)
+    base_ms = timeit(baseline, q, k, v, warmup=cfg.warmup, iters=cfg.iters)
     flops = _causal_flops(length, cfg.num_heads, cfg.head_dim)
     dense_ours = None
     if length <= cfg.dense_ours_max_len:
       dplan = policies.Dense(block_q=cfg.block_q, block_k=cfg.block_k).plan(q, k, mod)
-      dense_ours = timeit(_kernel_fn(cfg.backend), q, k, v, dplan, iters=cfg.iters)
+      dense_ours = timeit(
+        _kernel_fn(cfg.backend), q, k, v, dplan, warmup=cfg.warmup, iters=cfg.iters
+      )
       del dplan
     it = tqdm(cfg.policies, desc=f"T={length}", disable=not progress)
     for name in it:
@@ -136,13 +138,13 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
     name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=cfg.heads_per_step, **kwargs
   )
   plan_fn = jax.jit(lambda q, k, m: pol.plan(q, k, m))
-  plan_ms = timeit(plan_fn, q, k, mod, iters=cfg.iters)
+  plan_ms = timeit(plan_fn, q, k, mod, warmup=cfg.warmup, iters=cfg.iters)
   plan = plan_fn(q, k, mod)
-  kernel_ms = timeit(_kernel_fn(cfg.backend), q, k, v, plan, iters=cfg.iters)
+  kernel_ms = timeit(_kernel_fn(cfg.backend), q, k, v, plan, warmup=cfg.warmup, iters=cfg.iters)
   density = float(plan.density())
   del plan
   total_fn = jax.jit(lambda q, k, v, m: sparse_attention(q, k, v, pol, m, backend=cfg.backend))
-  total_ms = timeit(total_fn, q, k, v, mod, iters=cfg.iters)
+  total_ms = timeit(total_fn, q, k, v, mod, warmup=cfg.warmup, iters=cfg.iters)
   return dataclasses.asdict(
     Row(
       length=q.shape[1],
