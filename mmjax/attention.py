@@ -226,10 +226,11 @@ def _pallas(q, k, v, plan: SparsePlan, *, interpret: bool, options):
   if min(plan.block_q, plan.block_k) < 16:
     raise ValueError("backend='pallas' needs block_q and block_k >= 16")
   opts = tuple(sorted((options or {}).items()))
-  unknown = {k for k, _ in opts} - {"col_chunk", "num_warps", "num_stages"}
+  unknown = {k for k, _ in opts} - {"col_chunk", "num_warps", "num_stages", "fuse_permutation"}
   if unknown:
     raise ValueError(
-      f"pallas_options: unknown {sorted(unknown)}; use col_chunk, num_warps, num_stages"
+      f"pallas_options: unknown {sorted(unknown)}; use col_chunk, num_warps, num_stages, "
+      "fuse_permutation"
     )
   return _pallas_run(
     q, k, v, plan, interpret=interpret, kernel=sparse_flash.sparse_attention, options=opts
@@ -243,6 +244,27 @@ def _pallas_run(q, k, v, plan, *, interpret, kernel, options):
   length = plan.padded_len
   qpos, kpos = plan.q_positions(), plan.k_positions()
   q, k, v = (_pad_len(x, length) for x in (q, k, v))
+  options = dict(options)
+  permuted = plan.q_perm is not None or plan.k_perm is not None
+  if options.get("fuse_permutation") and permuted:
+    # the kernel gathers rows by position and scatters its output: no copies at all.
+    out = kernel(
+      q,
+      k,
+      v,
+      qpos,
+      kpos,
+      plan.block_idx,
+      plan.block_count,
+      plan.col_idx,
+      plan.col_count,
+      block_q=plan.block_q,
+      block_k=plan.block_k,
+      interpret=interpret,
+      **options,
+    )
+    return out[:, :t]
+  options.pop("fuse_permutation", None)
   # view-ordered copies: queries when they are permuted; keys, one copy per q head, only
   # when keys are permuted (heads of one kv group may order them differently).
   qv = q if plan.q_perm is None else jnp.take_along_axis(q, qpos.transpose(0, 2, 1)[..., None], 1)
@@ -266,7 +288,7 @@ def _pallas_run(q, k, v, plan, *, interpret, kernel, options):
     block_q=plan.block_q,
     block_k=plan.block_k,
     interpret=interpret,
-    **dict(options),
+    **options,
   )
   if plan.q_perm is not None:
     inv = jnp.argsort(qpos, axis=-1).transpose(0, 2, 1)  # [B, L, N]

@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 import mmjax
-from pallas_kernels.sparse_flash import sparse_attention, sparse_attention_reference
+from pallas_kernels.sparse_flash import (
+  sparse_attention,
+  sparse_attention_reference,
+  sparse_attention_reference_fused,
+)
 from tests import helpers
 
 POISON = 1e4  # unwritten outputs would keep this
@@ -74,6 +78,26 @@ class KernelTests:
     # the query block with nothing listed outputs zeros, not NaN.
     np.testing.assert_array_equal(out[0, :bq, 0], 0.0)
 
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  def test_fused_permutation_matches_reference(self, dtype):
+    if not self.interpret and dtype == jnp.float32:
+      pytest.skip("f32 kernels on the GPU use TF32 dots; covered by the interpret run")
+    # k_pos per query head: the heads of one kv group order their keys differently.
+    b, length, n, kh, h, bq, bk = 2, 128, 4, 2, 64, 32, 16
+    args = list(random_plan_inputs(17, b, length, n, kh, h, dtype, bq, bk, 4, 20))
+    rng = np.random.default_rng(3)
+    args[4] = jnp.asarray(
+      np.stack([[rng.permutation(length) for _ in range(n)] for _ in range(b)]), jnp.int32
+    )
+    out = sparse_attention(
+      *args, block_q=bq, block_k=bk, interpret=self.interpret, fuse_permutation=True, poison=POISON
+    )
+    ref = sparse_attention_reference_fused(*args, block_q=bq, block_k=bk)
+    tol = helpers.TOL[dtype]
+    np.testing.assert_allclose(
+      np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2 * tol, rtol=2 * tol
+    )
+
   def test_every_output_written(self):
     args = random_plan_inputs(5, 1, 64, 2, 2, 32, jnp.float32, 16, 16, 4, 8)
     out = sparse_attention(*args, block_q=16, block_k=16, interpret=self.interpret, poison=POISON)
@@ -85,9 +109,18 @@ class KernelTests:
       q, k, v, mod = helpers.random_inputs(4, 1, 160, 4, 2, 32, jnp.float32)
       plan = pol.plan(q, k, mod)
       ref = mmjax.sparse_attention(q, k, v, plan=plan, backend="reference")
-      out = mmjax.sparse_attention(q, k, v, plan=plan, backend="pallas", interpret=self.interpret)
       tol = 1e-5 if self.interpret else 2e-3
-      np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
+      for fuse in (False, True):
+        out = mmjax.sparse_attention(
+          q,
+          k,
+          v,
+          plan=plan,
+          backend="pallas",
+          interpret=self.interpret,
+          pallas_options={"fuse_permutation": fuse},
+        )
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=tol, rtol=tol)
 
 
 class TestInterpret(KernelTests):

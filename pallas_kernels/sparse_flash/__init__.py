@@ -6,7 +6,10 @@ from pallas_kernels.sparse_flash.kernel import (
   BlockSizes,
   sparse_attention,
 )
-from pallas_kernels.sparse_flash.reference import sparse_attention_reference
+from pallas_kernels.sparse_flash.reference import (
+  sparse_attention_reference,
+  sparse_attention_reference_fused,
+)
 
 __all__ = [
   "SUPPORTED_DTYPES",
@@ -14,4 +17,5 @@ __all__ = [
   "BlockSizes",
   "sparse_attention",
   "sparse_attention_reference",
+  "sparse_attention_reference_fused",
 ]

@@ -54,19 +54,21 @@ def _kernel(
   bidx_ref,  # [MB] key blocks of this query block
   cidx_ref,  # [MCp] key columns of this query block
   qpos_ref,  # [block_q]
-  kpos_ref,  # [L] positions of this kv head's keys
-  q_ref,  # [block_q, H]
+  kpos_ref,  # [L] positions of the view keys (this kv head's; fused: this q head's)
+  q_ref,  # [block_q, H] (fused: [L, H], original order)
   k_ref,
-  v_ref,  # [L, H]
-  o_ref,  # [block_q, H]
+  v_ref,  # [L, H] (fused: original order)
+  o_ref,  # [block_q, H] (fused: [L, H], original order)
   *,
   scale: float,
   block_k: int,
   col_chunk: int,
+  fused: bool,
 ):
   i = pl.program_id(0)
-  q = q_ref[...]
   qpos = qpos_ref[...]
+  # fused: q, k, v and o stay in original order; rows are gathered / scattered by position.
+  q = q_ref[qpos, :] if fused else q_ref[...]
   block_q, head_dim = q.shape
   qk_scale = scale * LOG2E
 
@@ -90,7 +92,8 @@ def _kernel(
     sl = pl.ds(start, block_k)
     kpos = kpos_ref[sl]
     admit = kpos[None, :] <= qpos[:, None]
-    return update(carry, k_ref[sl, :], v_ref[sl, :], admit)
+    rows = kpos if fused else sl
+    return update(carry, k_ref[rows, :], v_ref[rows, :], admit)
 
   init = (
     jnp.zeros((block_q, head_dim), jnp.float32),
@@ -107,18 +110,34 @@ def _kernel(
     cols = jnp.where(valid, cidx_ref[pl.ds(c * col_chunk, col_chunk)], 0)
     kpos = kpos_ref[cols]  # gathers
     admit = valid[None, :] & (kpos[None, :] <= qpos[:, None])
-    return update(carry, k_ref[cols, :], v_ref[cols, :], admit)
+    rows = kpos if fused else cols
+    return update(carry, k_ref[rows, :], v_ref[rows, :], admit)
 
   n_chunks = (ccount + col_chunk - 1) // col_chunk
   carry = jax.lax.fori_loop(0, n_chunks, col_body, carry)
 
   acc, _, l = carry
   out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
-  o_ref[...] = out.astype(o_ref.dtype)
+  if fused:
+    o_ref[qpos, :] = out.astype(o_ref.dtype)  # scatter rows back to original positions
+  else:
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 def _check(
-  q, k, v, q_pos, k_pos, block_idx, block_count, col_idx, col_count, block_q, block_k, debug
+  q,
+  k,
+  v,
+  q_pos,
+  k_pos,
+  block_idx,
+  block_count,
+  col_idx,
+  col_count,
+  block_q,
+  block_k,
+  debug,
+  fused=False,
 ):
   if q.ndim != 4 or k.ndim != 4:
     raise ValueError(f"q must be [B, L, N, H] and k, v [B, L, K, H]; got {q.shape}, {k.shape}")
@@ -145,7 +164,7 @@ def _check(
   nq = length // block_q
   want = {
     "q_pos": ((b, n, length), q_pos),
-    "k_pos": ((b, kh, length), k_pos),
+    "k_pos": ((b, n if fused else kh, length), k_pos),
     "block_count": ((b, n, nq), block_count),
     "col_count": ((b, n, nq), col_count),
   }
@@ -196,6 +215,7 @@ def sparse_attention(
   num_warps: int | None = None,
   num_stages: int | None = None,
   poison: float | None = None,
+  fuse_permutation: bool = False,
 ):
   """Attention over the listed key blocks and columns, causal by original positions.
 
@@ -214,12 +234,27 @@ def sparse_attention(
     debug: with concrete inputs, check index ranges and counts first.
     poison: tests only: start from an output buffer filled with this value (aliased into
       the kernel), so any tile the kernel fails to write keeps it.
+    fuse_permutation: q, k, v and the output are in ORIGINAL order and k_pos is per query
+      head, [B, N, L]; the kernel gathers q/k/v rows by position and scatters output rows
+      (no permuted copies, k/v never repeated per query head).
 
   Returns:
-    [B, L, N, H] in q's dtype, view order.
+    [B, L, N, H] in q's dtype, view order (fused: original order).
   """
   b, length, n, kh, h = _check(
-    q, k, v, q_pos, k_pos, block_idx, block_count, col_idx, col_count, block_q, block_k, debug
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    block_idx,
+    block_count,
+    col_idx,
+    col_count,
+    block_q,
+    block_k,
+    debug,
+    fuse_permutation,
   )
   d = BlockSizes()
   col_chunk = col_chunk or d.col_chunk
@@ -246,6 +281,7 @@ def sparse_attention(
     num_warps=num_warps or d.num_warps,
     num_stages=num_stages or d.num_stages,
     poison=poison,
+    fused=fuse_permutation,
   )
 
 
@@ -260,6 +296,7 @@ def sparse_attention(
     "num_warps",
     "num_stages",
     "poison",
+    "fused",
   ),
 )
 def _call(
@@ -281,6 +318,7 @@ def _call(
   num_warps,
   num_stages,
   poison,
+  fused,
 ):
   b, length, n, h = q.shape
   g = n // k.shape[2]
@@ -290,19 +328,31 @@ def _call(
   def bh(j):  # grid axis 1 -> (batch, q head, kv head)
     return j // n, j % n, (j % n) // g
 
+  head = lambda i, j: (bh(j)[0], bh(j)[1], 0)  # noqa: E731  (this q head, whole length)
+  kv_head = lambda i, j: (bh(j)[0], bh(j)[2], 0)  # noqa: E731
+  if fused:  # whole sequences in original order; rows picked by position in the kernel
+    q_spec = pl.BlockSpec((None, length, None, h), lambda i, j: (bh(j)[0], 0, bh(j)[1], 0))
+    kpos_spec = pl.BlockSpec((None, None, length), head)
+    out_spec = q_spec
+  else:
+    q_spec = pl.BlockSpec((None, block_q, None, h), lambda i, j: (bh(j)[0], i, bh(j)[1], 0))
+    kpos_spec = pl.BlockSpec((None, None, length), kv_head)
+    out_spec = q_spec
+  kv_spec = pl.BlockSpec((None, length, None, h), lambda i, j: (bh(j)[0], 0, bh(j)[2], 0))
   in_specs = [
-    pl.BlockSpec((None, None, nq), lambda i, j: (bh(j)[0], bh(j)[1], 0)),  # block_count
-    pl.BlockSpec((None, None, nq), lambda i, j: (bh(j)[0], bh(j)[1], 0)),  # col_count
+    pl.BlockSpec((None, None, nq), head),  # block_count
+    pl.BlockSpec((None, None, nq), head),  # col_count
     pl.BlockSpec((None, None, None, mb), lambda i, j: (bh(j)[0], bh(j)[1], i, 0)),
     pl.BlockSpec((None, None, None, mcp), lambda i, j: (bh(j)[0], bh(j)[1], i, 0)),
     pl.BlockSpec((None, None, block_q), lambda i, j: (bh(j)[0], bh(j)[1], i)),  # q_pos
-    pl.BlockSpec((None, None, length), lambda i, j: (bh(j)[0], bh(j)[2], 0)),  # k_pos
-    pl.BlockSpec((None, block_q, None, h), lambda i, j: (bh(j)[0], i, bh(j)[1], 0)),
-    pl.BlockSpec((None, length, None, h), lambda i, j: (bh(j)[0], 0, bh(j)[2], 0)),
-    pl.BlockSpec((None, length, None, h), lambda i, j: (bh(j)[0], 0, bh(j)[2], 0)),
+    kpos_spec,
+    q_spec,
+    kv_spec,
+    kv_spec,
   ]
-  out_spec = pl.BlockSpec((None, block_q, None, h), lambda i, j: (bh(j)[0], i, bh(j)[1], 0))
-  kernel = functools.partial(_kernel, scale=sm_scale, block_k=block_k, col_chunk=col_chunk)
+  kernel = functools.partial(
+    _kernel, scale=sm_scale, block_k=block_k, col_chunk=col_chunk, fused=fused
+  )
   args = [block_count, col_count, block_idx, col_idx, q_pos, k_pos, q, k, v]
   aliases = {}
   if poison is not None:  # a poisoned buffer becomes the output (the kernel ignores it)

@@ -58,3 +58,44 @@ def sparse_attention_reference(
   p = p / jnp.where(denom > 0, denom, 1.0)
   # [B, N, L, L] x [B, L, N, H] -> [B, L, N, H]
   return jnp.einsum("bnqk,bknh->bqnh", p, vr, precision=hp).astype(q.dtype)
+
+
+def sparse_attention_reference_fused(
+  q,
+  k,
+  v,
+  q_pos,
+  k_pos,
+  block_idx,
+  block_count,
+  col_idx,
+  col_count,
+  *,
+  block_q,
+  block_k,
+  sm_scale=None,
+):
+  """The `fuse_permutation=True` contract: q, k, v and the output in ORIGINAL order,
+  k_pos [B, N, L] per query head. Gathers into view order, runs the reference, scatters."""
+  n, kh = q.shape[2], k.shape[2]
+  heads = jnp.arange(n) // (n // kh)
+  # [B, L, N, H]: view row i of head n is original row q_pos[b, n, i]
+  qv = jnp.take_along_axis(q, q_pos.transpose(0, 2, 1)[..., None], axis=1)
+  kv = jnp.take_along_axis(k[:, :, heads], k_pos.transpose(0, 2, 1)[..., None], axis=1)
+  vv = jnp.take_along_axis(v[:, :, heads], k_pos.transpose(0, 2, 1)[..., None], axis=1)
+  out = sparse_attention_reference(
+    qv,
+    kv,
+    vv,
+    q_pos,
+    k_pos,
+    block_idx,
+    block_count,
+    col_idx,
+    col_count,
+    block_q=block_q,
+    block_k=block_k,
+    sm_scale=sm_scale,
+  )
+  inv = jnp.argsort(q_pos, axis=-1).transpose(0, 2, 1)  # view index of each position
+  return jnp.take_along_axis(out, inv[..., None], axis=1)
