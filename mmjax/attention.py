@@ -246,7 +246,12 @@ def _pallas_run(q, k, v, plan, *, interpret, kernel, options):
   q, k, v = (_pad_len(x, length) for x in (q, k, v))
   options = dict(options)
   permuted = plan.q_perm is not None or plan.k_perm is not None
-  if options.get("fuse_permutation") and permuted:
+  # default: fuse when keys are permuted (grid, 2D boundary: no per-head k/v copies; 18%
+  # faster for grid at 128k on the H100); a query-only permutation (Q boundary) ran 4-7%
+  # faster as separate gathers (benchmarks/results/h100_2026-11-24/fuse_compare.json).
+  fuse = options.pop("fuse_permutation", None)
+  fuse = plan.k_perm is not None if fuse is None else fuse
+  if fuse and permuted:
     # the kernel gathers rows by position and scatters its output: no copies at all.
     out = kernel(
       q,
@@ -261,10 +266,10 @@ def _pallas_run(q, k, v, plan, *, interpret, kernel, options):
       block_q=plan.block_q,
       block_k=plan.block_k,
       interpret=interpret,
+      fuse_permutation=True,
       **options,
     )
     return out[:, :t]
-  options.pop("fuse_permutation", None)
   # view-ordered copies: queries when they are permuted; keys, one copy per q head, only
   # when keys are permuted (heads of one kv group may order them differently).
   qv = q if plan.q_perm is None else jnp.take_along_axis(q, qpos.transpose(0, 2, 1)[..., None], 1)
