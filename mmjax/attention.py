@@ -245,41 +245,25 @@ def _pallas_run(q, k, v, plan, *, interpret, kernel, options):
   qpos, kpos = plan.q_positions(), plan.k_positions()
   q, k, v = (_pad_len(x, length) for x in (q, k, v))
   options = dict(options)
-  permuted = plan.q_perm is not None or plan.k_perm is not None
   # default: fuse when keys are permuted (grid, 2D boundary: no per-head k/v copies; 18%
   # faster for grid at 128k on the H100); a query-only permutation (Q boundary) ran 4-7%
   # faster as separate gathers (benchmarks/results/h100_2026-11-24/fuse_compare.json).
   fuse = options.pop("fuse_permutation", None)
   fuse = plan.k_perm is not None if fuse is None else fuse
-  if fuse and permuted:
-    # the kernel gathers rows by position and scatters its output: no copies at all.
-    out = kernel(
-      q,
-      k,
-      v,
-      qpos,
-      kpos,
-      plan.block_idx,
-      plan.block_count,
-      plan.col_idx,
-      plan.col_count,
-      block_q=plan.block_q,
-      block_k=plan.block_k,
-      interpret=interpret,
-      fuse_permutation=True,
-      **options,
-    )
-    return out[:, :t]
-  # view-ordered copies: queries when they are permuted; keys, one copy per q head, only
-  # when keys are permuted (heads of one kv group may order them differently).
-  qv = q if plan.q_perm is None else jnp.take_along_axis(q, qpos.transpose(0, 2, 1)[..., None], 1)
-  if plan.k_perm is None:
-    kv_pos, kk, vv = kpos[:, ::g], k, v
-  else:
-    idx = kpos.transpose(0, 2, 1)[..., None]
-    kv_pos = kpos
-    kk = jnp.take_along_axis(jnp.repeat(k, g, axis=2), idx, 1)
-    vv = jnp.take_along_axis(jnp.repeat(v, g, axis=2), idx, 1)
+  fuse = fuse and (plan.q_perm is not None or plan.k_perm is not None)
+  if fuse:  # the kernel gathers rows by position and scatters its output rows
+    qv, kk, vv, kv_pos = q, k, v, kpos
+  else:  # view-ordered copies; keys one per q head (a kv group's heads may differ)
+    qv = q
+    if plan.q_perm is not None:
+      qv = jnp.take_along_axis(q, qpos.transpose(0, 2, 1)[..., None], 1)
+    if plan.k_perm is None:
+      kv_pos, kk, vv = kpos[:, ::g], k, v
+    else:
+      idx = kpos.transpose(0, 2, 1)[..., None]
+      kv_pos = kpos
+      kk = jnp.take_along_axis(jnp.repeat(k, g, axis=2), idx, 1)
+      vv = jnp.take_along_axis(jnp.repeat(v, g, axis=2), idx, 1)
   out = kernel(
     qv,
     kk,
@@ -293,9 +277,10 @@ def _pallas_run(q, k, v, plan, *, interpret, kernel, options):
     block_q=plan.block_q,
     block_k=plan.block_k,
     interpret=interpret,
+    fuse_permutation=fuse,
     **options,
   )
-  if plan.q_perm is not None:
+  if plan.q_perm is not None and not fuse:
     inv = jnp.argsort(qpos, axis=-1).transpose(0, 2, 1)  # [B, L, N]
     out = jnp.take_along_axis(out, inv[..., None], axis=1)
   return out[:, :t]
