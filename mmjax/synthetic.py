@@ -226,10 +226,3 @@ def make_batch(
     head_kinds=tuple(head_kinds),
     layout=layout,
   )
-
-
-def matching_policy(kind: str, **kwargs):
-  """The policy made for a planted head kind (its default budget unless overridden)."""
-  from mmjax import policies  # noqa: PLC0415
-
-  return policies.get(kind, **kwargs)
