@@ -85,9 +85,10 @@ class Row:
 def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
   """Runs the benchmark described by `cfg` (see configs/bench_attention.py)."""
   on_gpu = jax.default_backend() == "gpu"
-  impl = cfg.baseline_impl or ("cudnn" if on_gpu else None)
-  baseline = dense_baseline(impl)
   dtype = jnp.dtype(cfg.dtype)
+  cudnn_ok = on_gpu and dtype in (jnp.bfloat16, jnp.float16)  # cuDNN takes no f32
+  impl = cfg.baseline_impl or ("cudnn" if cudnn_ok else "xla")
+  baseline = dense_baseline(impl)
   rows = []
   for length in cfg.lengths:
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)

@@ -63,8 +63,6 @@ class KernelTests:
     ],
   )
   def test_matches_reference(self, dtype, b, length, n, kh, h, bq, bk, mb, mc):
-    if not self.interpret and dtype == jnp.float32:
-      pytest.skip("f32 kernels on the GPU use TF32 dots; covered by the interpret run")
     args = random_plan_inputs(
       hash((b, length, h)) % 997, b, length, n, kh, h, dtype, bq, bk, mb, mc
     )
@@ -80,8 +78,6 @@ class KernelTests:
 
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
   def test_fused_permutation_matches_reference(self, dtype):
-    if not self.interpret and dtype == jnp.float32:
-      pytest.skip("f32 kernels on the GPU use TF32 dots; covered by the interpret run")
     # k_pos per query head: the heads of one kv group order their keys differently.
     b, length, n, kh, h, bq, bk = 2, 128, 4, 2, 64, 32, 16
     args = list(random_plan_inputs(17, b, length, n, kh, h, dtype, bq, bk, 4, 20))

@@ -10,6 +10,13 @@ from mmjax.nn import SparseAttention, rope_cos_sin
 from mmjax.nn.attention import dense_reference
 
 
+@pytest.fixture(autouse=True)
+def _full_f32_matmuls():
+  # GPUs run f32 matmuls in TF32 by default; these tests compare f32 paths at 2e-5.
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
 def _setup(mrope=None, t=100):
   m = SparseAttention(num_heads=4, num_kv_heads=2, head_dim=32, mrope_section=mrope)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, t, 64))

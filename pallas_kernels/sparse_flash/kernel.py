@@ -71,12 +71,13 @@ def _kernel(
   q = q_ref[qpos, :] if fused else q_ref[...]
   block_q, head_dim = q.shape
   qk_scale = scale * LOG2E
+  tf32 = q.dtype != jnp.float32  # f32 inputs get f32 dots (TF32 only matters for f32)
 
   def update(carry, k, v, admit):
     """One online-softmax step over keys k, v [c, H] with admit [block_q, c] bool."""
     acc, m, l = carry
     # [block_q, H] x [c, H]^T -> [block_q, c]
-    s = plgpu.dot(q, k, trans_b=True) * qk_scale
+    s = plgpu.dot(q, k, trans_b=True, allow_tf32=tf32) * qk_scale
     s = jnp.where(admit, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing admitted yet
@@ -84,7 +85,7 @@ def _kernel(
     corr = jnp.exp2(m - m_safe)  # exp2(-inf) = 0 for the first admitted keys
     l = l * corr + jnp.sum(p, axis=1)
     # [block_q, c] x [c, H] -> [block_q, H]
-    acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v, allow_tf32=tf32)
     return acc, m_new, l
 
   def block_body(t, carry):
