@@ -23,9 +23,9 @@ import jax.numpy as jnp
 
 from mmjax import planning
 from mmjax.plan import SparsePlan
-from mmjax.policies import Policy, check_qk
+from mmjax.policies import Dense, Policy, check_qk
 
-BACKENDS = ("reference", "xla", "pallas")
+BACKENDS = ("reference", "xla", "pallas", "cudnn")
 _COL_CHUNK = 64
 
 
@@ -49,7 +49,9 @@ def sparse_attention(
     k, v: [B, S, K, H] keys and values, S == T, N a multiple of K (GQA).
     policy: a policy from `mmjax.policies.get`; not needed when `plan` is given.
     modality: [B, S] int ids (0 text, 1 vision, ...) or None (all text).
-    backend: "reference", "xla" or "pallas".
+    backend: "reference", "xla" or "pallas"; or "cudnn" for the dense policy only (no
+      plan: `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`, the
+      dense baseline, GPU with bf16/f16 inputs).
     plan: a precomputed plan (from `policy.plan`); built from q, k if None.
     return_lse: also return the log-sum-exp of the scores, [B, N, T] fp32.
     interpret: pallas backend only: run the kernels in interpret mode (default: on CPU).
@@ -61,6 +63,15 @@ def sparse_attention(
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
   b, t, n, kh, h = check_qk(q, k, modality, v)
+  if backend == "cudnn":
+    if plan is not None or not isinstance(policy, Dense):
+      raise ValueError(
+        "backend='cudnn' runs the dense policy only (policy=Dense(), no plan); "
+        "use backend 'xla', 'pallas' or 'reference' for sparse policies"
+      )
+    if return_lse:
+      raise ValueError("return_lse is supported by the 'reference' and 'xla' backends")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
   if plan is None:
     if policy is None:
       raise ValueError("give a `policy` (or a precomputed `plan`)")

@@ -9,7 +9,12 @@ import pytest
 import configs
 from mmjax import ablation, bench
 
-CONFIG_ARGS = {"ablate_policies": ("", "smoke"), "bench_attention": ("", "xla", "smoke")}
+CONFIG_ARGS = {
+  "ablate_policies": ("", "smoke"),
+  "answer": ("", "smoke"),
+  "bench_attention": ("", "xla", "smoke"),
+  "bench_prefill": ("", "smoke"),
+}
 
 
 def test_every_config_is_listed():
@@ -35,3 +40,17 @@ def test_bench_smoke_runs(tmp_path):
   for r in rows:
     assert 0 < r["density"] <= 1 and r["baseline_ms"] > 0 and r["total_ms"] > 0
   assert (tmp_path / "bench.json").exists() and (tmp_path / "table.md").exists()
+
+
+def test_bench_prefill_smoke_runs(tmp_path):
+  from mmjax.models import bench as model_bench
+
+  cfg = importlib.import_module("configs.bench_prefill").get_config("smoke")
+  cfg.policies = ("a_shape", "2d_boundary")  # two are enough to run every code path here
+  rows = model_bench.run(cfg, str(tmp_path), progress=False)
+  assert [r["policy"] for r in rows] == ["dense", "a_shape", "2d_boundary"]
+  for r in rows:
+    assert "error" not in r, r
+    assert r["ms"] > 0 and r["speedup"] > 0
+  saved = json.loads((tmp_path / "bench.json").read_text())
+  assert saved["complete"] and len(saved["rows"]) == 3
