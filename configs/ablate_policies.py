@@ -13,7 +13,7 @@ Args: "" (the default: 24 frames of 16x16 patches + text, T = 6656) or "smoke" (
 
 import ml_collections
 
-from mmjax import synthetic
+from mmjax import search, sweep, synthetic
 
 POLICIES = (
   "dense",
@@ -48,6 +48,16 @@ def get_config(arg: str | None = None):
     {name: ml_collections.ConfigDict({}) for name in POLICIES}
   )
   c.policy_kwargs.mminference = ml_collections.ConfigDict({"table": "oracle"})
+  # the budget fields, at their defaults, so `--config.policy_kwargs.<p>.<field>=` works
+  for name, fields in search.BUDGET_FIELDS.items():
+    sweep.add_policy_defaults(c, name, *fields)
+  # attention maps with the plan's mask, before and after the permutation (the paper's
+  # grid and boundary figures): the grid head under grid, the 2D-boundary head under it.
+  kinds = list(c.head_kinds)
+  c.attention_maps = (
+    {"policy": "grid", "heads": (kinds.index("grid"),)},
+    {"policy": "2d_boundary", "heads": (kinds.index("2d_boundary"), kinds.index("q_boundary"))},
+  )
   if arg == "smoke":
     c.layout.update(frames=4, height=8, width=8, text_prefix=32, text_between=8, text_suffix=32)
   return c

@@ -125,6 +125,10 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
     with open(os.path.join(workdir, "table.md"), "w") as f:
       f.write(format_table(rows, layout, cfg) + "\n")
     plot(rows, os.path.join(workdir, "recall_vs_density.png"))
+    for spec in cfg.get("attention_maps", ()):
+      name, heads = spec["policy"], tuple(spec["heads"])
+      pol = build_policy(name, dict(cfg.policy_kwargs.get(name, {})), cfg.head_kinds)
+      attention_maps(batch, pol, heads, os.path.join(workdir, f"attention_{name}.png"))
   return rows
 
 
@@ -181,3 +185,61 @@ def config_to_dict(cfg) -> dict:
       d, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
     )
   )
+
+
+def _pool(x: np.ndarray, bins: int, how: str) -> np.ndarray:
+  """[T, T] -> [bins, bins] by max or any over equal tiles (T cropped to a multiple)."""
+  bins = min(bins, x.shape[0])
+  t = (x.shape[0] // bins) * bins
+  x = x[:t, :t].reshape(bins, t // bins, bins, t // bins)
+  return x.max(axis=(1, 3)) if how == "max" else x.any(axis=(1, 3))
+
+
+def attention_maps(batch, policy, heads, path: str, bins: int = 256) -> None:
+  """For each head: its dense causal attention (log scale, max-pooled to bins x bins) with
+  the plan's mask over it, in original token order (top) and in the plan's view order,
+  i.e. after the permutation (bottom): the paper's grid and boundary figures."""
+  plt = plotting.pyplot(path)
+  if plt is None:
+    return
+  q, k, mod = batch.q, batch.k, batch.modality
+  t, n = q.shape[1], q.shape[2]
+  bad = [h for h in heads if not 0 <= h < n]
+  if bad:
+    raise ValueError(f"attention map heads {bad} are not in [0, {n})")
+  from matplotlib.colors import ListedColormap  # noqa: PLC0415  (pyplot imported it)
+
+  plan = policy.plan(q, k, mod)
+  mask = np.asarray(plan.to_dense_mask()[0])  # [N, T, T]
+  qpos = np.asarray(plan.q_positions()[0])  # [N, L]
+  kpos = np.asarray(plan.k_positions()[0])
+  g = n // k.shape[2]
+  fig, axes = plt.subplots(2, len(heads), figsize=(max(4.4, 3.4 * len(heads)), 6.6), squeeze=False)
+  for j, h in enumerate(heads):
+    qh = np.asarray(q[0, :, h], np.float64)
+    kh = np.asarray(k[0, :, h // g], np.float64)
+    s = qh @ kh.T / np.sqrt(qh.shape[-1])
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    p = np.exp(s - s.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    qv, kv = qpos[h][qpos[h] < t], kpos[h][kpos[h] < t]
+    for row, (pp, mm, title) in enumerate(
+      (
+        (p, mask[h], "original order"),
+        (p[np.ix_(qv, kv)], mask[h][np.ix_(qv, kv)], "view order (permuted)"),
+      )
+    ):
+      ax = axes[row][j]
+      ax.imshow(np.log10(_pool(pp, bins, "max") + 1e-6), cmap="magma", vmin=-4, vmax=0)
+      ax.imshow(
+        np.ma.masked_where(~(pm := _pool(mm, bins, "any")), np.ones(pm.shape)),
+        cmap=ListedColormap(["#39ff14"]),
+        alpha=0.3,
+      )
+      ax.set_title(f"head {h} ({policy.name}): {title}", fontsize=8)
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.suptitle("log10 attention (max-pooled); plan mask in green", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -33,6 +33,19 @@ def test_smoke_run_is_reproducible(tmp_path):
   a = (tmp_path / "a" / "metrics.jsonl").read_bytes()
   b = (tmp_path / "b" / "metrics.jsonl").read_bytes()
   assert a == b
+  # the plots (matplotlib comes with the test extra)
+  for name in ("recall_vs_density", "attention_grid", "attention_2d_boundary"):
+    assert (tmp_path / "a" / f"{name}.png").stat().st_size > 1000, name
+
+
+def test_attention_map_rejects_bad_heads(tmp_path):
+  from mmjax import policies, synthetic
+
+  batch = synthetic.make_batch(
+    seed=0, layout=synthetic.VideoLayout(frames=2, height=8, width=8), head_kinds=("grid",)
+  )
+  with pytest.raises(ValueError, match="heads"):
+    ablation.attention_maps(batch, policies.get("grid"), (3,), str(tmp_path / "x.png"))
 
 
 def test_unknown_policy_kwargs_rejected():

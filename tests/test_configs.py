@@ -14,6 +14,10 @@ CONFIG_ARGS = {
   "answer": ("", "smoke"),
   "bench_attention": ("", "xla", "smoke"),
   "bench_prefill": ("", "smoke"),
+  "niah": ("", "text", "smoke"),
+  "search_patterns": ("", "model", "smoke"),
+  "sweep_block_size": ("", "smoke"),
+  "sweep_budget": ("", "smoke"),
 }
 
 
@@ -54,3 +58,12 @@ def test_bench_prefill_smoke_runs(tmp_path):
     assert r["ms"] > 0 and r["speedup"] > 0
   saved = json.loads((tmp_path / "bench.json").read_text())
   assert saved["complete"] and len(saved["rows"]) == 3
+
+
+def test_search_smoke_runs(tmp_path):
+  from mmjax import search
+
+  cfg = importlib.import_module("configs.search_patterns").get_config("smoke")
+  table = search.run(cfg, str(tmp_path), progress=False)
+  assert len(table["layers"]) == 1 and len(table["heads"][0]) == len(cfg.head_kinds)
+  assert (tmp_path / "pattern_table.json").exists() and (tmp_path / "table.md").exists()

@@ -76,10 +76,17 @@ def test_legacy_flat_config_loads(tiny):
 
 
 @pytest.mark.parametrize(
-  "name", ["a_shape", "vertical_slash", "block_sparse", "grid", "2d_boundary"]
+  "name", ["a_shape", "vertical_slash", "block_sparse", "grid", "q_boundary", "2d_boundary", "mm"]
 )
 def test_policy_at_full_budget_equals_dense(tiny, name):
-  pol = small_policies()[name]
+  pols = small_policies()
+  if name == "mm":  # a per-layer, per-head table
+    n = tiny["config"].text.num_heads
+    vals = list(pols.values())
+    rows = tuple(tuple(vals[(li * n + h) % len(vals)] for h in range(n)) for li in range(2))
+    pol = P.get("mminference", table=rows, block_q=16, block_k=16)
+  else:
+    pol = pols[name]
   t = tiny["batch"]["input_ids"].shape[1]
   full = _logits(tiny, pol.full_budget(t))
   np.testing.assert_allclose(full, tiny["ref"], atol=1e-4, rtol=0)
@@ -169,6 +176,19 @@ def test_orbax_round_trip_is_bit_exact(tiny, tmp_path):
         np.asarray(a).view(np.uint8 if a.dtype.itemsize == 1 else f"u{a.dtype.itemsize}"),
         np.asarray(b).view(np.uint8 if b.dtype.itemsize == 1 else f"u{b.dtype.itemsize}"),
       )
+
+
+def test_sharded_checkpoint_loads_the_same(tiny, tmp_path):
+  tiny["hf"].save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
+  files = os.listdir(tmp_path / "sharded")
+  assert "model.safetensors.index.json" in files and len(files) > 4
+  _, params = ckpt.load_hf_checkpoint(str(tmp_path / "sharded"), dtype=jnp.float32)
+  flat = dict(jax.tree_util.tree_flatten_with_path(tiny["params"])[0])
+  for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(flat[p]))
+  os.remove(tmp_path / "sharded" / sorted(f for f in files if f.endswith(".safetensors"))[0])
+  with pytest.raises(FileNotFoundError, match="shards listed in the index are missing"):
+    ckpt.load_hf_checkpoint(str(tmp_path / "sharded"))
 
 
 def test_bf16_load_runs(tiny):
@@ -381,3 +401,70 @@ def test_bad_batches_raise(tiny):
     gen.prefill(model, tiny["params"], dict(b, pixel_values=b["pixel_values"][:-1]))
   with pytest.raises(ValueError, match="max_new_tokens"):
     gen.generate(model, tiny["params"], b, max_new_tokens=0)
+
+
+def test_search_on_the_models_own_qk(tok_tiny, tmp_path):
+  """The search reads every decoder layer's q/k of a dense prefill; its table then drives
+  the model's prefill as an mminference policy."""
+  from configs.search_patterns import get_config
+  from mmjax import search
+
+  cfg = get_config("model")
+  cfg.checkpoint = tok_tiny["path"]
+  cfg.frames, cfg.frame_size = 4, (112, 168)
+  cfg.patterns = ("a_shape", "block_sparse", "vertical_slash")
+  cfg.scales = (0.5, 1.0)
+  cfg.block_q = cfg.block_k = 16
+  cfg.sample_blocks = 2
+  table = search.run(cfg, str(tmp_path), progress=False)
+  assert len(table["layers"]) == 2 and all(len(r) == 4 for r in table["layers"])
+  assert table["calibration"]["tokens"] > 70
+  pol = P.get(
+    "mminference", table_path=str(tmp_path / "pattern_table.json"), block_q=16, block_k=16
+  )
+  config, params = ckpt.load_hf_checkpoint(tok_tiny["path"], dtype=jnp.float32)
+  from mmjax.models import processing
+
+  proc = processing.Processor.from_dir(tok_tiny["path"])
+  batch = proc(processing.chat_prompt("Hi?", videos=1), videos=[tok_tiny["frames"]])
+  logits, _ = gen.prefill(Qwen2_5_VL(config, policy=pol), params, batch)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_niah_needle_placement():
+  from mmjax.eval import niah
+
+  frames = np.zeros((10, 28, 28, 3), np.uint8)
+  item = np.full((28, 28, 3), 7, np.uint8)
+  assert niah.insert_at_depth(frames.copy(), item, 0.0) == 0
+  assert niah.insert_at_depth(frames.copy(), item, 1.0) == 8
+  f = frames.copy()
+  assert niah.insert_at_depth(f, item, 0.5) == 4 and (f[4:6] == 7).all() and (f[:4] == 0).all()
+  with pytest.raises(ValueError, match="depth"):
+    niah.insert_at_depth(frames, item, 1.5)
+  prompt, videos = niah.build_example(frames, niah.Needle(kind="text", word="kiwi"), 0.5)
+  assert [len(v) for v in videos] == [4, 6] and prompt.count("<|video_pad|>") == 2
+  assert prompt.index("kiwi") > prompt.index("<|video_pad|>")
+  prompt, videos = niah.build_example(frames, niah.Needle(word="kiwi"), 0.0)
+  assert len(videos) == 1 and videos[0][:2].min() < 255 and videos[0][:2].max() == 255
+  assert niah.is_correct("It is KIWI.", "kiwi") and not niah.is_correct("apple", "kiwi")
+  with pytest.raises(ValueError, match="needle kind"):
+    niah.Needle(kind="audio")
+
+
+def test_niah_runs_on_a_checkpoint_and_reproduces(tok_tiny, tmp_path):
+  from configs.niah import get_config
+  from mmjax.eval import niah
+
+  cfg = get_config("smoke")
+  cfg.checkpoint = tok_tiny["path"]
+  rows = niah.run_config(cfg, str(tmp_path / "a"), progress=False)
+  assert len(rows) == 2 * 2 and {r["policy"] for r in rows} == {"dense", "a_shape"}
+  assert all(r["tokens"] > 20 and isinstance(r["correct"], bool) for r in rows)
+  niah.run_config(cfg, str(tmp_path / "b"), progress=False)
+  a = (tmp_path / "a" / "niah.jsonl").read_bytes()
+  assert a == (tmp_path / "b" / "niah.jsonl").read_bytes()
+  assert (tmp_path / "a" / "table.md").exists()
+  cfg.needle_kind = "text"
+  rows = niah.run_config(cfg, None, progress=False)
+  assert len(rows) == 4

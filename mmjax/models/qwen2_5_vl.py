@@ -445,6 +445,8 @@ class TextAttention(nn.Module):
   def __call__(self, x, cos, sin, modality):
     """Prefill: x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] for the cache)."""
     q, k, v = self._qkv(x, cos, sin)
+    # the offline search reads each layer's q/k: apply(..., mutable=["calib"])
+    self.sow("calib", "qk", (q, k))
     pol = layer_policy(self.policy, self.layer)
     o = sparse_attention(q, k, v, pol, modality, backend=self.backend)
     return self.o_proj(o.reshape(*x.shape[:2], -1)), (k, v)
@@ -562,6 +564,13 @@ class Qwen2_5_VL(nn.Module):
       x = jnp.where(mask[..., None], feats[jnp.clip(slot, 0, feats.shape[0] - 1)], x)
     return x
 
+  def calibration_qk(self, input_ids, position_ids, **vision):
+    """Per layer (q [B, T, N, H], k [B, T, K, H]) of a dense prefill, for the offline
+    search. Call with `apply(..., method="calibration_qk", mutable=["calib"])`; the pairs
+    come back in the "calib" collection (see `mmjax.search.model_layers`)."""
+    x = self.embed(input_ids, **vision)
+    return self.prefill_embeds(x, position_ids, None, all_logits=False)[0]
+
   def prefill_embeds(self, x, position_ids, modality=None, all_logits=False):
     """Decoder prefill from embeddings x [B, T, D] and mRoPE positions [3, B, T].
 
@@ -625,7 +634,8 @@ def param_shapes(config: Qwen2_5_VLConfig, dtype=jnp.float32):
     ids = ids.at[0, 0].set(config.image_token_id)
     return model.init(key, ids, pos, None, pv, grid)
 
-  return jax.eval_shape(init, jax.random.key(0), ids, pos, pv)
+  # only the params (init also returns the "calib" q/k the decoder sows)
+  return {"params": jax.eval_shape(init, jax.random.key(0), ids, pos, pv)["params"]}
 
 
 def init_params(config: Qwen2_5_VLConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02):

@@ -1,0 +1,1 @@
+"""Evaluation suite: the synthetic VLM attention suite and needle-in-a-video-haystack."""
