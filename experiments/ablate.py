@@ -26,11 +26,14 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   runinfo.write_run_files(_WORKDIR.value, ablation.config_to_dict(cfg), cfg.seed)
-  rows = ablation.run(cfg, _WORKDIR.value)
-  print(ablation.format_table(rows))
+  if cfg.get("runner") == "ablate_model":  # configs/ablate_model.py: a real checkpoint
+    ablation.run_model(cfg, _WORKDIR.value)
+  else:
+    ablation.run(cfg, _WORKDIR.value)
+  with open(f"{_WORKDIR.value}/table.md") as f:
+    print(f.read())
   print(
-    f"\nresults in {_WORKDIR.value}/ (metrics.jsonl, table.md, config.json, manifest.json, "
-    "recall_vs_density.png)"
+    f"results in {_WORKDIR.value}/ (metrics.jsonl, table.md, config.json, manifest.json, plots)"
   )
 
 

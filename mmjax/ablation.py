@@ -243,3 +243,131 @@ def attention_maps(batch, policy, heads, path: str, bins: int = 256) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# the same metrics on a real model: per decoder layer, and on the end task
+# ----------------------------------------------------------------------------------------
+def run_model(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
+  """Ablation on a Qwen2.5-VL checkpoint (configs/ablate_model.py).
+
+  Per policy and decoder layer, on the layer's own q/k/v from a dense prefill of the
+  prompt (each layer fed the dense inputs, so errors do not compound): density, recall
+  and the attention output's relative error against dense. Per policy, end to end: the
+  last token's logits' relative error and the greedy answer (and whether it equals the
+  dense answer).
+  """
+  from mmjax import search
+  from mmjax.models import checkpoint, processing
+  from mmjax.models.answer import load_frames
+  from mmjax.models.generate import generate, prefill
+  from mmjax.models.qwen2_5_vl import Qwen2_5_VL, layer_policy
+
+  if not cfg.checkpoint:
+    raise ValueError("the model ablation needs --config.checkpoint (a Qwen2.5-VL dir)")
+  unknown = sorted(set(cfg.policies) - set(policies.names()))
+  if unknown:
+    raise ValueError(f"policies: unknown {unknown}; known: {policies.names()}")
+  dtype = jnp.dtype(cfg.dtype)
+  config, params = checkpoint.load_hf_checkpoint(cfg.checkpoint, dtype=dtype)
+  proc = processing.Processor.from_dir(cfg.checkpoint)
+  if cfg.video:
+    frames = load_frames(cfg.video)
+  else:
+    rng = np.random.default_rng(cfg.seed)
+    frames = rng.integers(0, 256, (cfg.frames, *cfg.frame_size, 3), dtype=np.uint8)
+  batch = proc(processing.chat_prompt(cfg.question, videos=1), videos=[frames], video_fps=cfg.fps)
+  model = Qwen2_5_VL(config, backend=cfg.backend, dtype=dtype, param_dtype=dtype)
+  qkv = search.model_qkv(model, params, batch)
+  mod = jnp.asarray(batch["modality"])
+  blocks = {"block_q": cfg.block_q, "block_k": cfg.block_k}
+  dense_layers = [
+    sparse_attention(q, k, v, policies.Dense(**blocks), mod, backend="xla", return_lse=True)
+    for q, k, v in qkv
+  ]
+  logits_d, _ = prefill(model, params, batch)
+  answer_d = generate(model, params, batch, max_new_tokens=cfg.max_new_tokens)[0].tolist()
+
+  def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+  rows = []
+  for name in tqdm(cfg.policies, desc="policies", disable=not progress):
+    pol = build_policy(name, {**blocks, **dict(cfg.policy_kwargs.get(name, {}))}, ())
+    for li, ((q, k, v), (out_d, lse_d)) in enumerate(zip(qkv, dense_layers, strict=True)):
+      plan = layer_policy(pol, li).plan(q, k, mod)
+      out, lse = sparse_attention(q, k, v, plan=plan, backend="xla", return_lse=True)
+      rows.append(
+        {
+          "policy": name,
+          "layer": li,
+          "density": round(float(plan.density()), 6),
+          "recall": round(float(jnp.exp(lse - lse_d).mean()), 6),
+          "rel_error": round(rel(out, out_d), 6),
+        }
+      )
+    m = model.clone(policy=pol)
+    logits, _ = prefill(m, params, batch)
+    answer = generate(m, params, batch, max_new_tokens=cfg.max_new_tokens)[0].tolist()
+    rows.append(
+      {
+        "policy": name,
+        "layer": "model",
+        "density": round(float(np.mean([r["density"] for r in rows[-len(qkv) :]])), 6),
+        "logits_rel_error": round(rel(logits, logits_d), 6),
+        "answer": proc.tokenizer.decode(answer, skip_special_tokens=True),
+        "answer_tokens": answer,
+        "same_answer_as_dense": answer == answer_d,
+      }
+    )
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      for row in rows:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+      f.write(format_model_table(rows, int(batch["input_ids"].shape[1])) + "\n")
+    plot_layers(rows, os.path.join(workdir, "error_by_layer.png"))
+  return rows
+
+
+def format_model_table(rows, tokens: int) -> str:
+  lines = [
+    f"prompt: {tokens} tokens",
+    "",
+    "| policy | mean density | mean recall | mean layer rel. error | logits rel. error | "
+    "same answer as dense |",
+    "|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    if r["layer"] != "model":
+      continue
+    layers = [x for x in rows if x["policy"] == r["policy"] and x["layer"] != "model"]
+    lines.append(
+      f"| {r['policy']} | {r['density']:.3f} | "
+      f"{np.mean([x['recall'] for x in layers]):.4f} | "
+      f"{np.mean([x['rel_error'] for x in layers]):.2e} | {r['logits_rel_error']:.2e} | "
+      f"{r['same_answer_as_dense']} |"
+    )
+  return "\n".join(lines)
+
+
+def plot_layers(rows, path: str) -> None:
+  plt = plotting.pyplot(path)
+  if plt is None:
+    return
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name in dict.fromkeys(r["policy"] for r in rows):
+    pts = [
+      (r["layer"], r["rel_error"]) for r in rows if r["policy"] == name and r["layer"] != "model"
+    ]
+    ax.plot([p[0] for p in pts], [max(p[1], 1e-9) for p in pts], marker="o", label=name)
+  ax.set_yscale("log")
+  ax.set_xlabel("decoder layer")
+  ax.set_ylabel("attention output rel. error vs dense")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

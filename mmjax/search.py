@@ -308,9 +308,9 @@ def synthetic_layers(layout, head_kinds, num_layers: int, seed: int, head_dim: i
   return get
 
 
-def model_layers(model, params, batch):
-  """Per decoder layer (q, k, modality) of a dense prefill of `batch` (a processor
-  output) through a `Qwen2_5_VL` model: a list, one entry per layer."""
+def model_qkv(model, params, batch):
+  """Per decoder layer (q [B, T, N, H], k, v [B, T, K, H]) of a dense prefill of `batch`
+  (a processor output) through a `Qwen2_5_VL` model."""
   from mmjax.models.generate import check_batch
   from mmjax.models.qwen2_5_vl import vision_inputs
 
@@ -324,12 +324,17 @@ def model_layers(model, params, batch):
     method="calibration_qk",
     mutable=["calib"],
   )
+  return [
+    state["calib"][f"layers_{li}"]["self_attn"]["qkv"][0]
+    for li in range(model.config.text.num_layers)
+  ]
+
+
+def model_layers(model, params, batch):
+  """Per decoder layer (q, k, modality) of a dense prefill of `batch` through a
+  `Qwen2_5_VL` model: a list, one entry per layer (the search's calibration)."""
   mod = jnp.asarray(batch["modality"])
-  out = []
-  for li in range(model.config.text.num_layers):
-    ((q, k),) = state["calib"][f"layers_{li}"]["self_attn"]["qk"]
-    out.append((q, k, mod))
-  return out
+  return [(q, k, mod) for q, k, _ in model_qkv(model, params, batch)]
 
 
 def run(cfg, workdir: str | None = None, progress: bool = True) -> dict:

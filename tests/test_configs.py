@@ -10,6 +10,7 @@ import configs
 from mmjax import ablation, bench
 
 CONFIG_ARGS = {
+  "ablate_model": ("", "smoke"),
   "ablate_policies": ("", "smoke"),
   "answer": ("", "smoke"),
   "bench_attention": ("", "xla", "smoke"),

@@ -468,3 +468,41 @@ def test_niah_runs_on_a_checkpoint_and_reproduces(tok_tiny, tmp_path):
   cfg.needle_kind = "text"
   rows = niah.run_config(cfg, None, progress=False)
   assert len(rows) == 4
+
+
+def test_model_ablation_runs_and_reproduces(tok_tiny, tmp_path):
+  """configs/ablate_model.py:smoke on the tiny checkpoint, through the absl main."""
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  outs = []
+  for name in ("a", "b"):
+    r = subprocess.run(
+      [
+        sys.executable,
+        "experiments/ablate.py",
+        "--config=configs/ablate_model.py:smoke",
+        f"--config.checkpoint={tok_tiny['path']}",
+        f"--workdir={tmp_path / name}",
+      ],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    outs.append((tmp_path / name / "metrics.jsonl").read_bytes())
+  assert outs[0] == outs[1]
+  rows = [json.loads(line) for line in outs[0].decode().splitlines()]
+  per_layer = [r for r in rows if r["layer"] != "model"]
+  model_rows = {r["policy"]: r for r in rows if r["layer"] == "model"}
+  assert len(per_layer) == 3 * 2 and set(model_rows) == {"dense", "a_shape", "2d_boundary"}
+  dense = model_rows["dense"]
+  assert dense["same_answer_as_dense"] and dense["logits_rel_error"] < 1e-5
+  for r in per_layer:
+    assert 0 < r["density"] <= 1 and 0 < r["recall"] <= 1 + 1e-6
+    if r["policy"] == "dense":
+      assert r["rel_error"] < 1e-5 and r["recall"] > 1 - 1e-5
+  assert any(r["rel_error"] > 1e-4 for r in per_layer if r["policy"] == "a_shape")
+  assert (tmp_path / "a" / "error_by_layer.png").exists()

@@ -100,3 +100,15 @@ def test_search_recovers_planted_patterns():
   acc = np.mean([g == w for g, w in zip(got, want, strict=True)])
   assert acc >= 0.9, list(zip(got, want, strict=True))
   assert search.mean_density(table) < 0.5
+
+
+def test_eval_suite_sizes():
+  from mmjax.eval import suite
+
+  for name, want in (("4k", 4096), ("16k", 16384), ("64k", 65536), ("128k", 131072)):
+    t = suite.layout(name).seq_len
+    assert 0.9 * want <= t <= want, (name, t)
+  b = suite.batch("4k", head_kinds=("grid",))
+  assert b.q.shape[1] == suite.layout("4k").seq_len and int(b.modality.sum()) == 14 * 256
+  with pytest.raises(ValueError, match="size"):
+    suite.layout("1m")

@@ -445,8 +445,8 @@ class TextAttention(nn.Module):
   def __call__(self, x, cos, sin, modality):
     """Prefill: x [B, T, D] -> ([B, T, D], (k, v) [B, T, K, H] for the cache)."""
     q, k, v = self._qkv(x, cos, sin)
-    # the offline search reads each layer's q/k: apply(..., mutable=["calib"])
-    self.sow("calib", "qk", (q, k))
+    # the offline search and the model ablation read each layer's q/k/v: mutable=["calib"]
+    self.sow("calib", "qkv", (q, k, v))
     pol = layer_policy(self.policy, self.layer)
     o = sparse_attention(q, k, v, pol, modality, backend=self.backend)
     return self.o_proj(o.reshape(*x.shape[:2], -1)), (k, v)
