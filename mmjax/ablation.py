@@ -260,7 +260,7 @@ def run_model(cfg, workdir: str | None = None, progress: bool = True) -> list[di
   from mmjax import search
   from mmjax.models import checkpoint, processing
   from mmjax.models.answer import load_frames
-  from mmjax.models.generate import generate, prefill
+  from mmjax.models.generate import generate
   from mmjax.models.qwen2_5_vl import Qwen2_5_VL, layer_policy
 
   if not cfg.checkpoint:
@@ -285,8 +285,11 @@ def run_model(cfg, workdir: str | None = None, progress: bool = True) -> list[di
     sparse_attention(q, k, v, policies.Dense(**blocks), mod, backend="xla", return_lse=True)
     for q, k, v in qkv
   ]
-  logits_d, _ = prefill(model, params, batch)
-  answer_d = generate(model, params, batch, max_new_tokens=cfg.max_new_tokens)[0].tolist()
+  # one prefill per policy: generate returns its last-token logits too
+  tokens_d, logits_d = generate(
+    model, params, batch, max_new_tokens=cfg.max_new_tokens, return_logits=True
+  )
+  answer_d = tokens_d[0].tolist()
 
   def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -307,9 +310,14 @@ def run_model(cfg, workdir: str | None = None, progress: bool = True) -> list[di
           "rel_error": round(rel(out, out_d), 6),
         }
       )
-    m = model.clone(policy=pol)
-    logits, _ = prefill(m, params, batch)
-    answer = generate(m, params, batch, max_new_tokens=cfg.max_new_tokens)[0].tolist()
+    tokens, logits = generate(
+      model.clone(policy=pol),
+      params,
+      batch,
+      max_new_tokens=cfg.max_new_tokens,
+      return_logits=True,
+    )
+    answer = tokens[0].tolist()
     rows.append(
       {
         "policy": name,

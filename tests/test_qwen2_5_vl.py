@@ -149,6 +149,11 @@ def test_generate_matches_transformers(tiny):
   ours = gen.generate(model, tiny["params"], tiny["batch"], max_new_tokens=8, eos_token_ids=[319])
   assert len(ref) == 8
   np.testing.assert_array_equal(ours[0], ref)
+  again, logits = gen.generate(
+    model, tiny["params"], tiny["batch"], max_new_tokens=8, eos_token_ids=[319], return_logits=True
+  )
+  np.testing.assert_array_equal(again, ours)
+  np.testing.assert_allclose(np.asarray(logits)[:, -1], tiny["ref"][:, -1], atol=1e-4, rtol=0)
 
 
 def test_generate_stops_at_eos(tiny):

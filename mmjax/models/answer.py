@@ -51,7 +51,6 @@ def run(cfg, workdir: str | None = None) -> dict:
   """cfg: checkpoint, params (orbax dir or ""), video, images, fps, question, policy,
   policy_kwargs, backend, dtype, max_new_tokens, text_start, seed."""
   dtype = jnp.dtype(cfg.dtype)
-  config, params = None, None
   if cfg.params:
     from mmjax.models.qwen2_5_vl import Qwen2_5_VLConfig, param_shapes
 

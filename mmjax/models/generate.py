@@ -160,6 +160,7 @@ def generate(
   *,
   max_new_tokens: int = 32,
   eos_token_ids: Sequence[int] | None = None,
+  return_logits: bool = False,
 ):
   """Greedy answer to a processor batch: sparse prefill, then dense decode steps.
 
@@ -167,10 +168,11 @@ def generate(
     model, params, batch: as `prefill`.
     max_new_tokens: the most tokens generated per sequence.
     eos_token_ids: end tokens (default: the model config's).
+    return_logits: also return the prefill's last-token logits [B, 1, V].
 
   Returns:
     tokens [B, n] int32 numpy (n <= max_new_tokens; after a sequence's end token, the
-    first end token id fills its row).
+    first end token id fills its row); with `return_logits`, (tokens, logits).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -192,4 +194,5 @@ def generate(
     jnp.asarray(eos, jnp.int32),
     max_new_tokens,
   )
-  return np.asarray(out)[:, : int(n)]
+  tokens = np.asarray(out)[:, : int(n)]
+  return (tokens, logits) if return_logits else tokens

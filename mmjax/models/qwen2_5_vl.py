@@ -661,22 +661,6 @@ def init_params(config: Qwen2_5_VLConfig, seed: int = 0, dtype=jnp.float32, std:
   return jax.tree_util.tree_unflatten(treedef, make(jax.random.key(seed)))
 
 
-def check_params(params, config: Qwen2_5_VLConfig):
-  """ValueError naming the first parameter whose presence or shape does not match."""
-  want = jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]
-  have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  want_d = dict(want)
-  for path, leaf in want:
-    name = jax.tree_util.keystr(path)
-    if path not in have:
-      raise ValueError(f"parameter {name} is missing")
-    if tuple(have[path].shape) != tuple(leaf.shape):
-      raise ValueError(f"parameter {name} has shape {have[path].shape}, expected {leaf.shape}")
-  for path in have:
-    if path not in want_d:
-      raise ValueError(f"unexpected parameter {jax.tree_util.keystr(path)}")
-
-
 def vision_inputs(batch: Mapping[str, Any]) -> dict:
   """The model's vision arguments from a processor output (grids made static)."""
   out = {}
