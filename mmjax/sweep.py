@@ -15,7 +15,25 @@ the same config and seeds give byte-identical summaries.
 
 Spreading items over devices or hosts: `shard_index` / `num_shards` take every n-th item
 (names are computed from the whole sweep, so shards agree on them); any process that finds
-every item done writes the summary.
+every item done writes the summary. Shards share the workdir safely: every file more than
+one process writes (sweep.json, the workdir's config.json / manifest.json, the summaries)
+is written whole to a uniquely named temporary file and renamed into place, and the files
+sweep.json and the summaries get are the same from every process; each item (and its DONE)
+is written by its own shard only.
+
+- One machine: `launch` starts `workers` processes of experiments/sweep.py, worker i with
+  `--shard_index=i --num_shards=workers`, each pinned to its own `devices_per_worker`
+  GPUs through CUDA_VISIBLE_DEVICES (the GPUs are counted with `nvidia-smi -L`, or taken
+  from the launcher's CUDA_VISIBLE_DEVICES; the launcher itself never starts jax's
+  backend); on the CPU the workers are not pinned. Logs go to
+  `<workdir>/workers/worker_<i>.log`; the launcher waits for all, raises `WorkerError`
+  naming the failed ones, and writes the summary.
+- Several hosts: every host runs experiments/sweep.py with `--shard_by_process` on a
+  workdir they all share: `distributed_shard` calls `jax.distributed.initialize`
+  (coordinator address, number of processes, this process's id; or, left out, jax's
+  auto-detection on SLURM, Open MPI, TPU pods, ...) and takes shard `jax.process_index()`
+  of `jax.process_count()` (`process_shard`). Or give host h `--shard_index=h
+  --num_shards=H` and `--workers`: its workers split that shard further (`plan_workers`).
 """
 
 from __future__ import annotations
@@ -29,9 +47,15 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Callable, Sequence
 
+import jax
 import ml_collections
 from tqdm import tqdm
 
@@ -41,6 +65,8 @@ DONE = "DONE"
 SWEEP_FILE = "sweep.json"
 ITEMS_DIR = "items"
 MAX_NAME = 96  # longer names end in a hash of the overrides
+WORKERS_DIR = "workers"  # the local workers' logs
+PLATFORMS = ("cpu", "gpu")
 
 
 # ----------------------------------------------------------------------------------------
@@ -381,12 +407,34 @@ def shard(n_items: int, shard_index: int, num_shards: int) -> list[int]:
 
 
 def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """Writes path whole or not at all, also with several writers at once.
+
+  The temporary name is unique across processes, threads and hosts sharing a filesystem
+  (a pid alone is not), and os.replace is atomic: readers see the old or the new file.
+  """
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  try:
+    with open(tmp, "x") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _write_run_files(workdir: str, config_dict: dict, seed: int | None) -> None:
+  """`runinfo.write_run_files`, but atomic: every shard writes the sweep's own ones."""
+  os.makedirs(workdir, exist_ok=True)
+  _write_atomic(
+    os.path.join(workdir, "config.json"), json.dumps(config_dict, indent=2, sort_keys=True)
+  )
+  manifest = runinfo.manifest(seed)  # the last shard's (its command) wins; items keep theirs
+  _write_atomic(
+    os.path.join(workdir, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True)
+  )
 
 
 def _spec(base, items, names) -> dict:
@@ -400,6 +448,8 @@ def _spec(base, items, names) -> dict:
 def _check_or_write_spec(workdir: str, spec: dict) -> None:
   path = os.path.join(workdir, SWEEP_FILE)
   text = json.dumps(spec, indent=2) + "\n"  # unsorted: items keep their keys' order
+  # Shards starting together may all find no file and all write it: the same text,
+  # atomically, so any of them wins and every reader sees a whole file.
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
@@ -449,8 +499,12 @@ def run(
   num_shards: int = 1,
   progress: bool = True,
   runners: dict[str, Runner] | None = None,
+  log: Callable[[str], object] | None = None,
 ) -> SweepResult:
   """Runs a sweep's items (this shard's share) and, once all are done, its summary.
+
+  Other shards may run at the same time on the same workdir (see the module docstring):
+  their items missing at the end only mean no summary yet.
 
   Args:
     base: the base config; `base.runner` names the runner.
@@ -460,6 +514,8 @@ def run(
     num_shards: how many processes share the items.
     progress: show a progress bar over the items.
     runners: the runner registry (default `RUNNERS`).
+    log: if given, called with a line per item done (`item <name> done in <s> s ...`),
+      e.g. `print` where there is no terminal for the progress bar.
 
   Returns:
     A SweepResult.
@@ -474,7 +530,7 @@ def run(
   configs = [all_configs[i] for i in mine]
   os.makedirs(os.path.join(workdir, ITEMS_DIR), exist_ok=True)
   _check_or_write_spec(workdir, _spec(base, items, names))
-  runinfo.write_run_files(workdir, ablation.config_to_dict(base), base.get("seed"))
+  _write_run_files(workdir, ablation.config_to_dict(base), base.get("seed"))
   ran, skipped = [], []
   bar = tqdm(list(zip(mine, configs, strict=True)), desc="sweep items", disable=not progress)
   for i, cfg in bar:
@@ -486,11 +542,17 @@ def run(
     path = item_dir(workdir, name)
     if os.path.exists(path):  # an earlier run stopped inside this item
       shutil.rmtree(path)
+    start = time.perf_counter()
     runinfo.write_run_files(path, ablation.config_to_dict(cfg), cfg.get("seed"))
     runner.run(cfg, path)
     done = {"name": name, "overrides": _plain(items[i])}
     _write_atomic(os.path.join(path, DONE), json.dumps(done) + "\n")
     ran.append(name)
+    if log is not None:
+      log(
+        f"item {name} done in {time.perf_counter() - start:.1f} s "
+        f"({len(ran) + len(skipped)}/{len(mine)} of shard {shard_index}/{num_shards})"
+      )
   missing = [n for n in names if not is_done(workdir, n)]
   summary = None
   if not missing:
@@ -598,3 +660,453 @@ def write_summary(workdir: str, runners: dict[str, Runner] | None = None) -> str
   _write_atomic(csv_path, format_csv(columns, rows))
   _write_atomic(os.path.join(workdir, "summary.md"), format_markdown(columns, rows, title))
   return csv_path
+
+
+# ----------------------------------------------------------------------------------------
+# spreading a sweep: local worker processes, hosts
+# ----------------------------------------------------------------------------------------
+def _script() -> str:
+  return os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "sweep.py"
+  )
+
+
+def parse_nvidia_smi(text: str) -> list[str]:
+  """The GPU ids `nvidia-smi -L` lists (`GPU 0: NVIDIA H100 ... (UUID: ...)` lines)."""
+  return [m.group(1) for m in re.finditer(r"^GPU (\d+):", text, flags=re.MULTILINE)]
+
+
+def local_devices(platform: str) -> list[str]:
+  """This machine's devices a launcher can give its workers, without starting jax.
+
+  Args:
+    platform: "gpu": the entries of CUDA_VISIBLE_DEVICES when it is set, else the GPUs
+      `nvidia-smi -L` lists (none without nvidia-smi); "cpu": one per usable CPU core.
+
+  Returns:
+    Device ids as strings (for GPUs what CUDA_VISIBLE_DEVICES takes).
+  """
+  if platform == "cpu":
+    try:
+      cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+      cores = os.cpu_count() or 1
+    return [str(i) for i in range(cores)]
+  if platform != "gpu":
+    raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    ids = [d.strip() for d in visible.split(",") if d.strip()]
+    return [] if ids[:1] == ["-1"] else ids
+  try:
+    out = subprocess.run(
+      ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return parse_nvidia_smi(out)
+
+
+def default_platform() -> str:
+  """ "cpu" or "gpu": JAX_PLATFORMS's first entry when set, else "gpu" if there are GPUs."""
+  names = [p.strip().lower() for p in os.environ.get("JAX_PLATFORMS", "").split(",")]
+  names = [p for p in names if p]
+  if names:
+    if names[0] in ("cuda", "gpu"):
+      return "gpu"
+    if names[0] == "cpu":
+      return "cpu"
+    raise ValueError(
+      f"JAX_PLATFORMS={os.environ['JAX_PLATFORMS']!r}: local workers spread over CPUs or "
+      "NVIDIA GPUs only; on other accelerators start one process per host with "
+      "--shard_by_process"
+    )
+  return "gpu" if local_devices("gpu") else "cpu"
+
+
+def worker_log(workdir: str, index: int) -> str:
+  """The log file of local worker `index` of a sweep."""
+  return os.path.join(workdir, WORKERS_DIR, f"worker_{index}.log")
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+  """One local worker process of a launched sweep.
+
+  Attributes:
+    index: the worker's number, 0 <= index < workers.
+    shard_index: the shard it runs (`--shard_index`).
+    num_shards: of how many (`--num_shards`).
+    devices: the device ids it gets (GPU ids in its CUDA_VISIBLE_DEVICES; on the CPU the
+      cores it is counted on, not pinned).
+    env: the environment variables set for it on top of the launcher's.
+    command: its command line.
+    log: its log file (stdout and stderr).
+  """
+
+  index: int
+  shard_index: int
+  num_shards: int
+  devices: tuple[str, ...]
+  env: dict[str, str]
+  command: tuple[str, ...]
+  log: str
+
+
+def _check_int(name: str, value, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _xla_flags_with_device_count(flags: str, count: int) -> str:
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags)
+  return " ".join([*flags.split(), f"--xla_force_host_platform_device_count={count}"])
+
+
+def plan_workers(
+  config_file: str,
+  workdir: str,
+  *,
+  workers: int,
+  devices_per_worker: int = 1,
+  platform: str | None = None,
+  devices: int | Sequence[int | str] | None = None,
+  extra_flags: Sequence[str] = (),
+  shard_index: int = 0,
+  num_shards: int = 1,
+  script: str | None = None,
+) -> list[Worker]:
+  """The worker processes `launch` starts: shards, devices, environment, command, log.
+
+  Worker i of W runs shard `shard_index + num_shards * i` of `num_shards * W`: with the
+  defaults (0, 1) that is shard i of W; a host given shard h of H (by hand) splits its
+  share over its own workers the same way, so all hosts' workers together partition the
+  items.
+
+  Args:
+    config_file: the sweep config, `path.py` or `path.py:arg`.
+    workdir: the sweep's workdir.
+    workers: how many processes; -1: as many as there are devices for devices_per_worker.
+    devices_per_worker: consecutive devices each worker gets (on the GPU its
+      CUDA_VISIBLE_DEVICES; on the CPU, when > 1, as many XLA host devices through
+      `--xla_force_host_platform_device_count`).
+    platform: "gpu" or "cpu"; None: `default_platform()`.
+    devices: the devices to spread over: a count (ids 0..n-1) or a list of ids (e.g. GPU
+      UUIDs); None: `local_devices(platform)`.
+    extra_flags: more arguments for every worker, e.g. `--config.seed=1` overrides.
+    shard_index: this launcher's shard of the sweep (several hosts by hand), see above.
+    num_shards: how many launchers share the sweep.
+    script: the worker's script (default experiments/sweep.py of this checkout).
+
+  Returns:
+    One Worker per process.
+  """
+  if workers != -1:
+    _check_int("workers", workers, 1)  # 0 (run in this process) is `run`'s job
+  _check_int("devices_per_worker", devices_per_worker, 1)
+  shard(0, shard_index, num_shards)  # checks them
+  platform = default_platform() if platform is None else platform
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform must be one of {PLATFORMS} or None, got {platform!r}")
+  if devices is None:
+    devices = local_devices(platform)
+  elif isinstance(devices, int) and not isinstance(devices, bool):
+    _check_int("devices", devices, 1)
+    devices = [str(i) for i in range(devices)]
+  elif isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+    raise ValueError(f"devices must be a count or a list of device ids, got {devices!r}")
+  devices = [str(d) for d in devices]
+  what = "GPU(s)" if platform == "gpu" else "CPU core(s)"
+  if not devices:
+    raise ValueError(
+      f"no local {what} found (nvidia-smi -L lists none and CUDA_VISIBLE_DEVICES is unset "
+      "or empty); use platform='cpu' or pass devices"
+    )
+  if len(set(devices)) != len(devices):
+    raise ValueError(f"devices lists a device twice: {devices}")
+  if workers == -1:
+    workers = len(devices) // devices_per_worker
+    if workers == 0:
+      raise ValueError(
+        f"workers=-1: {len(devices)} {what} {devices} cannot give one worker "
+        f"{devices_per_worker} device(s)"
+      )
+  if workers * devices_per_worker > len(devices):
+    raise ValueError(
+      f"{workers} worker(s) x {devices_per_worker} device(s) each need "
+      f"{workers * devices_per_worker} devices; there are {len(devices)} {what}: {devices}"
+    )
+  path = config_file.partition(":")[0]
+  if not os.path.exists(path):
+    raise ValueError(f"sweep config {path!r} does not exist")
+  script = _script() if script is None else script
+  if not os.path.exists(script):
+    raise ValueError(f"the worker script {script!r} does not exist")
+  if isinstance(extra_flags, str):
+    raise ValueError(f"extra_flags must be a list of arguments, got the string {extra_flags!r}")
+  out = []
+  for i in range(workers):
+    mine = tuple(devices[i * devices_per_worker : (i + 1) * devices_per_worker])
+    env = {"PYTHONUNBUFFERED": "1"}
+    if platform == "gpu":
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    else:
+      env["JAX_PLATFORMS"] = "cpu"  # no worker grabs a GPU it was not given
+      if devices_per_worker > 1:
+        xla = _xla_flags_with_device_count(os.environ.get("XLA_FLAGS", ""), devices_per_worker)
+        env["XLA_FLAGS"] = xla
+    index, count = shard_index + num_shards * i, num_shards * workers
+    command = (
+      sys.executable,
+      script,
+      f"--config={config_file}",
+      f"--workdir={workdir}",
+      *extra_flags,
+      f"--shard_index={index}",  # last: these win over anything in extra_flags
+      f"--num_shards={count}",
+      "--workers=0",
+      "--noshard_by_process",
+    )
+    out.append(Worker(i, index, count, mine, env, command, worker_log(workdir, i)))
+  return out
+
+
+class WorkerError(RuntimeError):
+  """Local sweep workers exited with an error; `failed` holds (worker, exit code)."""
+
+  def __init__(self, message: str, failed: list[tuple[Worker, int]]):
+    super().__init__(message)
+    self.failed = failed
+
+
+@dataclasses.dataclass
+class LaunchResult:
+  """What `launch` did.
+
+  Attributes:
+    names: every item's name, in sweep order.
+    workers: the worker processes it ran.
+    seconds: each worker's wall time.
+    missing: the names (any shard's) still without DONE at the end.
+    summary: the path of summary.csv, or None while items are missing (other hosts).
+  """
+
+  names: list[str]
+  workers: list[Worker]
+  seconds: list[float]
+  missing: list[str]
+  summary: str | None
+
+
+def _tail(path: str, lines: int = 15) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      return "".join(f.readlines()[-lines:])
+  except OSError as e:
+    return f"(cannot read it: {e})"
+
+
+def launch(
+  config_file: str,
+  workdir: str,
+  *,
+  runners: dict[str, Runner] | None = None,
+  log: Callable[[str], object] = print,
+  poll_s: float = 0.2,
+  **worker_args,
+) -> LaunchResult:
+  """Runs a sweep in local worker processes (see `plan_workers`), then its summary.
+
+  Each worker is `python experiments/sweep.py --config=<config_file> --workdir=<workdir>
+  <extra_flags> --shard_index=i --num_shards=W` with its own devices, its stdout and stderr
+  in `<workdir>/workers/worker_<i>.log`. This process never starts jax's backend, so it
+  holds no GPU memory. Finished items are skipped, as by `run`: launching again after a
+  failure runs only what is left.
+
+  Args:
+    config_file: the sweep config, `path.py` or `path.py:arg`.
+    workdir: the sweep's directory.
+    **worker_args: `plan_workers`' keyword arguments (`workers` is required;
+      devices_per_worker, platform, devices, extra_flags, shard_index, num_shards, script).
+    runners: the runner registry for the summary (default `RUNNERS`).
+    log: called with the progress lines (one per started and per finished worker).
+    poll_s: how often the workers are polled, in seconds.
+
+  Returns:
+    A LaunchResult.
+
+  Raises:
+    WorkerError: a worker exited with an error (all are waited for first); the message
+      names each failed worker, its exit code, its log and the log's last lines.
+  """
+  names = item_names(load_items(config_file))  # a broken config fails here, once
+  plan = plan_workers(config_file, workdir, **worker_args)
+  os.makedirs(os.path.join(workdir, WORKERS_DIR), exist_ok=True)
+  procs, starts = [], []
+  try:
+    for w in plan:
+      with open(w.log, "w") as f:
+        procs.append(
+          subprocess.Popen(
+            w.command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **w.env}
+          )
+        )
+      starts.append(time.perf_counter())
+      n_items = len(shard(len(names), w.shard_index, w.num_shards))
+      log(
+        f"worker {w.index}: shard {w.shard_index}/{w.num_shards} ({n_items} item(s)), "
+        + (
+          f"CUDA_VISIBLE_DEVICES={w.env['CUDA_VISIBLE_DEVICES']}"
+          if "CUDA_VISIBLE_DEVICES" in w.env
+          else "CPU (not pinned)"
+        )
+        + f", log {w.log}"
+      )
+    seconds = [0.0] * len(plan)
+    codes: list[int | None] = [None] * len(plan)
+    while any(c is None for c in codes):
+      for i, p in enumerate(procs):
+        if codes[i] is None and p.poll() is not None:
+          codes[i], seconds[i] = p.returncode, time.perf_counter() - starts[i]
+          n_done = sum(c is not None for c in codes)
+          state = "finished" if codes[i] == 0 else f"FAILED (exit code {codes[i]})"
+          log(
+            f"worker {i} {state} in {seconds[i]:.1f} s ({n_done}/{len(plan)} workers done)"
+            + ("" if codes[i] == 0 else f"; log {plan[i].log}")
+          )
+      if any(c is None for c in codes):
+        time.sleep(poll_s)
+  finally:  # interrupted (Ctrl-C, an error here): stop the workers still running
+    for p in procs:
+      if p.poll() is None:
+        p.terminate()
+    for p in procs:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+  failed = [(w, c) for w, c in zip(plan, codes, strict=True) if c != 0]
+  if failed:
+    parts = [f"worker {w.index} (exit code {c}, log {w.log})" for w, c in failed]
+    tails = "\n".join(f"--- the end of {w.log}:\n{_tail(w.log)}" for w, _ in failed)
+    raise WorkerError(
+      f"{len(failed)} of {len(plan)} sweep worker(s) failed: {', '.join(parts)}; the "
+      f"items they finished are kept, launch again to run the rest\n{tails}",
+      failed,
+    )
+  missing = [n for n in names if not is_done(workdir, n)]
+  host_shard = (worker_args.get("shard_index", 0), worker_args.get("num_shards", 1))
+  ours = set(shard(len(names), *host_shard))
+  lost = [n for i, n in enumerate(names) if i in ours and n in missing]
+  if lost:
+    raise RuntimeError(
+      f"every worker exited 0 but {len(lost)} of their item(s) have no {DONE}: {lost} "
+      f"(logs in {os.path.join(workdir, WORKERS_DIR)})"
+    )
+  summary = None if missing else write_summary(workdir, runners)
+  return LaunchResult(names, plan, seconds, missing, summary)
+
+
+def process_shard() -> tuple[int, int]:
+  """(shard_index, num_shards) of this process: `jax.process_index()` of `process_count()`.
+
+  Call it after `jax.distributed.initialize()` (`distributed_shard` does both); without
+  that every process is process 0 of 1 and runs every item.
+
+  Returns:
+    (jax.process_index(), jax.process_count()), checked.
+  """
+  index, count = jax.process_index(), jax.process_count()
+  shard(0, index, count)
+  return index, count
+
+
+def distributed_shard(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> tuple[int, int]:
+  """This host's shard of a sweep spread over hosts (one process per host).
+
+  Runs `jax.distributed.initialize`, reads `process_shard()`, then shuts the distributed
+  runtime down again: the hosts share nothing but the workdir, so from there on each runs
+  its items alone. Left running, a host that finishes first would wait at exit for the
+  others' (jax's shutdown barrier, 5 minutes) and then abort every host, and one host's
+  crash would abort the others. The items use their own host's devices (after this,
+  `jax.devices()` still lists every host's; `jax.local_devices()` are this host's).
+
+  Args:
+    coordinator_address: `host:port` of process 0, the same on every host; None: jax
+      detects the cluster (SLURM, Open MPI, TPU pods, ...).
+    num_processes: how many processes (hosts) in all; None: detected.
+    process_id: this process's id, 0 <= process_id < num_processes; None: detected.
+
+  Returns:
+    (shard_index, num_shards) = (jax.process_index(), jax.process_count()).
+  """
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
+  try:
+    return process_shard()
+  finally:
+    jax.distributed.shutdown()
+
+
+# flags of experiments/sweep.py a launcher sets for its workers itself
+LAUNCHER_FLAGS = (
+  "config",
+  "workdir",
+  "workers",
+  "devices_per_worker",
+  "shard_index",
+  "num_shards",
+  "shard_by_process",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+)
+
+
+def worker_flags(
+  argv: Sequence[str], flag_values, drop: Sequence[str] = LAUNCHER_FLAGS
+) -> list[str]:
+  """The arguments of a launcher's command line its workers get: all but `drop`'s flags.
+
+  Config overrides (`--config.seed=1`, `--config.seed 1`, `--noconfig.flag`), --flagfile
+  and other flags pass through as written; a flag's separate value goes with it.
+
+  Args:
+    argv: the launcher's arguments (without the program name).
+    flag_values: absl's FlagValues (`flags.FLAGS`), which tell boolean flags apart.
+    drop: names of flags to leave out, with their values.
+
+  Returns:
+    The arguments to pass on.
+  """
+  out = []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    i += 1
+    if arg == "--":
+      break
+    if not arg.startswith("-") or arg == "-":
+      out.append(arg)
+      continue
+    name, eq, _ = arg.lstrip("-").partition("=")
+    base = name
+    if name not in flag_values and name.startswith("no") and name[2:] in flag_values:
+      base = name[2:]
+    known = base in flag_values
+    takes_value = not eq and (
+      base == "flagfile" or (known and base == name and not flag_values[base].boolean)
+    )
+    args = [arg]
+    if takes_value and i < len(argv):
+      args.append(argv[i])
+      i += 1
+    if base not in drop:
+      out += args
+  return out

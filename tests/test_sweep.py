@@ -1,13 +1,19 @@
-"""Sweeps: items, names, overrides, resuming, shards, summaries, the configs, the report."""
+"""Sweeps: items, names, overrides, resuming, shards, summaries, the configs, the report,
+local worker processes and hosts."""
 
 import csv
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import threading
 
+import jax
 import ml_collections
 import pytest
+from absl import flags
 
 from configs import sweep_block_size, sweep_budget
 from mmjax import plotting, report, sweep
@@ -346,3 +352,375 @@ def test_block_size_smoke_main_in_two_shards(tmp_path):
     cmd[:-2] + ["--config.no_such_key=1"], cwd=ROOT, capture_output=True, text=True, timeout=300
   )
   assert bad.returncode != 0 and "no_such_key" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# spreading a sweep: local workers, hosts, shards sharing a workdir
+# ----------------------------------------------------------------------------------------
+FAKE_CONFIG = '''"""A fake sweep: its runner logs calls, fails on x=3 while FAIL exists."""
+
+import json
+import os
+
+import ml_collections
+
+from mmjax import sweep as sweep_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(cfg, workdir):
+  with open(os.path.join(HERE, "calls.txt"), "a") as f:
+    f.write(os.path.basename(workdir) + "\\n")
+  if cfg.x == 3 and os.path.exists(os.path.join(HERE, "FAIL")):
+    raise RuntimeError("fake runner: item x=3 fails")
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"value": cfg.x * 10 + cfg.seed}) + "\\n")
+
+
+def _read(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+sweep_lib.RUNNERS["fake_file"] = sweep_lib.Runner(run=_run, read_rows=_read, columns=("value",))
+
+
+def get_config(arg=None):
+  return ml_collections.ConfigDict({"runner": "fake_file", "seed": 0, "x": 0})
+
+
+def sweep(arg=None):
+  return sweep_lib.product(x=[1, 2, 3, 4])
+'''
+FAKE_NAMES = ["x=1", "x=2", "x=3", "x=4"]
+
+
+@pytest.fixture
+def fake_config(tmp_path, monkeypatch):
+  """The fake sweep's config file; its runner is registered in a copy of RUNNERS."""
+  monkeypatch.setattr(sweep, "RUNNERS", dict(sweep.RUNNERS))
+  path = tmp_path / "fake_sweep.py"
+  path.write_text(FAKE_CONFIG)
+  return str(path)
+
+
+def _calls(tmp_path):
+  path = tmp_path / "calls.txt"
+  return sorted(path.read_text().split()) if path.exists() else []
+
+
+def _cpu_env():
+  return {**os.environ, "JAX_PLATFORMS": "cpu"}  # also on a GPU machine
+
+
+def _items_run_per_log(logs):
+  """item name -> how many times the logs say it was run."""
+  counts = {}
+  for log in logs:
+    for line in open(log):
+      m = re.match(r"item (\S+) done in ", line)
+      if m:
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+  return counts
+
+
+def test_plan_workers_pins_devices_and_splits_shards(fake_config, tmp_path, monkeypatch):
+  wd = str(tmp_path / "wd")
+  plan = sweep.plan_workers(
+    fake_config,
+    wd,
+    workers=-1,
+    devices_per_worker=2,
+    platform="gpu",
+    devices=["4", "5", "6", "7", "1"],
+    extra_flags=["--config.seed=1"],
+    shard_index=1,
+    num_shards=2,
+  )
+  assert [w.devices for w in plan] == [("4", "5"), ("6", "7")]
+  assert [w.env["CUDA_VISIBLE_DEVICES"] for w in plan] == ["4,5", "6,7"]
+  assert [(w.shard_index, w.num_shards) for w in plan] == [(1, 4), (3, 4)]
+  assert plan[1].log == os.path.join(wd, "workers", "worker_1.log")
+  assert plan[0].command[2:] == (
+    f"--config={fake_config}",
+    f"--workdir={wd}",
+    "--config.seed=1",
+    "--shard_index=1",
+    "--num_shards=4",
+    "--workers=0",
+    "--noshard_by_process",
+  )
+  # H hosts x W workers each: every item exactly once
+  for hosts, workers, n in ((3, 2, 11), (2, 3, 5), (1, 4, 9)):
+    got = []
+    for h in range(hosts):
+      plan = sweep.plan_workers(
+        fake_config, wd, workers=workers, platform="cpu", devices=8, shard_index=h, num_shards=hosts
+      )
+      got += [i for w in plan for i in sweep.shard(n, w.shard_index, w.num_shards)]
+    assert sorted(got) == list(range(n))
+  # the CPU: not pinned, jax kept off the GPUs, XLA host devices per worker
+  monkeypatch.setenv("XLA_FLAGS", "--a=1 --xla_force_host_platform_device_count=8")
+  plan = sweep.plan_workers(
+    fake_config, wd, workers=2, devices_per_worker=2, platform="cpu", devices=4
+  )
+  for w in plan:
+    assert "CUDA_VISIBLE_DEVICES" not in w.env and w.env["JAX_PLATFORMS"] == "cpu"
+    assert w.env["XLA_FLAGS"] == "--a=1 --xla_force_host_platform_device_count=2"
+  plan = sweep.plan_workers(fake_config, wd, workers=2, platform="cpu", devices=2)
+  assert "XLA_FLAGS" not in plan[0].env
+
+
+def test_launch_refuses_bad_arguments(fake_config, tmp_path):
+  wd = tmp_path / "wd"
+
+  def launch(**kw):
+    kw = {"workers": 2, "platform": "cpu", "devices": 2, **kw}
+    return sweep.launch(kw.pop("config", fake_config), str(wd), **kw)
+
+  bad = [
+    ({"workers": 0}, "workers must be an int >= 1"),
+    ({"workers": -2}, "workers must be an int >= 1"),
+    ({"workers": True}, "workers must be an int >= 1"),
+    ({"devices_per_worker": 0}, "devices_per_worker must be"),
+    ({"workers": 3}, r"3 worker\(s\) x 1 device\(s\) each need 3 devices; there are 2 CPU"),
+    (
+      {"workers": 2, "platform": "gpu", "devices": ["0", "1", "2"], "devices_per_worker": 2},
+      "need 4 devices; there are 3 GPU",
+    ),
+    ({"workers": -1, "devices_per_worker": 3}, "cannot give one worker 3"),
+    ({"platform": "gpu", "devices": []}, "no local GPU"),
+    ({"platform": "tpu"}, "platform must be one of"),
+    ({"devices": ["0", "0"]}, "twice"),
+    ({"devices": "01"}, "devices must be a count"),
+    ({"shard_index": 2, "num_shards": 2}, "shard_index"),
+    ({"extra_flags": "--config.seed=1"}, "extra_flags"),
+    ({"config": str(tmp_path / "none.py")}, "does not exist"),
+    ({"script": str(tmp_path / "none.py")}, "worker script"),
+  ]
+  for kw, match in bad:
+    with pytest.raises(ValueError, match=match):
+      launch(**kw)
+  assert not wd.exists()  # refused before anything started
+
+
+def test_local_devices_and_default_platform(monkeypatch):
+  smi = (
+    "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-d1e)\n"
+    "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-a2b)\n"
+    "  MIG 1g.10gb     Device  0: (UUID: MIG-c3d)\n"
+  )
+  assert sweep.parse_nvidia_smi(smi) == ["0", "1"]
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+  assert sweep.local_devices("gpu") == ["2", "3"]
+  for hidden in ("", "-1"):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    assert sweep.local_devices("gpu") == []
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+  monkeypatch.setenv("PATH", "")  # no nvidia-smi: no GPU
+  assert sweep.local_devices("gpu") == []
+  assert len(sweep.local_devices("cpu")) >= 1
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  assert sweep.default_platform() == "cpu"
+  for env, want in (("cpu", "cpu"), ("cuda,cpu", "gpu"), ("gpu", "gpu")):
+    monkeypatch.setenv("JAX_PLATFORMS", env)
+    assert sweep.default_platform() == want
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  with pytest.raises(ValueError, match="--shard_by_process"):
+    sweep.default_platform()
+  with pytest.raises(ValueError, match="platform"):
+    sweep.local_devices("tpu")
+
+
+def test_worker_flags_pass_overrides_and_drop_the_launchers():
+  fv = flags.FlagValues()
+  for name in ("config", "workdir", "coordinator_address", "config.name"):
+    flags.DEFINE_string(name, None, "", flag_values=fv)
+  for name in ("workers", "devices_per_worker", "shard_index", "num_shards", "config.seed"):
+    flags.DEFINE_integer(name, 0, "", flag_values=fv)
+  for name in ("shard_by_process", "config.sub.flag"):
+    flags.DEFINE_bool(name, False, "", flag_values=fv)
+  argv = [
+    "--config=c.py:smoke",
+    "--config.seed",
+    "3",
+    "--workers=2",
+    "--noconfig.sub.flag",
+    "--workdir",
+    "/tmp/w",
+    "--shard_by_process",
+    "--flagfile",
+    "more.txt",
+    "--config.name=a b",
+    "--devices_per_worker",
+    "2",
+    "--config.sub.flag",
+    "--unknown",
+    "--",
+    "--config.seed=9",
+  ]
+  assert sweep.worker_flags(argv, fv) == [
+    "--config.seed",
+    "3",
+    "--noconfig.sub.flag",
+    "--flagfile",
+    "more.txt",
+    "--config.name=a b",
+    "--config.sub.flag",
+    "--unknown",
+  ]
+
+
+def test_process_shard_from_jax_process_index(monkeypatch):
+  monkeypatch.setattr(jax, "process_index", lambda: 2)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  assert sweep.process_shard() == (2, 3)
+  assert sweep.shard(8, *sweep.process_shard()) == [2, 5]
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(("init", kw)))
+  monkeypatch.setattr(jax.distributed, "shutdown", lambda: calls.append(("shutdown",)))
+  assert sweep.distributed_shard("host0:1234", 3, 2) == (2, 3)
+  kw = {"coordinator_address": "host0:1234", "num_processes": 3, "process_id": 2}
+  assert calls == [("init", kw), ("shutdown",)]  # the hosts run on alone
+  monkeypatch.setattr(jax, "process_index", lambda: 3)
+  with pytest.raises(ValueError, match="shard_index"):
+    sweep.process_shard()
+  assert calls[-1] == ("shutdown",)
+  with pytest.raises(ValueError, match="shard_index"):
+    sweep.distributed_shard()
+  assert calls[-1] == ("shutdown",)
+
+
+def test_concurrent_shards_share_one_workdir(tmp_path):
+  """Shards started together write sweep.json, the run files and the summary at once."""
+  wd, n = str(tmp_path / "wd"), 6
+  calls, errors, results = [], [], [None] * n
+  runners = _fake_runners(calls)
+  barrier = threading.Barrier(n)
+
+  def one(i):
+    barrier.wait()
+    try:
+      results[i] = sweep.run(_base(), ITEMS, wd, i, n, progress=False, runners=runners)
+    except Exception as e:  # noqa: BLE001
+      errors.append(e)
+
+  threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  names = sweep.item_names(ITEMS)
+  assert sorted(calls) == sorted(names) and _done(wd) == sorted(names)
+  assert any(r.summary for r in results)
+  one_process = sweep.run(
+    _base(), ITEMS, str(tmp_path / "one"), progress=False, runners=_fake_runners([])
+  )
+  for f in ("summary.csv", "summary.md", sweep.SWEEP_FILE, "config.json"):
+    assert open(os.path.join(wd, f)).read() == open(tmp_path / "one" / f).read(), f
+  json.load(open(os.path.join(wd, "manifest.json")))
+  leftovers = [f for _, _, files in os.walk(wd) for f in files if ".tmp" in f]
+  assert leftovers == [] and one_process.summary
+
+
+def test_launch_smoke_sweep_in_two_workers_matches_one_process(tmp_path):
+  config = os.path.join(ROOT, "configs", "sweep_budget.py") + ":smoke"
+  items = sweep_budget.sweep("smoke")
+  names = sweep.item_names(items)
+  base = sweep_budget.get_config("smoke")
+  base.attention_maps = ()  # the plan figures cost most of an item's time
+  one = sweep.run(base, items, str(tmp_path / "one"), progress=False)
+  wd, lines = tmp_path / "two", []
+  res = sweep.launch(
+    config,
+    str(wd),
+    workers=2,
+    platform="cpu",
+    devices=2,
+    extra_flags=["--config.attention_maps=()"],
+    log=lines.append,
+  )
+  assert res.summary == str(wd / "summary.csv") and res.missing == [] and res.names == names
+  for f in ("summary.csv", "summary.md"):
+    assert (wd / f).read_bytes() == (tmp_path / "one" / f).read_bytes(), f
+  assert open(one.summary).read() == open(res.summary).read()
+  logs = [str(wd / "workers" / f"worker_{i}.log") for i in range(2)]
+  assert [w.log for w in res.workers] == logs
+  assert _items_run_per_log(logs) == {n: 1 for n in names}  # each item exactly once
+  assert _done(str(wd)) == sorted(names)
+  for i, n in enumerate(names):  # by the worker of its shard
+    manifest = json.loads((wd / sweep.ITEMS_DIR / n / "manifest.json").read_text())
+    assert f"--shard_index={i % 2} --num_shards=2" in manifest["command"]
+  assert sum("finished" in line for line in lines) == 2, lines
+
+
+def test_launch_names_the_failed_worker_and_a_relaunch_finishes(fake_config, tmp_path):
+  wd = tmp_path / "wd"
+  (tmp_path / "FAIL").touch()
+  kw = {"workers": 2, "platform": "cpu", "devices": 2, "log": lambda line: None}
+  with pytest.raises(sweep.WorkerError) as err:  # x=3 is worker 0's (shard 0: x=1, x=3)
+    sweep.launch(fake_config, str(wd), **kw)
+  log0 = str(wd / "workers" / "worker_0.log")
+  msg = str(err.value)
+  assert msg.startswith(f"1 of 2 sweep worker(s) failed: worker 0 (exit code 1, log {log0})")
+  assert "fake runner: item x=3 fails" in msg and "worker_1.log" not in msg
+  assert [(w.index, code) for w, code in err.value.failed] == [(0, 1)]
+  assert "x=3 fails" in open(log0).read()
+  assert _done(str(wd)) == ["x=1", "x=2", "x=4"] and not (wd / "summary.csv").exists()
+  (tmp_path / "FAIL").unlink()
+  res = sweep.launch(fake_config, str(wd), **kw)
+  assert _calls(tmp_path) == sorted(FAKE_NAMES + ["x=3"])  # only the failed item re-ran
+  assert "0 item(s) run, 2 already done" in open(res.workers[1].log).read()
+  with open(res.summary) as f:
+    assert [r["value"] for r in csv.DictReader(f)] == ["10", "20", "30", "40"]
+
+
+def test_main_workers_and_shard_by_process(fake_config, tmp_path):
+  # --workers: overrides reach every worker, the launcher prints the summary
+  wd = tmp_path / "local"
+  cmd = [sys.executable, "experiments/sweep.py", f"--config={fake_config}", f"--workdir={wd}"]
+  res = subprocess.run(
+    cmd + ["--config.seed", "5", "--workers=2"],
+    cwd=ROOT,
+    env=_cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "worker 1 finished" in res.stdout and "summary in" in res.stdout
+  with open(wd / "summary.csv") as f:
+    assert [r["value"] for r in csv.DictReader(f)] == ["15", "25", "35", "45"]
+  assert _items_run_per_log(wd / "workers" / f"worker_{i}.log" for i in range(2)) == {
+    n: 1 for n in FAKE_NAMES
+  }
+  # two processes of one jax.distributed cluster: process i runs shard i of 2
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  wd = tmp_path / "hosts"
+  dist = ["--shard_by_process", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  procs = [
+    subprocess.Popen(
+      [*cmd[:3], f"--workdir={wd}", *dist, f"--process_id={i}"],
+      cwd=ROOT,
+      env=_cpu_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  for i, (out, _) in enumerate(outs):
+    assert f"process {i} of 2: shard {i}/2" in out
+  assert _calls(tmp_path) == sorted(FAKE_NAMES * 2)  # each item once per sweep
+  assert (wd / "summary.csv").exists()
+  bad = subprocess.run(
+    cmd + ["--shard_by_process", "--workers=2"], cwd=ROOT, capture_output=True, text=True
+  )
+  assert bad.returncode != 0 and "--shard_by_process takes neither" in bad.stderr
