@@ -30,6 +30,9 @@ def get_config(arg: str | None = None):
   c.dtype = "bfloat16"
   c.max_new_tokens = 64
   c.text_start = "grid"  # mRoPE text after vision: "grid" (transformers 5) or "max" (Qwen)
+  # devices of the prefill (mmjax.distributed): data x heads x seq; heads * seq must divide
+  # the kv heads (4 for 7B) and seq the prompt length. 1 x 1 x 1 = one device.
+  c.mesh = ml_collections.ConfigDict({"data": 1, "heads": 1, "seq": 1})
   if arg == "smoke":
     c.dtype = "float32"
     c.backend = "xla"

@@ -182,7 +182,14 @@ def config_to_dict(cfg) -> dict:
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   return json.loads(
     json.dumps(
-      d, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+      d,
+      default=lambda o: (
+        dataclasses.asdict(o)
+        if dataclasses.is_dataclass(o)
+        else o.to_dict()
+        if hasattr(o, "to_dict")
+        else str(o)
+      ),
     )
   )
 

@@ -148,6 +148,8 @@ def _plan_impl(policy: Policy, q, k, modality):
   group = n // kh
 
   def run(spec, qh, kh_, mod):
+    # each head is cut to its own policy's bounds (so an mminference head's plan does not
+    # depend on the other heads of its table), then padded to the plan's (MB, MC).
     out = planning.head_plan(
       spec.layout(),
       spec.components(),
@@ -158,9 +160,12 @@ def _plan_impl(policy: Policy, q, k, modality):
       block_q=policy.block_q,
       block_k=policy.block_k,
       scale=scale,
-      max_blocks=mb,
-      max_cols=mc,
+      max_blocks=min(spec.max_blocks(n_k), n_k),
+      max_cols=min(spec.max_cols(), length),
     )
+    for key, size in (("block_idx", mb), ("col_idx", mc)):
+      extra = size - out[key].shape[-1]
+      out[key] = jnp.pad(out[key], ((0, 0), (0, extra))) if extra else out[key]
     if out["q_perm"] is None:
       out["q_perm"] = jnp.arange(length, dtype=jnp.int32)
     if out["k_perm"] is None:
@@ -174,10 +179,8 @@ def _plan_impl(policy: Policy, q, k, modality):
     by_spec.setdefault(spec, []).append(i)
   for spec, heads in by_spec.items():
     heads_arr = np.asarray(heads)
-    qg = q[:, :, heads_arr]  # [B, L, n_g, H]
-    kg = k[:, :, heads_arr // group]  # [B, L, n_g, H]
     f = jax.vmap(jax.vmap(functools.partial(run, spec), in_axes=(1, 1, None)), (0, 0, 0))
-    out = _map_head_chunks(f, qg, kg, modality, policy.heads_per_step)  # leaves [B, n_g, ...]
+    out = _map_head_chunks(f, q, k, heads_arr, group, modality, policy.heads_per_step)
     for j, hd in enumerate(heads):
       results[hd] = jax.tree_util.tree_map(lambda x, j=j: x[:, j], out)
 
@@ -206,20 +209,26 @@ def _plan_impl(policy: Policy, q, k, modality):
   )
 
 
-def _map_head_chunks(f, qg, kg, modality, per_step):
-  """f over all heads at once, or `per_step` heads at a time (lax.map) to bound memory."""
-  n_g = qg.shape[2]
+def _map_head_chunks(f, q, k, heads, group, modality, per_step):
+  """f over the query heads `heads` (and their kv heads) at once, or `per_step` heads at a
+  time (lax.map) to bound memory. Returns f's leaves as [B, n_g, ...].
+
+  Each step gathers its own heads' q and k inside the loop: gathering every head's (and
+  repeating k per query head) before the loop would hold [B, L, n_g, H] copies, the
+  largest buffers of a long prefill's planner.
+  """
+  n_g = len(heads)
   if not per_step or per_step >= n_g:
-    return f(qg, kg, modality)
+    # [B, L, N, H] -> [B, L, n_g, H]; k repeated per query head of its group
+    return f(q[:, :, heads], k[:, :, heads // group], modality)
   chunks = -(-n_g // per_step)
-  pad = chunks * per_step - n_g
+  padded = np.resize(heads, chunks * per_step)  # repeats heads to fill the last step
+  ids = jnp.asarray(padded.reshape(chunks, per_step), jnp.int32)
 
-  def split(x):  # [B, L, n_g, H] -> [chunks, B, L, per_step, H]
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    x = x.reshape(x.shape[0], x.shape[1], chunks, per_step, x.shape[3])
-    return jnp.moveaxis(x, 2, 0)
+  def step(hs):  # hs [per_step] head ids
+    return f(jnp.take(q, hs, axis=2), jnp.take(k, hs // group, axis=2), modality)
 
-  out = jax.lax.map(lambda a: f(a[0], a[1], modality), (split(qg), split(kg)))
+  out = jax.lax.map(step, ids)
 
   def merge(x):  # [chunks, B, per_step, ...] -> [B, n_g, ...]
     x = jnp.moveaxis(x, 0, 1)
@@ -582,6 +591,18 @@ class MMInference(Policy):
 
   def for_layer(self, layer: int) -> MMInference:
     return dataclasses.replace(self, layer=layer)
+
+  def for_heads(self, start: int, count: int) -> MMInference:
+    """The table restricted to heads [start, start + count) of every layer (a device's
+    head chunk in sharded attention)."""
+    for li, row in enumerate(self.table):
+      if not 0 <= start < start + count <= len(row):
+        raise ValueError(
+          f"mminference: heads [{start}, {start + count}) are outside table layer {li}, "
+          f"which has {len(row)} heads"
+        )
+    table = tuple(row[start : start + count] for row in self.table)
+    return dataclasses.replace(self, table=table, table_path="")
 
   def max_blocks(self, n_k):
     return max(p.max_blocks(n_k) for p in self.table[self.layer])

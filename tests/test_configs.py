@@ -15,6 +15,7 @@ CONFIG_ARGS = {
   "answer": ("", "smoke"),
   "bench_attention": ("", "xla", "smoke"),
   "bench_prefill": ("", "smoke"),
+  "bench_sharded": ("", "one", "smoke"),
   "niah": ("", "text", "smoke"),
   "search_patterns": ("", "model", "smoke"),
   "sweep_block_size": ("", "smoke"),
@@ -59,6 +60,23 @@ def test_bench_prefill_smoke_runs(tmp_path):
     assert r["ms"] > 0 and r["speedup"] > 0
   saved = json.loads((tmp_path / "bench.json").read_text())
   assert saved["complete"] and len(saved["rows"]) == 3
+
+
+def test_bench_sharded_smoke_runs(tmp_path):
+  """Each item in its own process with as many CPU devices as its mesh."""
+  from mmjax.models import bench_sharded
+
+  cfg = importlib.import_module("configs.bench_sharded").get_config("smoke")
+  cfg.meshes = (cfg.meshes[0], cfg.meshes[-1])  # 1 device and 1 x 2 x 2
+  rows = bench_sharded.run(cfg, str(tmp_path), progress=False)
+  assert [r.get("error") for r in rows] == [None, None], rows
+  one, four = rows
+  assert (one["devices"], four["devices"]) == (1, 4)
+  assert four["speedup_vs_one"] > 0 and one["speedup_vs_one"] == 1.0
+  # sequence + tensor parallel: less memory per device than one device needs
+  assert four["compiled_total_gb"] < one["compiled_total_gb"]
+  saved = json.loads((tmp_path / "bench.json").read_text())
+  assert saved["complete"] and (tmp_path / "manifest.json").exists()
 
 
 def test_search_smoke_runs(tmp_path):

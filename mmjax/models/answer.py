@@ -7,6 +7,7 @@ name), already sampled at `fps` frames per second; images as image files.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import policies
+from mmjax import distributed, policies
 from mmjax.models import checkpoint, processing
 from mmjax.models.generate import generate
 from mmjax.models.qwen2_5_vl import Qwen2_5_VL
@@ -49,7 +50,8 @@ def load_frames(path: str) -> np.ndarray:
 
 def run(cfg, workdir: str | None = None) -> dict:
   """cfg: checkpoint, params (orbax dir or ""), video, images, fps, question, policy,
-  policy_kwargs, backend, dtype, max_new_tokens, text_start, seed."""
+  policy_kwargs, backend, dtype, max_new_tokens, text_start, seed, mesh ({data, heads,
+  seq}; more than one device: the prefill is sharded, see `mmjax.distributed`)."""
   dtype = jnp.dtype(cfg.dtype)
   if cfg.params:
     from mmjax.models.qwen2_5_vl import Qwen2_5_VLConfig, param_shapes
@@ -66,7 +68,21 @@ def run(cfg, workdir: str | None = None) -> dict:
   prompt = processing.chat_prompt(cfg.question, images=len(images or []), videos=len(videos or []))
   batch = proc(prompt, images=images, videos=videos, video_fps=cfg.fps)
   policy = policies.get(cfg.policy, **dict(cfg.policy_kwargs))
-  model = Qwen2_5_VL(config, policy=policy, backend=cfg.backend, dtype=dtype, param_dtype=dtype)
+  shape = distributed.MeshShape.parse(cfg.get("mesh"))
+  mesh = None
+  if shape.size > 1:  # sequence/tensor/head-parallel prefill over shape.size devices
+    shape.check(
+      batch=batch["input_ids"].shape[0],
+      seq_len=batch["input_ids"].shape[1],
+      num_heads=config.text.num_heads,
+      num_kv_heads=config.text.num_kv_heads,
+      where="config.mesh vs the prompt",
+    )
+    mesh = distributed.make_mesh(shape)
+    params = distributed.shard_params(params, mesh)
+  model = Qwen2_5_VL(
+    config, policy=policy, backend=cfg.backend, dtype=dtype, param_dtype=dtype, mesh=mesh
+  )
   t0 = time.perf_counter()
   tokens = generate(model, params, batch, max_new_tokens=cfg.max_new_tokens)
   seconds = time.perf_counter() - t0
@@ -81,6 +97,7 @@ def run(cfg, workdir: str | None = None) -> dict:
     "vision_tokens": int(batch["modality"].sum()),
     "policy": cfg.policy,
     "backend": cfg.backend,
+    "mesh": dataclasses.asdict(shape),
     "seconds_with_compile": seconds,
     "device": jax.devices()[0].device_kind,
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

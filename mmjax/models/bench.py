@@ -56,7 +56,17 @@ def tiny_config() -> Qwen2_5_VLConfig:
   )
 
 
-MODELS = {"qwen2_5_vl_7b": qwen2_5_vl_7b, "tiny": tiny_config}
+def tiny_sharded_config() -> Qwen2_5_VLConfig:
+  """The tiny model with 8 query / 4 kv heads (H = 32): meshes of heads * seq up to 4."""
+  c = tiny_config()
+  return dataclasses.replace(
+    c,
+    text=dataclasses.replace(c.text, hidden_size=256, num_heads=8, num_kv_heads=4),
+    vision=dataclasses.replace(c.vision, out_hidden_size=256),
+  )
+
+
+MODELS = {"qwen2_5_vl_7b": qwen2_5_vl_7b, "tiny": tiny_config, "tiny_sharded": tiny_sharded_config}
 
 
 def video_prompt(config: Qwen2_5_VLConfig, seq_len: int, frame_hw=(16, 16), text=(96, 64), seed=0):

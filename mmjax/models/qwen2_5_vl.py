@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import distributed
 from mmjax.attention import sparse_attention
 from mmjax.nn.attention import apply_rope, rope_cos_sin
 from mmjax.policies import Dense, MMInference, Policy
@@ -424,6 +425,7 @@ class TextAttention(nn.Module):
   backend: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  mesh: Any = None
 
   def setup(self):
     c = self.cfg
@@ -448,7 +450,13 @@ class TextAttention(nn.Module):
     # the offline search and the model ablation read each layer's q/k/v: mutable=["calib"]
     self.sow("calib", "qkv", (q, k, v))
     pol = layer_policy(self.policy, self.layer)
-    o = sparse_attention(q, k, v, pol, modality, backend=self.backend)
+    if self.mesh is None:
+      o = sparse_attention(q, k, v, pol, modality, backend=self.backend)
+    else:  # head-parallel (all-to-all from the token-sharded q/k/v when mesh.seq > 1)
+      q, k, v = (distributed.constrain(a, self.mesh, distributed.QKV) for a in (q, k, v))
+      o = distributed.sharded_sparse_attention(
+        q, k, v, pol, modality, mesh=self.mesh, backend=self.backend
+      )
     return self.o_proj(o.reshape(*x.shape[:2], -1)), (k, v)
 
   def decode(self, x, cos, sin, cache, index):
@@ -479,19 +487,57 @@ class DecoderLayer(nn.Module):
   backend: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  mesh: Any = None
+  mlp_chunk: int = 0
 
   def setup(self):
     c = self.cfg
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     self.input_layernorm = RMSNorm(c.rms_norm_eps, **kw)
-    self.self_attn = TextAttention(c, self.layer, self.policy, self.backend, **kw)
+    self.self_attn = TextAttention(c, self.layer, self.policy, self.backend, mesh=self.mesh, **kw)
     self.post_attention_layernorm = RMSNorm(c.rms_norm_eps, **kw)
     self.mlp = MLP(c.intermediate_size, c.hidden_act, False, **kw)
 
   def __call__(self, x, cos, sin, modality):
     a, kv = self.self_attn(self.input_layernorm(x), cos, sin, modality)
     x = x + a
-    return x + self.mlp(self.post_attention_layernorm(x)), kv
+    return x + self._mlp(self.post_attention_layernorm(x)), kv
+
+  def _mlp(self, x):
+    """The MLP, over `mlp_chunk` tokens at a time when set: the [B, T, I] hiddens (I =
+    5.3 D for Qwen2.5-VL-7B) are what a long prefill's peak memory holds otherwise. With
+    a mesh, the chunks are of each device's own T / seq tokens (no communication)."""
+    b, t, d = x.shape
+    c = self.mlp_chunk
+    s = self.mesh.shape["seq"] if self.mesh is not None else 1
+    if not c or c >= t // s or self.is_initializing():
+      return self.mlp(x)
+    # [B, T, D] -> [B, S, T/S, D] (S = mesh seq): the token axis split as the mesh splits
+    # it, so chunking axis 2 slices every device's local tokens.
+    xs = x.reshape(b, s, t // s, d)
+    spec = distributed.P("data", "seq", None, None)
+    if self.mesh is not None:
+      xs = distributed.constrain(xs, self.mesh, spec)
+    # a loop over chunks that overwrites each chunk of its own carry with the MLP of it
+    # ([B, S, c, D] -> [B, S, c, D]), so one chunk's hiddens live at a time and no stacked
+    # copies of x are made (lax.map's per-layer output stacks were all allocated at once
+    # on the GPU: 65 GB of temporaries for 28 layers at 256k, tools/prefill_memory.py).
+    tl = t // s
+    n = -(-tl // c)
+    if n * c != tl:
+      xs = jnp.pad(xs, ((0, 0), (0, 0), (0, n * c - tl), (0, 0)))
+    mlp, variables = self.mlp.unbind()  # a pure function of the chunk
+
+    def body(i, acc):
+      if self.mesh is not None:
+        acc = distributed.constrain(acc, self.mesh, spec)
+      chunk = jax.lax.dynamic_slice_in_dim(acc, i * c, c, axis=2)
+      return jax.lax.dynamic_update_slice_in_dim(acc, mlp.apply(variables, chunk), i * c, 2)
+
+    out = jax.lax.fori_loop(0, n, body, xs)[:, :, :tl].reshape(b, t, d)
+    if self.mesh is not None:
+      out = distributed.constrain(out, self.mesh, distributed.TOKENS)
+    return out
 
   def decode(self, x, cos, sin, cache, index):
     a, cache = self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, index)
@@ -512,6 +558,13 @@ class Qwen2_5_VL(nn.Module):
       gives each layer its own row of the table); None = dense.
     backend: `mmjax.sparse_attention` backend of the prefill ("xla", "pallas",
       "reference", or "cudnn" for the dense policy).
+    mesh: None (one device), or a `mmjax.distributed.make_mesh` mesh: the prefill then runs
+      sequence parallel (activations [B/data, T/seq, D] per device), tensor parallel over
+      `heads` (place the params with `mmjax.distributed.shard_params`), and head-parallel
+      sparse attention (see `mmjax.distributed`).
+    mlp_chunk: run each MLP over this many tokens at a time (0: all at once), of each
+      device's own T / seq tokens with a mesh; bounds the peak memory of a long prefill.
+      Same numbers either way.
   """
 
   config: Qwen2_5_VLConfig
@@ -519,6 +572,8 @@ class Qwen2_5_VL(nn.Module):
   backend: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  mesh: Any = None
+  mlp_chunk: int = 0
 
   def setup(self):
     c = self.config
@@ -528,7 +583,10 @@ class Qwen2_5_VL(nn.Module):
       c.text.vocab_size, c.text.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype
     )
     self.layers = [
-      DecoderLayer(c.text, i, self.policy, self.backend, **kw) for i in range(c.text.num_layers)
+      DecoderLayer(
+        c.text, i, self.policy, self.backend, mesh=self.mesh, mlp_chunk=self.mlp_chunk, **kw
+      )
+      for i in range(c.text.num_layers)
     ]
     self.norm = RMSNorm(c.text.rms_norm_eps, **kw)
     if not c.text.tie_word_embeddings:
@@ -579,13 +637,29 @@ class Qwen2_5_VL(nn.Module):
     """
     t = self.config.text
     cos, sin = rope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
+    shard = (lambda a: a) if self.mesh is None else self._shard_tokens
+    if self.mesh is not None:
+      distributed.MeshShape.of(self.mesh).check(
+        batch=x.shape[0],
+        seq_len=x.shape[1],
+        num_heads=t.num_heads,
+        num_kv_heads=t.num_kv_heads,
+        where="Qwen2_5_VL prefill",
+      )
+    x, cos, sin = shard(x), shard(cos), shard(sin)
     cache = []
     for layer in self.layers:
       x, kv = layer(x, cos, sin, modality)
+      x = shard(x)
       cache.append(kv)
     if not all_logits:
       x = x[:, -1:]
     return self._logits(x), cache
+
+  def _shard_tokens(self, a):
+    """[B, T, ...] -> laid out [B/data, T/seq, ...] per device (sequence parallel)."""
+    pspec = distributed.P("data", "seq", *([None] * (a.ndim - 2)))
+    return distributed.constrain(a, self.mesh, pspec)
 
   def __call__(
     self,
@@ -638,27 +712,46 @@ def param_shapes(config: Qwen2_5_VLConfig, dtype=jnp.float32):
   return {"params": jax.eval_shape(init, jax.random.key(0), ids, pos, pv)["params"]}
 
 
-def init_params(config: Qwen2_5_VLConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02):
+def init_params(
+  config: Qwen2_5_VLConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02, mesh=None
+):
   """Random parameters without running the model (normal(std) weights, zero biases, unit
-  norms), made leaf by leaf under jit: usable for 7B-sized models on one GPU."""
+  norms), made leaf by leaf on the device: usable for 7B-sized models on one GPU. With a
+  `mesh` they are made in place with `mmjax.distributed.param_shardings`.
+
+  Leaf i is normal(fold_in(key(seed), i)). One small jitted function per distinct (kind,
+  shape, dtype, sharding) makes the leaves (the 28 layers of a 7B model share ~12 of
+  them): one jit over all leaves took 2-3 minutes to compile on a GPU.
+  """
   shapes = param_shapes(config, dtype)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  shardings = [None] * len(leaves)
+  if mesh is not None:
+    shardings = jax.tree_util.tree_leaves(distributed.param_shardings(shapes, mesh))
+  makers = {}
 
-  @jax.jit
-  def make(key):
-    out = []
-    for i, (path, leaf) in enumerate(leaves):
-      name = str(path[-1].key) if hasattr(path[-1], "key") else ""
-      if name == "weight":
-        out.append(jnp.ones(leaf.shape, leaf.dtype))
-      elif name == "bias":
-        out.append(jnp.zeros(leaf.shape, leaf.dtype))
-      else:
+  def maker(kind, shape, dtype, sharding):
+    sig = (kind, shape, jnp.dtype(dtype).name, sharding)
+    if sig not in makers:
+
+      def make(key, i):
+        if kind == "weight":
+          return jnp.ones(shape, dtype)
+        if kind == "bias":
+          return jnp.zeros(shape, dtype)
         k = jax.random.fold_in(key, i)
-        out.append((std * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype))
-    return out
+        return (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
 
-  return jax.tree_util.tree_unflatten(treedef, make(jax.random.key(seed)))
+      makers[sig] = jax.jit(make, out_shardings=sharding)
+    return makers[sig]
+
+  key = jax.random.key(seed)
+  out = []
+  for i, ((path, leaf), sharding) in enumerate(zip(leaves, shardings, strict=True)):
+    name = str(path[-1].key) if hasattr(path[-1], "key") else ""
+    kind = name if name in ("weight", "bias") else "normal"
+    out.append(maker(kind, tuple(leaf.shape), leaf.dtype, sharding)(key, jnp.uint32(i)))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def vision_inputs(batch: Mapping[str, Any]) -> dict:
