@@ -14,6 +14,10 @@ backend), "xla" (the same with the xla backend, to 128k), "smoke" (tiny, CPU, xl
 import ml_collections
 
 POLICIES = ("a_shape", "vertical_slash", "block_sparse", "grid", "q_boundary", "2d_boundary")
+# mminference with no kwargs: head i runs POLICIES[i % 6] at its default budget
+# (`mmjax.bench.cycle_table_policy`); give policy_kwargs.mminference.table_path for a
+# searched table instead.
+ALL = (*POLICIES, "mminference")
 
 
 def get_config(arg: str | None = None):
@@ -38,8 +42,8 @@ def get_config(arg: str | None = None):
   c.frame_tokens = 576  # 24 x 24 merged patches per frame
   c.text_between = 16
   c.text_prefix = 256
-  c.policies = POLICIES
-  c.policy_kwargs = ml_collections.ConfigDict({n: ml_collections.ConfigDict({}) for n in POLICIES})
+  c.policies = ALL
+  c.policy_kwargs = ml_collections.ConfigDict({n: ml_collections.ConfigDict({}) for n in ALL})
   if arg == "xla":
     c.backend = "xla"
     c.lengths = (16384, 65536, 131072)

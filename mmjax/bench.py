@@ -133,11 +133,35 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
   return rows
 
 
+def cycle_table_policy(cfg, num_heads: int) -> policies.Policy:
+  """`mminference` with a one-layer table whose head i runs the i-th (cyclically) of
+  `cfg.policies` other than mminference, each with its `cfg.policy_kwargs` (default
+  budgets): the per-head mix a searched table gives, without a model to search."""
+  names = [n for n in cfg.policies if n != "mminference"]
+  if not names:
+    raise ValueError("bench: the mminference cycle table needs other names in `policies`")
+  per = {
+    n: policies.get(n, block_q=cfg.block_q, block_k=cfg.block_k, **dict(cfg.policy_kwargs[n]))
+    for n in names
+  }
+  row = tuple(per[names[i % len(names)]] for i in range(num_heads))
+  return policies.get(
+    "mminference",
+    table=(row,),
+    block_q=cfg.block_q,
+    block_k=cfg.block_k,
+    heads_per_step=cfg.heads_per_step,
+  )
+
+
 def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
   kwargs = dict(cfg.policy_kwargs.get(name, {}))
-  pol = policies.get(
-    name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=cfg.heads_per_step, **kwargs
-  )
+  if name == "mminference" and not kwargs:
+    pol = cycle_table_policy(cfg, q.shape[2])
+  else:
+    pol = policies.get(
+      name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=cfg.heads_per_step, **kwargs
+    )
   plan_fn = jax.jit(lambda q, k, m: pol.plan(q, k, m))
   plan_ms = timeit(plan_fn, q, k, mod, warmup=cfg.warmup, iters=cfg.iters)
   plan = plan_fn(q, k, mod)

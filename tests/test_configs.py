@@ -7,7 +7,7 @@ import pkgutil
 import pytest
 
 import configs
-from mmjax import ablation, bench
+from mmjax import ablation, bench, policies
 
 CONFIG_ARGS = {
   "ablate_model": ("", "smoke"),
@@ -46,6 +46,22 @@ def test_bench_smoke_runs(tmp_path):
   for r in rows:
     assert 0 < r["density"] <= 1 and r["baseline_ms"] > 0 and r["total_ms"] > 0
   assert (tmp_path / "bench.json").exists() and (tmp_path / "table.md").exists()
+
+
+def test_bench_mminference_cycle_table():
+  """The benchmark's mminference (no kwargs) gives head i policies[i % 6] at its default
+  budget; with no other policy to cycle through it says so."""
+  mod = importlib.import_module("configs.bench_attention")
+  cfg = mod.get_config("")
+  pol = bench.cycle_table_policy(cfg, 28)
+  row = pol.table[0]
+  assert len(row) == 28
+  for i, p in enumerate(row):
+    want = policies.get(mod.POLICIES[i % 6], block_q=cfg.block_q, block_k=cfg.block_k)
+    assert p == want, (i, p, want)
+  cfg.policies = ("mminference",)
+  with pytest.raises(ValueError, match="needs other names"):
+    bench.cycle_table_policy(cfg, 28)
 
 
 def test_bench_prefill_smoke_runs(tmp_path):
