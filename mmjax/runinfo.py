@@ -7,8 +7,10 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+import uuid
 
 import jax
 
@@ -58,10 +60,37 @@ def manifest(seed: int | None = None) -> dict:
   }
 
 
+def write_atomic(path: str, text: str) -> None:
+  """Writes path whole or not at all, also with several writers at once.
+
+  The temporary name is unique across processes, threads and hosts sharing a filesystem
+  (a pid alone is not), and os.replace is atomic: readers see the old or the new file.
+  """
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  try:
+    with open(tmp, "x") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def write_run_files(workdir: str, config_dict: dict, seed: int | None = None) -> None:
-  """Writes config.json and manifest.json into workdir (created if needed)."""
+  """Writes config.json and manifest.json into workdir (created if needed), each
+  atomically (the shards of a sweep write the same workdir's)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config_dict, f, indent=2, sort_keys=True)
-  with open(os.path.join(workdir, "manifest.json"), "w") as f:
-    json.dump(manifest(seed), f, indent=2, sort_keys=True)
+  text = json.dumps(config_dict, indent=2, sort_keys=True)
+  write_atomic(os.path.join(workdir, "config.json"), text)
+  text = json.dumps(manifest(seed), indent=2, sort_keys=True)
+  write_atomic(os.path.join(workdir, "manifest.json"), text)
+
+
+def xla_flags_with_device_count(flags: str, count: int) -> str:
+  """XLA_FLAGS `flags` with --xla_force_host_platform_device_count set to `count` (for a
+  child process that needs `count` CPU devices)."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags)
+  return " ".join([*flags.split(), f"--xla_force_host_platform_device_count={count}"])

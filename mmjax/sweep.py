@@ -52,7 +52,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 
 import jax
@@ -406,37 +405,6 @@ def shard(n_items: int, shard_index: int, num_shards: int) -> list[int]:
   return list(range(shard_index, n_items, num_shards))
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Writes path whole or not at all, also with several writers at once.
-
-  The temporary name is unique across processes, threads and hosts sharing a filesystem
-  (a pid alone is not), and os.replace is atomic: readers see the old or the new file.
-  """
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  try:
-    with open(tmp, "x") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def _write_run_files(workdir: str, config_dict: dict, seed: int | None) -> None:
-  """`runinfo.write_run_files`, but atomic: every shard writes the sweep's own ones."""
-  os.makedirs(workdir, exist_ok=True)
-  _write_atomic(
-    os.path.join(workdir, "config.json"), json.dumps(config_dict, indent=2, sort_keys=True)
-  )
-  manifest = runinfo.manifest(seed)  # the last shard's (its command) wins; items keep theirs
-  _write_atomic(
-    os.path.join(workdir, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True)
-  )
-
-
 def _spec(base, items, names) -> dict:
   return {
     "runner": base.runner,
@@ -459,7 +427,7 @@ def _check_or_write_spec(workdir: str, spec: dict) -> None:
         "items); use another --workdir or delete that one"
       )
     return
-  _write_atomic(path, text)
+  runinfo.write_atomic(path, text)
 
 
 def item_dir(workdir: str, name: str) -> str:
@@ -530,7 +498,7 @@ def run(
   configs = [all_configs[i] for i in mine]
   os.makedirs(os.path.join(workdir, ITEMS_DIR), exist_ok=True)
   _check_or_write_spec(workdir, _spec(base, items, names))
-  _write_run_files(workdir, ablation.config_to_dict(base), base.get("seed"))
+  runinfo.write_run_files(workdir, ablation.config_to_dict(base), base.get("seed"))
   ran, skipped = [], []
   bar = tqdm(list(zip(mine, configs, strict=True)), desc="sweep items", disable=not progress)
   for i, cfg in bar:
@@ -546,7 +514,7 @@ def run(
     runinfo.write_run_files(path, ablation.config_to_dict(cfg), cfg.get("seed"))
     runner.run(cfg, path)
     done = {"name": name, "overrides": _plain(items[i])}
-    _write_atomic(os.path.join(path, DONE), json.dumps(done) + "\n")
+    runinfo.write_atomic(os.path.join(path, DONE), json.dumps(done) + "\n")
     ran.append(name)
     if log is not None:
       log(
@@ -657,8 +625,8 @@ def write_summary(workdir: str, runners: dict[str, Runner] | None = None) -> str
   spec, columns, rows = collect(workdir, runners)
   title = f"Sweep summary: runner {spec['runner']}, {len(spec['items'])} items"
   csv_path = os.path.join(workdir, "summary.csv")
-  _write_atomic(csv_path, format_csv(columns, rows))
-  _write_atomic(os.path.join(workdir, "summary.md"), format_markdown(columns, rows, title))
+  runinfo.write_atomic(csv_path, format_csv(columns, rows))
+  runinfo.write_atomic(os.path.join(workdir, "summary.md"), format_markdown(columns, rows, title))
   return csv_path
 
 
@@ -758,11 +726,6 @@ def _check_int(name: str, value, low: int) -> None:
     raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
-def _xla_flags_with_device_count(flags: str, count: int) -> str:
-  flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags)
-  return " ".join([*flags.split(), f"--xla_force_host_platform_device_count={count}"])
-
-
 def plan_workers(
   config_file: str,
   workdir: str,
@@ -853,8 +816,8 @@ def plan_workers(
     else:
       env["JAX_PLATFORMS"] = "cpu"  # no worker grabs a GPU it was not given
       if devices_per_worker > 1:
-        xla = _xla_flags_with_device_count(os.environ.get("XLA_FLAGS", ""), devices_per_worker)
-        env["XLA_FLAGS"] = xla
+        flags = os.environ.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = runinfo.xla_flags_with_device_count(flags, devices_per_worker)
     index, count = shard_index + num_shards * i, num_shards * workers
     command = (
       sys.executable,

@@ -152,9 +152,7 @@ def _child_env(cfg, size: int) -> dict:
   if cfg.get("xla_flags"):
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {cfg.xla_flags}".strip()
   if cfg.platform == "cpu":  # fake devices: one per mesh slot
-    flags = env.get("XLA_FLAGS", "")
-    flags = " ".join(f for f in flags.split() if "force_host_platform_device_count" not in f)
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={size}".strip()
+    env["XLA_FLAGS"] = runinfo.xla_flags_with_device_count(env.get("XLA_FLAGS", ""), size)
     env["JAX_PLATFORMS"] = "cpu"
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
