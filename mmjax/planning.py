@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NEG = -jnp.inf
+_CHUNK = 128  # row chunk of the sort-free prefix counts and the two-stage top-k
 BIG = np.int32(2**30)
 PRI_SELF = 3.0
 PRI_STRUCT = 2.0
@@ -102,8 +103,25 @@ def _topk_threshold_mask(score, valid, k):
   """Per row, True for the k highest valid scores (ties may add a few)."""
   k = min(k, score.shape[-1])
   s = jnp.where(valid, score, NEG)
-  thr = jax.lax.top_k(s, k)[0][..., -1:]
+  thr = kth_largest(s, k)
   return valid & (s >= thr) & (s > NEG)
+
+
+def kth_largest(s, k):
+  """The k-th largest value of each row of s [..., n] (with repeats): [..., 1].
+
+  Rows longer than two chunks go through the top k of each chunk of 128 first: the k
+  largest of a row are among its chunks' k largest, and a top-k over short rows is far
+  cheaper on a GPU than one over a row of 16k blocks (111 ms of a 1M-token block-sparse
+  plan on an H200).
+  """
+  n = s.shape[-1]
+  if k < _CHUNK and n > 2 * _CHUNK:
+    n_c = -(-n // _CHUNK)
+    sp = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, n_c * _CHUNK - n)], constant_values=NEG)
+    s = jax.lax.top_k(sp.reshape(*s.shape[:-1], n_c, _CHUNK), k)[0]
+    s = s.reshape(*s.shape[:-2], n_c * k)
+  return jax.lax.top_k(s, k)[0][..., -1:]
 
 
 def _masked_mean(x, w, nb):
@@ -379,14 +397,92 @@ def _vertical_slash(pat, v: HeadView, q_mod, k_mod):
 # ----------------------------------------------------------------------------------------
 # merging components and selecting
 # ----------------------------------------------------------------------------------------
-def select_blocks(pri, max_blocks):
-  """Top `max_blocks` finite priorities per row -> (idx [nQ, MB] ascending, count [nQ])."""
+def select_blocks(pri, max_blocks, axis_names=()):
+  """Top `max_blocks` finite priorities per row -> (idx [nQ, MB] ascending, count [nQ]).
+
+  Ties go to the lower block index; slots past `count` hold the lowest-index blocks of
+  priority -inf, ascending (what the top-k of `_topk_rows` leaves there).
+
+  A sort-based top-k over [nQ, nK] took 117-240 ms of a 1M-token plan on an H200
+  (benchmarks/results/h200_2026-11-30/plan_trace_1m.json), so the usual rows take a
+  sort-free path with the same result (`_select_by_class`): a row whose finite entries
+  fit keeps them all; a row that overflows with at least MB structural (>= PRI_STRUCT)
+  blocks, as a grid's scattered sink blocks do, keeps its PRI_SELF blocks then its
+  PRI_STRUCT blocks in index order. Only when some row needs the order among pooled
+  scores does the top-k run. The choice is one `lax.cond`; under `vmap` its predicate is
+  reduced over `axis_names` (the vmapped axes' names) so that it stays a branch rather
+  than becoming a select that runs both sides.
+  """
+  n_fin = (pri > NEG).sum(-1)
+  n_struct = (pri >= PRI_STRUCT).sum(-1)
+  fits = jnp.all((n_fin <= max_blocks) | (n_struct >= max_blocks))
+  if axis_names:
+    fits = jax.lax.pmin(fits.astype(jnp.int32), axis_names) > 0
+  return jax.lax.cond(
+    fits,
+    lambda p: _select_by_class(p, max_blocks),
+    lambda p: _topk_rows(p, max_blocks),
+    pri,
+  )
+
+
+def _topk_rows(pri, max_blocks):
   n_k = pri.shape[-1]
   vals, idx = jax.lax.top_k(pri, max_blocks)
   valid = vals > NEG
   key = jnp.sort(jnp.where(valid, idx, n_k + idx), axis=-1)
   idx = jnp.where(key >= n_k, key - n_k, key)
   return idx.astype(jnp.int32), valid.sum(-1).astype(jnp.int32)
+
+
+def _prefix_count(mask):
+  """Inclusive count of True along the last axis of mask [R, n]: int32 [R, n].
+
+  Two matmuls with triangular 0/1 matrices (inside chunks of 128, then over the chunks):
+  exact (0/1 inputs, integers far below 2^24 in f32) and, on a GPU, far cheaper than a
+  cumsum's log-depth scan over [nQ, nK].
+  """
+  n_r, n = mask.shape
+  n_c = -(-n // _CHUNK)
+  m = jnp.pad(mask, ((0, 0), (0, n_c * _CHUNK - n))).reshape(n_r, n_c, _CHUNK)
+  tri = jnp.triu(jnp.ones((_CHUNK, _CHUNK), jnp.bfloat16))  # tri[j, l] = j <= l
+  # [R, C, 128] inclusive count inside each chunk
+  inner = jnp.einsum("rcj,jl->rcl", m.astype(jnp.bfloat16), tri, preferred_element_type=jnp.float32)
+  ctri = jnp.triu(jnp.ones((n_c, n_c), jnp.float32), 1)  # ctri[c, d] = c < d
+  # [R, C] count in the chunks before each chunk
+  before = jnp.einsum("rc,cd->rd", inner[:, :, -1], ctri, precision=jax.lax.Precision.HIGHEST)
+  return (inner + before[:, :, None]).reshape(n_r, -1)[:, :n].astype(jnp.int32)
+
+
+def _select_by_class(pri, max_blocks):
+  """`_topk_rows` for rows whose finite entries fit in MB or that hold >= MB entries of
+  priority >= PRI_STRUCT (priorities are PRI_SELF, PRI_STRUCT, pooled scores below
+  PRI_STRUCT, or -inf); other rows are not handled (select_blocks routes them away)."""
+  n_q, n_k = pri.shape
+  fin = pri > NEG
+  is_self = pri == PRI_SELF
+  is_struct = pri == PRI_STRUCT
+  n_fin = fin.sum(-1, keepdims=True)
+  n_self = is_self.sum(-1, keepdims=True)
+  # an overflowing row keeps its first MB self blocks, then its first struct blocks.
+  keep_over = (is_self & (_prefix_count(is_self) <= max_blocks)) | (
+    is_struct & (_prefix_count(is_struct) <= max_blocks - n_self)
+  )
+  keep = jnp.where(n_fin <= max_blocks, fin, keep_over)
+  incl = _prefix_count(keep)
+  count = incl[:, -1]
+  j = jnp.arange(n_k, dtype=jnp.int32)
+  # kept entry: slot = its rank among the kept; the others follow, in index order
+  # ((j + 1) - incl of them up to j). Slots >= MB are dropped.
+  slot = jnp.where(keep, incl - 1, count[:, None] + j[None, :] - incl)
+  slot = jnp.where(slot < max_blocks, slot, max_blocks)
+  rows = jnp.broadcast_to(jnp.arange(n_q, dtype=jnp.int32)[:, None], (n_q, n_k))
+  idx = (
+    jnp.zeros((n_q, max_blocks), jnp.int32)
+    .at[rows, slot]
+    .set(jnp.broadcast_to(j, (n_q, n_k)), mode="drop", unique_indices=True)
+  )
+  return idx, jnp.minimum(count, max_blocks)
 
 
 def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols):
@@ -425,9 +521,25 @@ def self_priority(v: HeadView):
 
 
 def head_plan(
-  layout, components, q, k, mod, *, seq_len, block_q, block_k, scale, max_blocks, max_cols
+  layout,
+  components,
+  q,
+  k,
+  mod,
+  *,
+  seq_len,
+  block_q,
+  block_k,
+  scale,
+  max_blocks,
+  max_cols,
+  axis_names=(),
 ):
-  """Plan of one (batch, head). q, k: [L, H]; mod: [L]. Returns a dict of arrays."""
+  """Plan of one (batch, head). q, k: [L, H]; mod: [L]. Returns a dict of arrays.
+
+  axis_names: the names of the axes this function is vmapped over, if any (see
+  `select_blocks`).
+  """
   length = q.shape[0]
   q = q.astype(jnp.float32)
   k = k.astype(jnp.float32)
@@ -481,7 +593,7 @@ def head_plan(
   pri = jnp.where(causal, pri, NEG)
 
   # 3. selection.
-  block_idx, block_count = select_blocks(pri, max_blocks)
+  block_idx, block_count = select_blocks(pri, max_blocks, axis_names)
   if cands:
     cand = jnp.concatenate(cands, axis=1)
     cand_ok = jnp.concatenate(cands_ok, axis=1)

@@ -132,6 +132,10 @@ class Policy:
     raise NotImplementedError
 
 
+# the names of the (batch, head) axes the per-head planner is vmapped over
+_PLAN_AXES = ("plan_batch", "plan_head")
+
+
 def _plan_impl(policy: Policy, q, k, modality):
   b, t, n, kh, h = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
   length = planning.padded_length(t, policy.block_q, policy.block_k)
@@ -162,6 +166,7 @@ def _plan_impl(policy: Policy, q, k, modality):
       scale=scale,
       max_blocks=min(spec.max_blocks(n_k), n_k),
       max_cols=min(spec.max_cols(), length),
+      axis_names=_PLAN_AXES,
     )
     for key, size in (("block_idx", mb), ("col_idx", mc)):
       extra = size - out[key].shape[-1]
@@ -179,7 +184,11 @@ def _plan_impl(policy: Policy, q, k, modality):
     by_spec.setdefault(spec, []).append(i)
   for spec, heads in by_spec.items():
     heads_arr = np.asarray(heads)
-    f = jax.vmap(jax.vmap(functools.partial(run, spec), in_axes=(1, 1, None)), (0, 0, 0))
+    f = jax.vmap(
+      jax.vmap(functools.partial(run, spec), in_axes=(1, 1, None), axis_name=_PLAN_AXES[1]),
+      (0, 0, 0),
+      axis_name=_PLAN_AXES[0],
+    )
     out = _map_head_chunks(f, q, k, heads_arr, group, modality, policy.heads_per_step)
     for j, hd in enumerate(heads):
       results[hd] = jax.tree_util.tree_map(lambda x, j=j: x[:, j], out)

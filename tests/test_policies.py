@@ -130,3 +130,95 @@ def test_heads_per_step_gives_the_same_plan(name):
   a, c = pol.plan(q, k, mod), chunked.plan(q, k, mod)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(c), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _random_priorities(rng, nq, nk, density, struct_share):
+  """[nQ, nK] priorities as the planner makes them: PRI_SELF, PRI_STRUCT, pooled scores in
+  (1, 2), -inf; `struct_share` of the finite ones are self/struct."""
+  from mmjax import planning
+
+  cls = rng.choice([planning.PRI_SELF, planning.PRI_STRUCT, planning.PRI_STRUCT], (nq, nk))
+  val = np.where(rng.random((nq, nk)) < struct_share, cls, 1.0 + rng.random((nq, nk)))
+  return jnp.asarray(np.where(rng.random((nq, nk)) < density, val, -np.inf), jnp.float32)
+
+
+@pytest.mark.parametrize("mb", [3, 24, 300])
+def test_select_blocks_equals_top_k(mb):
+  """The sort-free selection equals the top-k one on every row it takes (rows that fit,
+  rows that overflow with enough structural blocks), and select_blocks equals top-k on
+  every input, including rows that need the order among pooled scores."""
+  from mmjax import planning
+
+  rng = np.random.default_rng(mb)
+  taken = 0
+  for density, struct_share in [(0.01, 0.5), (0.05, 1.0), (0.3, 0.9), (0.6, 0.1), (1.0, 0.5)]:
+    pri = _random_priorities(rng, 8, 300, density, struct_share)
+    want = planning._topk_rows(pri, mb)
+    n_fin = np.asarray((pri > planning.NEG).sum(-1))
+    n_struct = np.asarray((pri >= planning.PRI_STRUCT).sum(-1))
+    eligible = (n_fin <= mb) | (n_struct >= mb)
+    fast = planning._select_by_class(pri, mb)
+    for x, y in zip(fast, want, strict=True):
+      np.testing.assert_array_equal(np.asarray(x)[eligible], np.asarray(y)[eligible])
+    taken += int(eligible.all())
+    for x, y in zip(planning.select_blocks(pri, mb), want, strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert taken >= 2, "the inputs did not exercise the sort-free branch"
+
+
+@pytest.mark.parametrize("case", ["b2_gqa_interleaved_f32", "vision_bf16_bq32", "grid_1k"])
+@pytest.mark.parametrize(
+  "name", ["a_shape", "vertical_slash", "grid", "2d_boundary", "mminference"]
+)
+def test_plan_takes_the_sort_free_selection(name, case, monkeypatch):
+  """With the top-k branch poisoned the plans are unchanged: the planner's own priorities
+  take the sort-free branch and give the plan the top-k gives. In "grid_1k" a grid's 32
+  sink tokens scatter over the permuted keys and most rows overflow the grid's bound with
+  structural blocks, as the 1M-token grid plans do; the short cases' grid rows need the
+  pooled scores' order, so they run the top-k (the test then checks only equality)."""
+  import dataclasses
+
+  from mmjax import planning
+
+  if case == "grid_1k":
+    b, t, n, kh, h, dtype, modk, bq, bk = (1, 1024, 2, 1, 32, jnp.float32, "vision", 16, 16)
+  else:
+    b, t, n, kh, h, dtype, modk, bq, bk = CASES[case]
+  q, k, _, mod = helpers.random_inputs(5, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  if case == "grid_1k" and name == "grid":
+    pol = dataclasses.replace(pol, stride=32, sink_tokens=32)
+  jax.clear_caches()
+  fast = pol.plan(q, k, mod)
+  by_class = planning._select_by_class
+  monkeypatch.setattr(planning, "_select_by_class", planning._topk_rows)
+  jax.clear_caches()
+  topk = pol.plan(q, k, mod)
+  topk_rows = planning._topk_rows
+  monkeypatch.setattr(
+    planning, "_topk_rows", lambda p, mb: (topk_rows(p, mb)[0] + 1, topk_rows(p, mb)[1])
+  )
+  monkeypatch.setattr(planning, "_select_by_class", by_class)
+  jax.clear_caches()
+  poisoned = pol.plan(q, k, mod)
+  jax.clear_caches()
+  short_grid = name == "grid" and case != "grid_1k"
+  for x, y, z in zip(*(jax.tree_util.tree_leaves(p) for p in (fast, topk, poisoned)), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    if not short_grid:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
+
+
+@pytest.mark.parametrize("n,k", [(300, 1), (1000, 8), (1000, 127), (200, 32)])
+def test_kth_largest_equals_top_k(n, k):
+  """The two-stage k-th largest equals one top-k over the row, with ties and -inf."""
+  from mmjax import planning
+
+  rng = np.random.default_rng(n + k)
+  s = rng.integers(0, 40, (6, n)).astype(np.float32)  # many ties
+  s = np.where(rng.random((6, n)) < 0.3, -np.inf, s)
+  s[0] = -np.inf  # a row with nothing valid
+  got = planning.kth_largest(jnp.asarray(s), k)
+  want = jax.lax.top_k(jnp.asarray(s), k)[0][..., -1:]
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.isfinite(np.asarray(got)[1:]).all()

@@ -1,0 +1,167 @@
+"""Where a policy's plan spends its device time: one profiled call per policy, its kernels'
+time summed by the source line (jax's op metadata) of the HLO op that launched them.
+
+  python tools/plan_trace.py --length 1048576 --policies vertical_slash,2d_boundary
+
+Prints, per policy, the plan's wall time and the top source lines by kernel time, and
+writes them to --out (JSON) if given. GPU or CPU (on the CPU the "kernels" are thunks).
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import bench_attention as bench_config
+from mmjax import bench, planning
+from mmjax import policies as P
+
+_META = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
+_TABLE = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')
+
+
+def _tables(hlo_text: str) -> dict[str, dict[int, object]]:
+  """The module's FileNames / FunctionNames / FileLocations / StackFrames tables."""
+  tables, cur = {}, None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      cur = tables.setdefault(line, {})
+      continue
+    m = _TABLE.match(line)
+    if cur is None or not m:
+      cur = None if not line.strip() or not m else cur
+      continue
+    if m.group(2) is not None:
+      cur[int(m.group(1))] = m.group(2)
+    else:
+      cur[int(m.group(1))] = dict(kv.split("=") for kv in m.group(3).split())
+  return tables
+
+
+def op_sources(hlo_text: str, package: str = "mmjax") -> dict[str, str]:
+  """HLO instruction name -> "file:line function" of the innermost stack frame in a file
+  under `package` (the planner's own line, not jax's), from the ops' metadata."""
+  t = _tables(hlo_text)
+  files, funcs = t.get("FileNames", {}), t.get("FunctionNames", {})
+  locs, frames = t.get("FileLocations", {}), t.get("StackFrames", {})
+
+  def where(frame_id):
+    first, seen = None, set()
+    while frame_id in frames and frame_id not in seen:
+      seen.add(frame_id)
+      loc = locs[int(frames[frame_id]["file_location_id"])]
+      fname = files[int(loc["file_name_id"])]
+      text = f"{os.path.basename(fname)}:{loc['line']} {funcs[int(loc['function_name_id'])]}"
+      first = first or text
+      if f"/{package}/" in fname:
+        return text
+      frame_id = int(frames[frame_id]["parent_frame_id"])
+    return first or "?"
+
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _META.match(line)
+    if not m:
+      continue
+    meta = m.group(2)
+    sf = re.search(r"stack_frame_id=(\d+)", meta)
+    name = re.search(r'op_name="([^"]*)"', meta)
+    tail = name.group(1).split("/")[-1] if name else "?"
+    out[m.group(1)] = (where(int(sf.group(1))) if sf else m.group(1)) + f" [{tail}]"
+  return out
+
+
+def kernel_times(fn, *args) -> tuple[dict[str, float], float]:
+  """Device time (us) per HLO op of one profiled call of jitted `fn`, and the total."""
+  jax.block_until_ready(fn(*args))
+  d = tempfile.mkdtemp(prefix="plantrace_")
+  with jax.profiler.trace(d, create_perfetto_trace=True):
+    jax.block_until_ready(fn(*args))
+  path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
+  with gzip.open(path) as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  times = collections.Counter()
+  for e in events:
+    a = e.get("args") or {}
+    if e.get("ph") == "X" and "hlo_op" in a and not e["name"].startswith("end:"):
+      times[a["hlo_op"]] += float(e.get("dur", 0.0))
+  return dict(times), sum(times.values())
+
+
+def _same_as_topk(pol, q, k, mod) -> bool:
+  """Whether the plan equals the one made with select_blocks' top-k branch forced."""
+  new = jax.jit(pol.plan)(q, k, mod)
+  fast = planning._select_by_class
+  planning._select_by_class = planning._topk_rows
+  jax.clear_caches()  # the plan's jit would otherwise reuse its fast-branch trace
+  try:
+    old = jax.jit(pol.plan)(q, k, mod)
+  finally:
+    planning._select_by_class = fast
+    jax.clear_caches()
+  leaves = zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old), strict=True)
+  return all(bool(jnp.array_equal(a, b)) for a, b in leaves)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--length", type=int, default=131072)
+  ap.add_argument("--heads", type=int, default=28)
+  ap.add_argument("--kv_heads", type=int, default=4)
+  ap.add_argument(
+    "--policies",
+    default="a_shape,vertical_slash,block_sparse,grid,q_boundary,2d_boundary,mminference",
+  )
+  ap.add_argument("--heads_per_step", type=int, default=2)
+  ap.add_argument("--top", type=int, default=12)
+  ap.add_argument("--out", default="")
+  ap.add_argument(
+    "--check", action="store_true", help="also compare each plan with the top-k selection's"
+  )
+  args = ap.parse_args()
+  t, h = args.length, 128
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, t, args.kv_heads, h), jnp.float32).astype(jnp.bfloat16)
+  mod = bench.video_text_modality(t, 576, 16, 256)
+  report = {"length": t, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  for name in args.policies.split(","):
+    if name == "mminference":  # as the attention benchmark runs it: one pattern per head
+      cfg = bench_config.get_config("")
+      cfg.heads_per_step = args.heads_per_step
+      pol = bench.cycle_table_policy(cfg, args.heads)
+    else:
+      pol = P.get(name, block_q=128, block_k=64, heads_per_step=args.heads_per_step)
+    fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m))
+    ms = bench.timeit(fn, q, k, mod, warmup=1, iters=3)
+    src = op_sources(fn.lower(q, k, mod).compile().as_text())
+    times, total = kernel_times(fn, q, k, mod)
+    by_src = collections.Counter()
+    for op, us in times.items():
+      by_src[src.get(op, op)] += us
+    top = by_src.most_common(args.top)
+    print(f"\n{name}: plan {ms:.2f} ms wall, {total / 1e3:.2f} ms in ops", flush=True)
+    for where, us in top:
+      print(f"  {us / 1e3:9.2f} ms {100 * us / max(total, 1e-9):5.1f}%  {where}")
+    report[name] = {"wall_ms": ms, "ops_ms": total / 1e3, "top": [[w, us / 1e3] for w, us in top]}
+    if args.check:
+      report[name]["same_as_topk"] = same = _same_as_topk(pol, q, k, mod)
+      print(f"  plan identical to the top-k selection's: {same}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
