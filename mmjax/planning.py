@@ -404,7 +404,7 @@ def select_blocks(pri, max_blocks, axis_names=()):
   priority -inf, ascending (what the top-k of `_topk_rows` leaves there).
 
   A sort-based top-k over [nQ, nK] took 117-240 ms of a 1M-token plan on an H200
-  (benchmarks/results/h200_2026-11-30/plan_trace_1m.json), so the usual rows take a
+  (benchmarks/results/h200_2026-11-30/plan_trace_1m_before.json), so the usual rows take a
   sort-free path with the same result (`_select_by_class`): a row whose finite entries
   fit keeps them all; a row that overflows with at least MB structural (>= PRI_STRUCT)
   blocks, as a grid's scattered sink blocks do, keeps its PRI_SELF blocks then its
