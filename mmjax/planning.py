@@ -420,9 +420,10 @@ def select_blocks(pri, max_blocks, axis_names=()):
     fits = jax.lax.pmin(fits.astype(jnp.int32), axis_names) > 0
   return jax.lax.cond(
     fits,
-    lambda p: _select_by_class(p, max_blocks),
-    lambda p: _topk_rows(p, max_blocks),
+    lambda p, n: _select_by_class(p, n, max_blocks),
+    lambda p, n: _topk_rows(p, max_blocks),
     pri,
+    n_fin,
   )
 
 
@@ -454,15 +455,16 @@ def _prefix_count(mask):
   return (inner + before[:, :, None]).reshape(n_r, -1)[:, :n].astype(jnp.int32)
 
 
-def _select_by_class(pri, max_blocks):
-  """`_topk_rows` for rows whose finite entries fit in MB or that hold >= MB entries of
-  priority >= PRI_STRUCT (priorities are PRI_SELF, PRI_STRUCT, pooled scores below
-  PRI_STRUCT, or -inf); other rows are not handled (select_blocks routes them away)."""
+def _select_by_class(pri, n_fin, max_blocks):
+  """`_topk_rows` for rows whose finite entries (n_fin [nQ] of them) fit in MB or that hold
+  >= MB entries of priority >= PRI_STRUCT (priorities are PRI_SELF, PRI_STRUCT, pooled
+  scores below PRI_STRUCT, or -inf); other rows are not handled (select_blocks routes them
+  away)."""
   n_q, n_k = pri.shape
   fin = pri > NEG
   is_self = pri == PRI_SELF
   is_struct = pri == PRI_STRUCT
-  n_fin = fin.sum(-1, keepdims=True)
+  n_fin = n_fin[:, None]
   n_self = is_self.sum(-1, keepdims=True)
   # an overflowing row keeps its first MB self blocks, then its first struct blocks.
   keep_over = (is_self & (_prefix_count(is_self) <= max_blocks)) | (

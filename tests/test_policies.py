@@ -157,7 +157,7 @@ def test_select_blocks_equals_top_k(mb):
     n_fin = np.asarray((pri > planning.NEG).sum(-1))
     n_struct = np.asarray((pri >= planning.PRI_STRUCT).sum(-1))
     eligible = (n_fin <= mb) | (n_struct >= mb)
-    fast = planning._select_by_class(pri, mb)
+    fast = planning._select_by_class(pri, jnp.asarray(n_fin), mb)
     for x, y in zip(fast, want, strict=True):
       np.testing.assert_array_equal(np.asarray(x)[eligible], np.asarray(y)[eligible])
     taken += int(eligible.all())
@@ -191,7 +191,7 @@ def test_plan_takes_the_sort_free_selection(name, case, monkeypatch):
   jax.clear_caches()
   fast = pol.plan(q, k, mod)
   by_class = planning._select_by_class
-  monkeypatch.setattr(planning, "_select_by_class", planning._topk_rows)
+  monkeypatch.setattr(planning, "_select_by_class", lambda p, n, mb: planning._topk_rows(p, mb))
   jax.clear_caches()
   topk = pol.plan(q, k, mod)
   topk_rows = planning._topk_rows
