@@ -110,17 +110,10 @@ def _topk_threshold_mask(score, valid, k):
 def kth_largest(s, k):
   """The k-th largest value of each row of s [..., n] (with repeats): [..., 1].
 
-  Rows longer than two chunks go through the top k of each chunk of 128 first: the k
-  largest of a row are among its chunks' k largest, and a top-k over short rows is far
-  cheaper on a GPU than one over a row of 16k blocks (111 ms of a 1M-token block-sparse
-  plan on an H200).
+  One top-k over the row: a two-stage version (the top k of each chunk of 128 first) was
+  slower on an H200 (block_sparse's 1M-token plan: 253 vs 181 ms,
+  benchmarks/results/h200_2026-11-30/README.md).
   """
-  n = s.shape[-1]
-  if k < _CHUNK and n > 2 * _CHUNK:
-    n_c = -(-n // _CHUNK)
-    sp = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, n_c * _CHUNK - n)], constant_values=NEG)
-    s = jax.lax.top_k(sp.reshape(*s.shape[:-1], n_c, _CHUNK), k)[0]
-    s = s.reshape(*s.shape[:-2], n_c * k)
   return jax.lax.top_k(s, k)[0][..., -1:]
 
 
@@ -404,24 +397,33 @@ def select_blocks(pri, max_blocks, axis_names=()):
   priority -inf, ascending (what the top-k of `_topk_rows` leaves there).
 
   A sort-based top-k over [nQ, nK] took 117-240 ms of a 1M-token plan on an H200
-  (benchmarks/results/h200_2026-11-30/plan_trace_1m_before.json), so the usual rows take a
-  sort-free path with the same result (`_select_by_class`): a row whose finite entries
-  fit keeps them all; a row that overflows with at least MB structural (>= PRI_STRUCT)
-  blocks, as a grid's scattered sink blocks do, keeps its PRI_SELF blocks then its
-  PRI_STRUCT blocks in index order. Only when some row needs the order among pooled
-  scores does the top-k run. The choice is one `lax.cond`; under `vmap` its predicate is
-  reduced over `axis_names` (the vmapped axes' names) so that it stays a branch rather
-  than becoming a select that runs both sides.
+  (benchmarks/results/h200_2026-11-30/plan_trace_1m_before.json), so the usual rows take
+  a sort-free path with the same result: when every row's finite entries fit, they are
+  compacted in index order (`_compact`); when some row overflows with at least MB
+  structural (>= PRI_STRUCT) blocks, as a grid's scattered sink blocks do, such rows keep
+  their PRI_SELF blocks then their PRI_STRUCT blocks in index order (`_select_by_class`).
+  Only when some row needs the order among pooled scores does the top-k run. The choice
+  is one `lax.switch`; under `vmap` its index is reduced over `axis_names` (the vmapped
+  axes' names) so that it stays a branch rather than becoming a select that runs every
+  side.
   """
   n_fin = (pri > NEG).sum(-1)
   n_struct = (pri >= PRI_STRUCT).sum(-1)
-  fits = jnp.all((n_fin <= max_blocks) | (n_struct >= max_blocks))
+  all_fit = jnp.all(n_fin <= max_blocks)
+  by_class = jnp.all((n_fin <= max_blocks) | (n_struct >= max_blocks))
   if axis_names:
-    fits = jax.lax.pmin(fits.astype(jnp.int32), axis_names) > 0
-  return jax.lax.cond(
-    fits,
-    lambda p, n: _select_by_class(p, n, max_blocks),
-    lambda p, n: _topk_rows(p, max_blocks),
+    all_fit = jax.lax.pmin(all_fit.astype(jnp.int32), axis_names) > 0
+    by_class = jax.lax.pmin(by_class.astype(jnp.int32), axis_names) > 0
+  # 0: every row fits (one prefix count); 1: rows fit or overflow with structural blocks
+  # (three); 2: some row needs the order among pooled scores (the top-k).
+  branch = jnp.where(all_fit, 0, jnp.where(by_class, 1, 2))
+  return jax.lax.switch(
+    branch,
+    (
+      lambda p, n: _compact(p > NEG, max_blocks),
+      lambda p, n: _select_by_class(p, n, max_blocks),
+      lambda p, n: _topk_rows(p, max_blocks),
+    ),
     pri,
     n_fin,
   )
@@ -460,7 +462,6 @@ def _select_by_class(pri, n_fin, max_blocks):
   >= MB entries of priority >= PRI_STRUCT (priorities are PRI_SELF, PRI_STRUCT, pooled
   scores below PRI_STRUCT, or -inf); other rows are not handled (select_blocks routes them
   away)."""
-  n_q, n_k = pri.shape
   fin = pri > NEG
   is_self = pri == PRI_SELF
   is_struct = pri == PRI_STRUCT
@@ -470,7 +471,13 @@ def _select_by_class(pri, n_fin, max_blocks):
   keep_over = (is_self & (_prefix_count(is_self) <= max_blocks)) | (
     is_struct & (_prefix_count(is_struct) <= max_blocks - n_self)
   )
-  keep = jnp.where(n_fin <= max_blocks, fin, keep_over)
+  return _compact(jnp.where(n_fin <= max_blocks, fin, keep_over), max_blocks)
+
+
+def _compact(keep, max_blocks):
+  """Per row, the indices where `keep` [nQ, nK] holds, ascending, then the others, first
+  `max_blocks` of them: (idx [nQ, MB], count of kept, at most MB)."""
+  n_q, n_k = keep.shape
   incl = _prefix_count(keep)
   count = incl[:, -1]
   j = jnp.arange(n_k, dtype=jnp.int32)

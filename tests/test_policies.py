@@ -190,15 +190,15 @@ def test_plan_takes_the_sort_free_selection(name, case, monkeypatch):
     pol = dataclasses.replace(pol, stride=32, sink_tokens=32)
   jax.clear_caches()
   fast = pol.plan(q, k, mod)
-  by_class = planning._select_by_class
-  monkeypatch.setattr(planning, "_select_by_class", lambda p, n, mb: planning._topk_rows(p, mb))
+  select = planning.select_blocks
+  monkeypatch.setattr(planning, "select_blocks", lambda p, mb, axes=(): planning._topk_rows(p, mb))
   jax.clear_caches()
   topk = pol.plan(q, k, mod)
   topk_rows = planning._topk_rows
   monkeypatch.setattr(
     planning, "_topk_rows", lambda p, mb: (topk_rows(p, mb)[0] + 1, topk_rows(p, mb)[1])
   )
-  monkeypatch.setattr(planning, "_select_by_class", by_class)
+  monkeypatch.setattr(planning, "select_blocks", select)
   jax.clear_caches()
   poisoned = pol.plan(q, k, mod)
   jax.clear_caches()

@@ -102,13 +102,13 @@ def kernel_times(fn, *args) -> tuple[dict[str, float], float]:
 def _same_as_topk(pol, q, k, mod) -> bool:
   """Whether the plan equals the one made with select_blocks' top-k branch forced."""
   new = jax.jit(pol.plan)(q, k, mod)
-  fast = planning._select_by_class
-  planning._select_by_class = lambda p, n, mb: planning._topk_rows(p, mb)
-  jax.clear_caches()  # the plan's jit would otherwise reuse its fast-branch trace
+  select = planning.select_blocks
+  planning.select_blocks = lambda p, mb, axes=(): planning._topk_rows(p, mb)
+  jax.clear_caches()  # the plan's jit would otherwise reuse its earlier trace
   try:
     old = jax.jit(pol.plan)(q, k, mod)
   finally:
-    planning._select_by_class = fast
+    planning.select_blocks = select
     jax.clear_caches()
   leaves = zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old), strict=True)
   return all(bool(jnp.array_equal(a, b)) for a, b in leaves)
