@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 NEG = -jnp.inf
-_CHUNK = 128  # row chunk of the sort-free prefix counts and the two-stage top-k
+SKIP_EMPTY_COMPONENTS = True  # tests turn it off to compare plans
+_CHUNK = 128  # chunk of the sort-free prefix counts
 BIG = np.int32(2**30)
 PRI_SELF = 3.0
 PRI_STRUCT = 2.0
@@ -120,8 +121,10 @@ def kth_largest(s, k):
 def _masked_mean(x, w, nb):
   """Mean of x [L, H] over rows with w [L] bool, per block of L // nb rows -> [nb, H]."""
   xb = x.reshape(nb, -1, x.shape[-1])
-  wb = w.reshape(nb, -1, 1).astype(x.dtype)
-  return (xb * wb).sum(1) / jnp.maximum(wb.sum(1), 1.0)
+  wb = w.reshape(nb, -1).astype(x.dtype)
+  # [nb, R, H] x [nb, R] -> [nb, H]: one pass over x (no masked copy of it)
+  total = jnp.einsum("brh,br->bh", xb, wb, precision=jax.lax.Precision.HIGHEST)
+  return total / jnp.maximum(wb.sum(1), 1.0)[:, None]
 
 
 # ----------------------------------------------------------------------------------------
@@ -585,8 +588,7 @@ def head_plan(
   pri = jnp.full((v.n_q, v.n_k), NEG)
   cands, cands_ok = [], []
   for comp in components:
-    kind = comp.pattern.name
-    cp, cols, cols_ok = pattern_priority(kind, comp.pattern, v, comp.q_mod, comp.k_mod, causal)
+    cp, cols, cols_ok = _component_priority(comp, v, causal, axis_names)
     pri = jnp.maximum(pri, cp)
     if cols.shape[0]:
       _, _, qany = _block_min_max(v.q_pos, v.q_ok(comp.q_mod), v.n_q)
@@ -619,6 +621,36 @@ def head_plan(
     k_perm=v.k_perm,
     aux=aux,
   )
+
+
+def _component_priority(comp, v: HeadView, causal, axis_names):
+  """pattern_priority of one component, skipped when it has no real query or no real key.
+
+  A skipped component gives what it would give anyway: all -inf priorities and no valid
+  column. The check is one `lax.cond`; under `vmap` its predicate is reduced (any) over
+  `axis_names`, so it stays a branch. 2d_boundary's two components for modality ids
+  never named are empty on text + vision inputs; each cost a top-k over [nQ, nK].
+  """
+
+  def run():
+    return pattern_priority(comp.pattern.name, comp.pattern, v, comp.q_mod, comp.k_mod, causal)
+
+  if not SKIP_EMPTY_COMPONENTS:
+    return run()
+  present = jnp.any(v.q_ok(comp.q_mod)) & jnp.any(v.k_ok(comp.k_mod))
+  if axis_names:
+    present = jax.lax.pmax(present.astype(jnp.int32), axis_names) > 0
+  shapes = jax.eval_shape(run)
+
+  def empty():
+    pri, cols, cols_ok = shapes
+    return (
+      jnp.full(pri.shape, NEG, pri.dtype),
+      jnp.zeros(cols.shape, cols.dtype),
+      jnp.zeros(cols_ok.shape, cols_ok.dtype),
+    )
+
+  return jax.lax.cond(present, run, empty)
 
 
 def _last_rows_probs(v: HeadView, q_mod, k_mod, last_q, use_mod):
