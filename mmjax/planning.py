@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NEG = -jnp.inf
-SKIP_EMPTY_COMPONENTS = True  # tests turn it off to compare plans
+SKIP_EMPTY_TOPK = True  # tests turn it off to compare plans
 _CHUNK = 128  # chunk of the sort-free prefix counts
 BIG = np.int32(2**30)
 PRI_SELF = 3.0
@@ -100,11 +100,28 @@ def _rank_in_group(group_of_sorted):
   return idx - start
 
 
-def _topk_threshold_mask(score, valid, k):
-  """Per row, True for the k highest valid scores (ties may add a few)."""
+def _topk_threshold_mask(score, valid, k, axis_names=()):
+  """Per row, True for the k highest valid scores (ties may add a few).
+
+  The top-k runs only when some entry is valid: one `lax.cond` whose predicate is reduced
+  (any) over `axis_names`, the vmapped axes, so that it stays a branch. A pattern's
+  component for a modality the input lacks (2d_boundary's ids never named, vision pairs
+  on text) has none, and its [nQ, nK] top-k was a large share of a long plan. The cond
+  holds only the threshold, so the mask itself still fuses into its consumers.
+  """
   k = min(k, score.shape[-1])
   s = jnp.where(valid, score, NEG)
-  thr = kth_largest(s, k)
+  if not SKIP_EMPTY_TOPK:
+    return valid & (s >= kth_largest(s, k)) & (s > NEG)
+  present = jnp.any(valid)
+  if axis_names:
+    present = jax.lax.pmax(present.astype(jnp.int32), axis_names) > 0
+  thr = jax.lax.cond(
+    present,
+    lambda x: kth_largest(x, k),
+    lambda x: jnp.full(x.shape[:-1] + (1,), jnp.inf, x.dtype),
+    s,
+  )
   return valid & (s >= thr) & (s > NEG)
 
 
@@ -339,13 +356,13 @@ def pooled_block_scores(v: HeadView, q_mod, k_mod):
   return s, qany[:, None] & kany[None, :]
 
 
-def _scored(v, q_mod, k_mod, top_k, causal):
+def _scored(v, q_mod, k_mod, top_k, causal, axis_names=()):
   s, pair = pooled_block_scores(v, q_mod, k_mod)
-  keep = _topk_threshold_mask(s, pair & causal, top_k)
+  keep = _topk_threshold_mask(s, pair & causal, top_k, axis_names)
   return jnp.where(keep, 1.0 + jax.nn.sigmoid(s), NEG)
 
 
-def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal):
+def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()):
   """Returns (priority [nQ, nK], column candidates [V] view indices, column valid [V])."""
   no_cols = (jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
   if kind == "dense":
@@ -355,11 +372,12 @@ def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal):
     hit = _sink_local(v, q_mod, k_mod, pat.sink_tokens, pat.local_tokens)
     return jnp.where(hit, PRI_STRUCT, NEG), *no_cols
   if kind == "block_sparse":
-    return _scored(v, q_mod, k_mod, pat.top_k_blocks, causal), *no_cols
+    return _scored(v, q_mod, k_mod, pat.top_k_blocks, causal, axis_names), *no_cols
   if kind == "grid":
     hit = _sink_local(v, q_mod, k_mod, pat.sink_tokens, pat.band_tokens)
     pri = jnp.where(hit, PRI_STRUCT, NEG)
-    return jnp.maximum(pri, _scored(v, q_mod, k_mod, pat.top_k_blocks, causal)), *no_cols
+    scored = _scored(v, q_mod, k_mod, pat.top_k_blocks, causal, axis_names)
+    return jnp.maximum(pri, scored), *no_cols
   if kind == "vertical_slash":
     return _vertical_slash(pat, v, q_mod, k_mod)
   raise ValueError(f"unknown pattern kind {kind!r}")
@@ -588,7 +606,10 @@ def head_plan(
   pri = jnp.full((v.n_q, v.n_k), NEG)
   cands, cands_ok = [], []
   for comp in components:
-    cp, cols, cols_ok = _component_priority(comp, v, causal, axis_names)
+    kind = comp.pattern.name
+    cp, cols, cols_ok = pattern_priority(
+      kind, comp.pattern, v, comp.q_mod, comp.k_mod, causal, axis_names
+    )
     pri = jnp.maximum(pri, cp)
     if cols.shape[0]:
       _, _, qany = _block_min_max(v.q_pos, v.q_ok(comp.q_mod), v.n_q)
@@ -621,36 +642,6 @@ def head_plan(
     k_perm=v.k_perm,
     aux=aux,
   )
-
-
-def _component_priority(comp, v: HeadView, causal, axis_names):
-  """pattern_priority of one component, skipped when it has no real query or no real key.
-
-  A skipped component gives what it would give anyway: all -inf priorities and no valid
-  column. The check is one `lax.cond`; under `vmap` its predicate is reduced (any) over
-  `axis_names`, so it stays a branch. 2d_boundary's two components for modality ids
-  never named are empty on text + vision inputs; each cost a top-k over [nQ, nK].
-  """
-
-  def run():
-    return pattern_priority(comp.pattern.name, comp.pattern, v, comp.q_mod, comp.k_mod, causal)
-
-  if not SKIP_EMPTY_COMPONENTS:
-    return run()
-  present = jnp.any(v.q_ok(comp.q_mod)) & jnp.any(v.k_ok(comp.k_mod))
-  if axis_names:
-    present = jax.lax.pmax(present.astype(jnp.int32), axis_names) > 0
-  shapes = jax.eval_shape(run)
-
-  def empty():
-    pri, cols, cols_ok = shapes
-    return (
-      jnp.full(pri.shape, NEG, pri.dtype),
-      jnp.zeros(cols.shape, cols.dtype),
-      jnp.zeros(cols_ok.shape, cols_ok.dtype),
-    )
-
-  return jax.lax.cond(present, run, empty)
 
 
 def _last_rows_probs(v: HeadView, q_mod, k_mod, last_q, use_mod):
