@@ -27,6 +27,7 @@ def get_config(arg: str | None = None):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.backend = "pallas"
+  c.pallas_kernel = "auto"  # auto: Mosaic GPU where it runs (Hopper, identity order), else Triton
   c.baseline_impl = ""  # "": cudnn on the GPU, XLA on the CPU
   c.dtype = "bfloat16"
   c.num_heads = 28

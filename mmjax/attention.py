@@ -55,7 +55,12 @@ def sparse_attention(
     plan: a precomputed plan (from `policy.plan`); built from q, k if None.
     return_lse: also return the log-sum-exp of the scores, [B, N, T] fp32.
     interpret: pallas backend only: run the kernels in interpret mode (default: on CPU).
-    pallas_options: pallas backend only: kernel knobs (col_chunk, num_warps, num_stages).
+    pallas_options: pallas backend only: `kernel` ("auto": the Mosaic GPU kernel where it
+      runs (a Hopper GPU, bf16/f16, 128x64 or 128x128 plans in identity order without key
+      columns: dense, a_shape, block_sparse), the Triton kernel otherwise; "triton";
+      "mosaic", an error where it cannot run), Triton knobs (col_chunk, num_warps,
+      num_stages, fuse_permutation) and the Mosaic knob mosaic_steps (k/v blocks in
+      flight).
 
   Returns:
     [B, T, N, H] in q's dtype (and the lse when asked).
@@ -222,6 +227,63 @@ def _xla(q, k, v, plan: SparsePlan):
 # ----------------------------------------------------------------------------------------
 # pallas
 # ----------------------------------------------------------------------------------------
+TRITON_OPTIONS = ("col_chunk", "num_warps", "num_stages", "fuse_permutation")
+MOSAIC_OPTIONS = ("mosaic_steps",)
+KERNELS = ("auto", "triton", "mosaic")
+
+
+def mosaic_unsupported(q, plan: SparsePlan, interpret: bool) -> str | None:
+  """Why the Mosaic GPU kernel cannot run this plan (None: it can)."""
+  from pallas_kernels.sparse_flash import mosaic  # noqa: PLC0415
+
+  if interpret:
+    return "it has no interpret mode (interpret=True, or jax's backend is the CPU)"
+  dev = jax.devices()[0]
+  cap = str(getattr(dev, "compute_capability", ""))
+  if dev.platform != "gpu" or not cap.startswith("9."):
+    return f"it needs a Hopper GPU (compute capability 9.x), jax has {dev.device_kind!r}"
+  if q.dtype not in mosaic.SUPPORTED_DTYPES:
+    return f"it takes bfloat16 or float16, got {q.dtype}"
+  if q.shape[-1] not in mosaic.SUPPORTED_HEAD_DIMS:
+    return f"it takes head_dim in {mosaic.SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
+  if plan.block_q != 128 or plan.block_k not in (64, 128):
+    return f"it takes 128x64 or 128x128 plans, got {plan.block_q}x{plan.block_k}"
+  if plan.q_perm is not None or plan.k_perm is not None:
+    return "it runs identity-order plans; this plan permutes queries or keys"
+  if plan.col_idx.shape[-1]:
+    return "it runs key blocks only; this plan has single key columns"
+  return None
+
+
+def pallas_kernel(q, plan: SparsePlan, *, interpret: bool, options=None) -> str:
+  """Which kernel backend='pallas' runs for this plan: "mosaic" or "triton".
+
+  kernel="auto" (the default) takes the Mosaic GPU kernel where it runs (see
+  `mosaic_unsupported`) unless a Triton knob was given, the Triton kernel otherwise;
+  "mosaic" raises where it cannot run. Knobs of the kernel not taken raise.
+  """
+  opts = dict(options or {})
+  choice = opts.pop("kernel", "auto")
+  triton_knobs = sorted(set(opts) & set(TRITON_OPTIONS))
+  mosaic_knobs = sorted(set(opts) & set(MOSAIC_OPTIONS))
+  why_not = mosaic_unsupported(q, plan, interpret)
+  if choice == "mosaic" and why_not:
+    raise ValueError(
+      f"pallas_options kernel='mosaic': the Mosaic GPU kernel cannot run this: {why_not}; "
+      "kernel='triton' runs every plan"
+    )
+  if choice == "mosaic" or (choice == "auto" and not why_not and not triton_knobs):
+    if triton_knobs:
+      raise ValueError(f"pallas_options {triton_knobs} are Triton knobs; kernel='mosaic'")
+    return "mosaic"
+  if mosaic_knobs:
+    raise ValueError(
+      f"pallas_options {mosaic_knobs}: the Triton kernel runs this plan"
+      + (f" (the Mosaic GPU kernel cannot: {why_not})" if why_not else "")
+    )
+  return "triton"
+
+
 def _pallas(q, k, v, plan: SparsePlan, *, interpret: bool, options):
   from pallas_kernels import sparse_flash  # noqa: PLC0415
 
@@ -236,16 +298,48 @@ def _pallas(q, k, v, plan: SparsePlan, *, interpret: bool, options):
     )
   if min(plan.block_q, plan.block_k) < 16:
     raise ValueError("backend='pallas' needs block_q and block_k >= 16")
-  opts = tuple(sorted((options or {}).items()))
-  unknown = {k for k, _ in opts} - {"col_chunk", "num_warps", "num_stages", "fuse_permutation"}
+  opts = dict(options or {})
+  choice = opts.pop("kernel", "auto")
+  if choice not in KERNELS:
+    raise ValueError(f"pallas_options: kernel={choice!r} is not one of {KERNELS}")
+  unknown = set(opts) - set(TRITON_OPTIONS) - set(MOSAIC_OPTIONS)
   if unknown:
     raise ValueError(
-      f"pallas_options: unknown {sorted(unknown)}; use col_chunk, num_warps, num_stages, "
-      "fuse_permutation"
+      f"pallas_options: unknown {sorted(unknown)}; use kernel, "
+      f"{', '.join(TRITON_OPTIONS + MOSAIC_OPTIONS)}"
     )
+  if pallas_kernel(q, plan, interpret=interpret, options=options) == "mosaic":
+    return _mosaic_run(q, k, v, plan, steps=opts.get("mosaic_steps", 2))
   return _pallas_run(
-    q, k, v, plan, interpret=interpret, kernel=sparse_flash.sparse_attention, options=opts
+    q,
+    k,
+    v,
+    plan,
+    interpret=interpret,
+    kernel=sparse_flash.sparse_attention,
+    options=tuple(sorted(opts.items())),
   )
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _mosaic_run(q, k, v, plan, *, steps):
+  from pallas_kernels.sparse_flash import mosaic  # noqa: PLC0415
+
+  t = q.shape[1]
+  q, k, v = (_pad_len(x, plan.padded_len) for x in (q, k, v))
+  # identity order: padded keys (index >= T) lie after every real query, so the causal
+  # mask hides them; padded query rows are dropped.
+  out = mosaic.sparse_attention(
+    q,
+    k,
+    v,
+    plan.block_idx,
+    plan.block_count,
+    block_q=plan.block_q,
+    block_k=plan.block_k,
+    max_concurrent_steps=steps,
+  )
+  return out[:, :t]
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "kernel", "options"))

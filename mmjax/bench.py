@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mmjax import plotting, policies, runinfo
-from mmjax.attention import sparse_attention
+from mmjax.attention import pallas_kernel, sparse_attention
 
 
 def video_text_modality(length: int, frame_tokens: int, text_between: int, prefix: int):
@@ -80,6 +80,7 @@ class Row:
   kernel_tflops: float
   baseline_tflops: float
   dense_ours_ms: float | None = None
+  kernel: str = ""  # the kernel that ran the plan: mosaic / triton (pallas), xla
 
 
 def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
@@ -90,6 +91,7 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
   impl = cfg.baseline_impl or ("cudnn" if cudnn_ok else "xla")
   baseline = dense_baseline(impl)
   rows = []
+  dense_kernel = cfg.backend
   for length in cfg.lengths:
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
     shape_q = (1, length, cfg.num_heads, cfg.head_dim)
@@ -104,8 +106,10 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
     if length <= cfg.dense_ours_max_len:
       dplan = policies.Dense(block_q=cfg.block_q, block_k=cfg.block_k).plan(q, k, mod)
       dense_ours = timeit(
-        _kernel_fn(cfg.backend), q, k, v, dplan, warmup=cfg.warmup, iters=cfg.iters
+        _kernel_fn(cfg.backend, _options(cfg)), q, k, v, dplan, warmup=cfg.warmup, iters=cfg.iters
       )
+      if cfg.backend == "pallas":
+        dense_kernel = pallas_kernel(q, dplan, interpret=not on_gpu, options=_options(cfg))
       del dplan
     it = tqdm(cfg.policies, desc=f"T={length}", disable=not progress)
     for name in it:
@@ -121,6 +125,7 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
     "jax": jax.__version__,
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "baseline": f"jax.nn.dot_product_attention(is_causal=True, implementation={impl!r})",
+    "dense_ours_kernel": dense_kernel,
     "manifest": runinfo.manifest(cfg.seed),
   }
   if workdir:
@@ -165,10 +170,17 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
   plan_fn = jax.jit(lambda q, k, m: pol.plan(q, k, m))
   plan_ms = timeit(plan_fn, q, k, mod, warmup=cfg.warmup, iters=cfg.iters)
   plan = plan_fn(q, k, mod)
-  kernel_ms = timeit(_kernel_fn(cfg.backend), q, k, v, plan, warmup=cfg.warmup, iters=cfg.iters)
+  opts = _options(cfg)
+  kernel_fn = _kernel_fn(cfg.backend, opts)
+  kernel_ms = timeit(kernel_fn, q, k, v, plan, warmup=cfg.warmup, iters=cfg.iters)
   density = float(plan.density())
+  kernel = cfg.backend
+  if cfg.backend == "pallas":
+    kernel = pallas_kernel(q, plan, interpret=jax.default_backend() == "cpu", options=opts)
   del plan
-  total_fn = jax.jit(lambda q, k, v, m: sparse_attention(q, k, v, pol, m, backend=cfg.backend))
+  total_fn = jax.jit(
+    lambda q, k, v, m: sparse_attention(q, k, v, pol, m, backend=cfg.backend, pallas_options=opts)
+  )
   total_ms = timeit(total_fn, q, k, v, mod, warmup=cfg.warmup, iters=cfg.iters)
   return dataclasses.asdict(
     Row(
@@ -183,14 +195,19 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
       kernel_tflops=flops * density / kernel_ms / 1e9,
       baseline_tflops=flops / base_ms / 1e9,
       dense_ours_ms=dense_ours,
+      kernel=kernel,
     )
   )
 
 
-def _kernel_fn(backend):
+def _options(cfg):
+  return {"kernel": cfg.pallas_kernel} if cfg.backend == "pallas" else None
+
+
+def _kernel_fn(backend, options=None):
   @jax.jit
   def f(q, k, v, plan):
-    return sparse_attention(q, k, v, plan=plan, backend=backend)
+    return sparse_attention(q, k, v, plan=plan, backend=backend, pallas_options=options)
 
   return f
 
@@ -198,21 +215,23 @@ def _kernel_fn(backend):
 def format_table(result) -> str:
   lines = [
     f"device: {result['device']}, jax {result['jax']}, {result['date']}; "
-    f"baseline: {result['baseline']}",
+    f"baseline: {result['baseline']}; ours dense: the {result.get('dense_ours_kernel', '?')} "
+    "kernel on the dense plan",
     "",
     "| T | policy | density | baseline ms | ours dense ms | plan ms | kernel ms | "
-    "plan+kernel ms | speedup | kernel TFLOP/s (eff.) | baseline TFLOP/s |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "plan+kernel ms | speedup | kernel TFLOP/s (eff.) | baseline TFLOP/s | kernel |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
     if "error" in r:
-      lines.append(f"| {r['length']} | {r['policy']} | failed: {r['error'][:80]} |" + " |" * 8)
+      lines.append(f"| {r['length']} | {r['policy']} | failed: {r['error'][:80]} |" + " |" * 9)
       continue
     dense = f"{r['dense_ours_ms']:.2f}" if r["dense_ours_ms"] is not None else "-"
     lines.append(
       f"| {r['length']} | {r['policy']} | {r['density']:.3f} | {r['baseline_ms']:.2f} | "
       f"{dense} | {r['plan_ms']:.2f} | {r['kernel_ms']:.2f} | {r['total_ms']:.2f} | "
-      f"{r['speedup']:.2f}x | {r['kernel_tflops']:.0f} | {r['baseline_tflops']:.0f} |"
+      f"{r['speedup']:.2f}x | {r['kernel_tflops']:.0f} | {r['baseline_tflops']:.0f} | "
+      f"{r.get('kernel', '')} |"
     )
   return "\n".join(lines)
 

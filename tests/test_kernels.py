@@ -3,6 +3,8 @@
 `KernelTests` holds the checks; `TestInterpret` runs them on the CPU in interpret mode,
 `TestGPU` compiled on a GPU (pytest --gpu -m gpu)."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -163,3 +165,128 @@ def test_mmjax_pallas_backend_errors():
     mmjax.sparse_attention(
       q, k, v, helpers.small_policies()["dense"], mod, backend="pallas", return_lse=True
     )
+
+
+# ----------------------------------------------------------------------------------------
+# the Mosaic GPU kernel (Hopper only: jax's Mosaic GPU interpret mode cannot run it)
+# ----------------------------------------------------------------------------------------
+def identity_plan_inputs(seed, b, length, n, kh, h, dtype, bk, density=0.5):
+  """q, k, v and ascending causal block lists (diagonal blocks kept, one empty row)."""
+  rng = np.random.default_rng(seed)
+  q, k, v = (
+    jnp.asarray(rng.standard_normal((b, length, heads, h)), jnp.float32).astype(dtype)
+    for heads in (n, kh, kh)
+  )
+  nq, bq = length // 128, 128
+  idx = np.zeros((b, n, nq, length // bk), np.int32)
+  cnt = np.zeros((b, n, nq), np.int32)
+  for bb, nn, i in np.ndindex(b, n, nq):
+    js = np.arange(((i + 1) * bq - 1) // bk + 1)
+    keep = js[(js >= i * bq // bk) | (rng.random(js.size) < density)]
+    idx[bb, nn, i, : keep.size] = keep
+    cnt[bb, nn, i] = keep.size
+  cnt[0, 0, 1] = 0  # a query block with nothing listed outputs zeros
+  return q, k, v, jnp.asarray(idx), jnp.asarray(cnt)
+
+
+def _identity_reference(q, k, v, idx, cnt, bk):
+  b, length, n, _ = q.shape
+  pos = jnp.arange(length, dtype=jnp.int32)
+  none = jnp.zeros(idx.shape[:3] + (0,), jnp.int32)
+  return sparse_attention_reference(
+    q,
+    k,
+    v,
+    jnp.broadcast_to(pos, (b, n, length)),
+    jnp.broadcast_to(pos, (b, k.shape[2], length)),
+    idx,
+    cnt,
+    none,
+    jnp.zeros_like(cnt),
+    block_q=128,
+    block_k=bk,
+  )
+
+
+@pytest.mark.gpu
+class TestMosaicGPU:
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  @pytest.mark.parametrize("bk, h, density", [(64, 128, 0.5), (128, 128, 1.0), (64, 64, 0.2)])
+  def test_matches_reference(self, dtype, bk, h, density):
+    from pallas_kernels.sparse_flash import mosaic
+
+    q, k, v, idx, cnt = identity_plan_inputs(bk + h, 2, 1024, 4, 2, h, dtype, bk, density)
+    out = mosaic.sparse_attention(q, k, v, idx, cnt, block_q=128, block_k=bk, debug=True)
+    ref = _identity_reference(q, k, v, idx, cnt, bk)
+    assert out.shape == q.shape and out.dtype == dtype
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, ref, atol=3e-2, rtol=3e-2)
+    np.testing.assert_array_equal(out[0, 128:256, 0], 0.0)
+
+  def test_through_mmjax_policies(self):
+    for name in ("dense", "a_shape", "block_sparse"):
+      pol = helpers.small_policies(128, 64)[name]
+      q, k, v, mod = helpers.random_inputs(4, 1, 1000, 4, 2, 128, jnp.bfloat16)
+      plan = pol.plan(q, k, mod)
+      ref = mmjax.sparse_attention(q, k, v, plan=plan, backend="reference")
+      out = mmjax.sparse_attention(
+        q, k, v, plan=plan, backend="pallas", pallas_options={"kernel": "mosaic"}
+      )
+      np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=3e-2, rtol=3e-2
+      )
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (dict(block_q=64), "block_q=128"),
+    (dict(block_k=32), "block_k 64 or 128"),
+    (dict(interpret=True), "interpret mode"),
+    (dict(max_concurrent_steps=1), "max_concurrent_steps"),
+  ],
+)
+def test_mosaic_kernel_bad_arguments(kwargs, match):
+  from pallas_kernels.sparse_flash import mosaic
+
+  q, k, v, idx, cnt = identity_plan_inputs(0, 1, 256, 2, 1, 64, jnp.bfloat16, 64)
+  with pytest.raises(ValueError, match=match):
+    mosaic.sparse_attention(q, k, v, idx, cnt, **{"block_q": 128, "block_k": 64, **kwargs})
+
+
+def test_mosaic_kernel_bad_inputs():
+  from pallas_kernels.sparse_flash import mosaic
+
+  q, k, v, idx, cnt = identity_plan_inputs(0, 1, 256, 2, 1, 64, jnp.bfloat16, 64)
+  run = functools.partial(mosaic.sparse_attention, block_q=128, block_k=64, debug=True)
+  with pytest.raises(ValueError, match="dtype"):
+    run(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), idx, cnt)
+  with pytest.raises(ValueError, match="head_dim=32"):
+    run(q[..., :32], k[..., :32], v[..., :32], idx, cnt)
+  with pytest.raises(ValueError, match="ascending"):
+    run(q, k, v, idx.at[0, 0, 1, :2].set(jnp.array([1, 0])), cnt.at[0, 0, 1].set(2))
+  with pytest.raises(ValueError, match="out of range"):
+    run(q, k, v, idx.at[0, 0, 0, 0].set(99), cnt)
+  with pytest.raises(ValueError, match="block_count must lie"):
+    run(q, k, v, idx, cnt + 9)
+
+
+def test_pallas_kernel_choice_errors():
+  q, k, v, mod = helpers.random_inputs(0, 1, 256, 2, 1, 64, jnp.bfloat16)
+  plan = helpers.small_policies(128, 64)["block_sparse"].plan(q, k, mod)
+  attend = functools.partial(mmjax.sparse_attention, q, k, v, plan=plan, backend="pallas")
+  with pytest.raises(ValueError, match="kernel='bogus' is not one of"):
+    attend(pallas_options={"kernel": "bogus"})
+  with pytest.raises(ValueError, match="Mosaic GPU kernel cannot run this: it has no interp"):
+    attend(pallas_options={"kernel": "mosaic"})  # the CPU: interpret mode
+  with pytest.raises(ValueError, match="mosaic_steps.*the Triton kernel runs this plan"):
+    attend(pallas_options={"mosaic_steps": 3})
+  with pytest.raises(ValueError, match="unknown"):
+    attend(pallas_options={"warps": 4})
+  # auto on the CPU: the Triton kernel in interpret mode, equal to the reference
+  out = attend()
+  ref = mmjax.sparse_attention(q, k, v, plan=plan, backend="reference")
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2, rtol=2e-2
+  )
