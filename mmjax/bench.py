@@ -91,7 +91,7 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
   impl = cfg.baseline_impl or ("cudnn" if cudnn_ok else "xla")
   baseline = dense_baseline(impl)
   rows = []
-  dense_kernel = cfg.backend
+  dense_kernel = None  # set where the dense plan is timed
   for length in cfg.lengths:
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
     shape_q = (1, length, cfg.num_heads, cfg.head_dim)
@@ -108,6 +108,7 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
       dense_ours = timeit(
         _kernel_fn(cfg.backend, _options(cfg)), q, k, v, dplan, warmup=cfg.warmup, iters=cfg.iters
       )
+      dense_kernel = cfg.backend
       if cfg.backend == "pallas":
         dense_kernel = pallas_kernel(q, dplan, interpret=not on_gpu, options=_options(cfg))
       del dplan
@@ -215,8 +216,12 @@ def _kernel_fn(backend, options=None):
 def format_table(result) -> str:
   lines = [
     f"device: {result['device']}, jax {result['jax']}, {result['date']}; "
-    f"baseline: {result['baseline']}; ours dense: the {result.get('dense_ours_kernel', '?')} "
-    "kernel on the dense plan",
+    f"baseline: {result['baseline']}"
+    + (
+      f"; ours dense: the {result['dense_ours_kernel']} kernel on the dense plan"
+      if result.get("dense_ours_kernel")
+      else ""
+    ),
     "",
     "| T | policy | density | baseline ms | ours dense ms | plan ms | kernel ms | "
     "plan+kernel ms | speedup | kernel TFLOP/s (eff.) | baseline TFLOP/s | kernel |",

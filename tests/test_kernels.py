@@ -1,7 +1,9 @@
 """pallas_kernels.sparse_flash against its pure-jnp reference, on fresh random inputs.
 
-`KernelTests` holds the checks; `TestInterpret` runs them on the CPU in interpret mode,
-`TestGPU` compiled on a GPU (pytest --gpu -m gpu)."""
+`KernelTests` holds the Triton kernel's checks; `TestInterpret` runs them on the CPU in
+interpret mode, `TestGPU` compiled on a GPU (pytest --gpu -m gpu). The Mosaic GPU kernel
+cannot run in interpret mode: `TestMosaicGPU` runs on a Hopper GPU only; its argument
+checks and the backend's kernel choice are tested on the CPU."""
 
 import functools
 
