@@ -246,8 +246,10 @@ def mosaic_unsupported(q, plan: SparsePlan, interpret: bool) -> str | None:
     return f"it takes bfloat16 or float16, got {q.dtype}"
   if q.shape[-1] not in mosaic.SUPPORTED_HEAD_DIMS:
     return f"it takes head_dim in {mosaic.SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}"
-  if plan.block_q != 128 or plan.block_k not in (64, 128):
-    return f"it takes 128x64 or 128x128 plans, got {plan.block_q}x{plan.block_k}"
+  if (plan.block_q, plan.block_k) not in mosaic.SUPPORTED_BLOCKS:
+    return (
+      f"it takes (block_q, block_k) in {mosaic.SUPPORTED_BLOCKS}, got {plan.block_q}x{plan.block_k}"
+    )
   if plan.q_perm is not None or plan.k_perm is not None:
     return "it runs identity-order plans; this plan permutes queries or keys"
   if plan.col_idx.shape[-1]:
@@ -260,10 +262,19 @@ def pallas_kernel(q, plan: SparsePlan, *, interpret: bool, options=None) -> str:
 
   kernel="auto" (the default) takes the Mosaic GPU kernel where it runs (see
   `mosaic_unsupported`) unless a Triton knob was given, the Triton kernel otherwise;
-  "mosaic" raises where it cannot run. Knobs of the kernel not taken raise.
+  "mosaic" raises where it cannot run. Unknown options and knobs of the kernel not taken
+  raise.
   """
   opts = dict(options or {})
   choice = opts.pop("kernel", "auto")
+  if choice not in KERNELS:
+    raise ValueError(f"pallas_options: kernel={choice!r} is not one of {KERNELS}")
+  unknown = set(opts) - set(TRITON_OPTIONS) - set(MOSAIC_OPTIONS)
+  if unknown:
+    raise ValueError(
+      f"pallas_options: unknown {sorted(unknown)}; use kernel, "
+      f"{', '.join(TRITON_OPTIONS + MOSAIC_OPTIONS)}"
+    )
   triton_knobs = sorted(set(opts) & set(TRITON_OPTIONS))
   mosaic_knobs = sorted(set(opts) & set(MOSAIC_OPTIONS))
   why_not = mosaic_unsupported(q, plan, interpret)
@@ -299,16 +310,7 @@ def _pallas(q, k, v, plan: SparsePlan, *, interpret: bool, options):
   if min(plan.block_q, plan.block_k) < 16:
     raise ValueError("backend='pallas' needs block_q and block_k >= 16")
   opts = dict(options or {})
-  choice = opts.pop("kernel", "auto")
-  if choice not in KERNELS:
-    raise ValueError(f"pallas_options: kernel={choice!r} is not one of {KERNELS}")
-  unknown = set(opts) - set(TRITON_OPTIONS) - set(MOSAIC_OPTIONS)
-  if unknown:
-    raise ValueError(
-      f"pallas_options: unknown {sorted(unknown)}; use kernel, "
-      f"{', '.join(TRITON_OPTIONS + MOSAIC_OPTIONS)}"
-    )
-  if pallas_kernel(q, plan, interpret=interpret, options=options) == "mosaic":
+  if pallas_kernel(q, plan, interpret=interpret, options=opts) == "mosaic":
     return _mosaic_run(q, k, v, plan, steps=opts.get("mosaic_steps", 2))
   return _pallas_run(
     q,
@@ -317,7 +319,7 @@ def _pallas(q, k, v, plan: SparsePlan, *, interpret: bool, options):
     plan,
     interpret=interpret,
     kernel=sparse_flash.sparse_attention,
-    options=tuple(sorted(opts.items())),
+    options=tuple(sorted((key, val) for key, val in opts.items() if key != "kernel")),
   )
 
 

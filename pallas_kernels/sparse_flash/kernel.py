@@ -125,6 +125,44 @@ def _kernel(
     o_ref[...] = out.astype(o_ref.dtype)
 
 
+def check_qkv(q, k, v):
+  """Shape checks of q [B, L, N, H], k and v [B, L, K, H] (N % K == 0): (B, L, N, K, H)."""
+  if q.ndim != 4 or k.ndim != 4:
+    raise ValueError(f"q must be [B, L, N, H] and k, v [B, L, K, H]; got {q.shape}, {k.shape}")
+  b, length, n, h = q.shape
+  if k.shape != v.shape or k.shape[0] != b or k.shape[1] != length or k.shape[3] != h:
+    raise ValueError(
+      f"k and v must be [B, L, K, H] = [{b}, {length}, K, {h}]; got {k.shape}, {v.shape}"
+    )
+  kh = k.shape[2]
+  if n % kh:
+    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
+  return b, length, n, kh, h
+
+
+def check_index_list(name, idx, count, bnq, bound, debug):
+  """Checks an index list idx [B, N, nQ, M] int32 and its count [B, N, nQ] int32 (bnq the
+  shape). With `debug` and concrete inputs also that counts lie in [0, M] and the listed
+  entries in [0, bound); then returns the used-slot mask [B, N, nQ, M] (numpy), else None."""
+  cname = name.replace("_idx", "_count")
+  if tuple(count.shape) != bnq or count.dtype != jnp.int32:
+    raise ValueError(f"{cname} must be int32 of shape {bnq}; got {count.dtype} {count.shape}")
+  if idx.ndim != 4 or tuple(idx.shape[:3]) != bnq or idx.dtype != jnp.int32:
+    raise ValueError(
+      f"{name} must be int32 of shape ({', '.join(map(str, bnq))}, M); got {idx.dtype} {idx.shape}"
+    )
+  if not debug or any(isinstance(x, jax.core.Tracer) for x in (idx, count)):
+    return None
+  m = idx.shape[3]
+  cnt, ix = np.asarray(count), np.asarray(idx)
+  if (cnt < 0).any() or (cnt > m).any():
+    raise ValueError(f"{cname} must lie in [0, {m}]")
+  used = np.arange(m) < cnt[..., None]
+  if ((ix < 0) | (ix >= bound))[used].any():
+    raise ValueError(f"{name} out of range [0, {bound})")
+  return used
+
+
 def _check(
   q,
   k,
@@ -140,16 +178,7 @@ def _check(
   debug,
   fused=False,
 ):
-  if q.ndim != 4 or k.ndim != 4:
-    raise ValueError(f"q must be [B, L, N, H] and k, v [B, L, K, H]; got {q.shape}, {k.shape}")
-  b, length, n, h = q.shape
-  if k.shape != v.shape or k.shape[0] != b or k.shape[1] != length or k.shape[3] != h:
-    raise ValueError(
-      f"k and v must be [B, L, K, H] = [{b}, {length}, K, {h}]; got {k.shape}, {v.shape}"
-    )
-  kh = k.shape[2]
-  if n % kh:
-    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
+  b, length, n, kh, h = check_qkv(q, k, v)
   if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(
       f"dtype: q, k, v must share one of {[str(jnp.dtype(d)) for d in SUPPORTED_DTYPES]}; "
@@ -163,36 +192,12 @@ def _check(
     if length % bs:
       raise ValueError(f"L={length} must be a multiple of {name}={bs} (pad the inputs)")
   nq = length // block_q
-  want = {
-    "q_pos": ((b, n, length), q_pos),
-    "k_pos": ((b, n if fused else kh, length), k_pos),
-    "block_count": ((b, n, nq), block_count),
-    "col_count": ((b, n, nq), col_count),
-  }
+  want = {"q_pos": ((b, n, length), q_pos), "k_pos": ((b, n if fused else kh, length), k_pos)}
   for name, (shape, arr) in want.items():
     if tuple(arr.shape) != shape or arr.dtype != jnp.int32:
       raise ValueError(f"{name} must be int32 of shape {shape}; got {arr.dtype} {arr.shape}")
-  for name, arr in (("block_idx", block_idx), ("col_idx", col_idx)):
-    if arr.ndim != 4 or tuple(arr.shape[:3]) != (b, n, nq) or arr.dtype != jnp.int32:
-      raise ValueError(
-        f"{name} must be int32 of shape ({b}, {n}, {nq}, M); got {arr.dtype} {arr.shape}"
-      )
-  if debug and not any(
-    isinstance(x, jax.core.Tracer) for x in (block_idx, block_count, col_idx, col_count)
-  ):
-    mb, mc = block_idx.shape[3], col_idx.shape[3]
-    bc, cc = np.asarray(block_count), np.asarray(col_count)
-    if (bc < 0).any() or (bc > mb).any():
-      raise ValueError(f"block_count must lie in [0, {mb}]")
-    if (cc < 0).any() or (cc > mc).any():
-      raise ValueError(f"col_count must lie in [0, {mc}]")
-    bi, ci = np.asarray(block_idx), np.asarray(col_idx)
-    used_b = np.arange(mb) < bc[..., None]
-    used_c = np.arange(mc) < cc[..., None]
-    if ((bi < 0) | (bi >= length // block_k))[used_b].any():
-      raise ValueError(f"block_idx out of range [0, {length // block_k})")
-    if ((ci < 0) | (ci >= length))[used_c].any():
-      raise ValueError(f"col_idx out of range [0, {length})")
+  check_index_list("block_idx", block_idx, block_count, (b, n, nq), length // block_k, debug)
+  check_index_list("col_idx", col_idx, col_count, (b, n, nq), length, debug)
   return b, length, n, kh, h
 
 

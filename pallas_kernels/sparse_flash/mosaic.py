@@ -42,8 +42,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.sparse_flash.kernel import check_index_list, check_qkv
+
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_BLOCKS = ((128, 64), (128, 128))  # (block_q, block_k) of the plans it runs
 LOG2E = math.log2(math.e)
 _WG_ROWS = 64  # query rows per compute warpgroup at block_q = 128
 
@@ -59,15 +62,7 @@ class MosaicBlockSizes:
 
 
 def _check(q, k, v, block_idx, block_count, block_q, block_k, max_concurrent_steps, debug):
-  if q.ndim != 4 or k.ndim != 4:
-    raise ValueError(f"q must be [B, L, N, H] and k, v [B, L, K, H]; got {q.shape}, {k.shape}")
-  b, length, n, h = q.shape
-  if k.shape != v.shape or k.shape[0] != b or k.shape[1] != length or k.shape[3] != h:
-    raise ValueError(
-      f"k and v must be [B, L, K, H] = [{b}, {length}, K, {h}]; got {k.shape}, {v.shape}"
-    )
-  if n % k.shape[2]:
-    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={k.shape[2]}")
+  b, length, n, _, h = check_qkv(q, k, v)
   if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(
       f"dtype: the Mosaic GPU kernel takes q, k, v of one of "
@@ -86,28 +81,9 @@ def _check(q, k, v, block_idx, block_count, block_q, block_k, max_concurrent_ste
     if length % bs:
       raise ValueError(f"L={length} must be a multiple of {name}={bs} (pad the inputs)")
   nq = length // block_q
-  if tuple(block_count.shape) != (b, n, nq) or block_count.dtype != jnp.int32:
-    raise ValueError(
-      f"block_count must be int32 of shape {(b, n, nq)}; got {block_count.dtype} "
-      f"{block_count.shape}"
-    )
-  idx_shape = tuple(block_idx.shape[:3]) if block_idx.ndim == 4 else None
-  if idx_shape != (b, n, nq) or block_idx.dtype != jnp.int32:
-    raise ValueError(
-      f"block_idx must be int32 of shape ({b}, {n}, {nq}, MB); got {block_idx.dtype} "
-      f"{block_idx.shape}"
-    )
-  if debug and not any(isinstance(x, jax.core.Tracer) for x in (block_idx, block_count)):
-    mb = block_idx.shape[3]
-    bc, bi = np.asarray(block_count), np.asarray(block_idx)
-    if (bc < 0).any() or (bc > mb).any():
-      raise ValueError(f"block_count must lie in [0, {mb}]")
-    used = np.arange(mb) < bc[..., None]
-    if ((bi < 0) | (bi >= length // block_k))[used].any():
-      raise ValueError(f"block_idx out of range [0, {length // block_k})")
-    steps = np.diff(bi, axis=-1) > 0
-    if not steps[used[..., 1:]].all():
-      raise ValueError("block_idx: the listed blocks of a query block must be ascending")
+  used = check_index_list("block_idx", block_idx, block_count, (b, n, nq), length // block_k, debug)
+  if used is not None and not (np.diff(np.asarray(block_idx), axis=-1) > 0)[used[..., 1:]].all():
+    raise ValueError("block_idx: the listed blocks of a query block must be ascending")
 
 
 def sparse_attention(
