@@ -100,48 +100,83 @@ def _rank_in_group(group_of_sorted):
   return idx - start
 
 
-def _topk_threshold_mask(score, valid, k, axis_names=()):
-  """Per row, True for the k highest valid scores (ties may add a few).
+def _topk_threshold_mask(score, valid, k, axis_names=(), present=None):
+  """Per row, True for the k highest valid scores (ties to the lower index): [nQ, nK].
 
-  The top-k runs only when some entry is valid: one `lax.cond` whose predicate is reduced
-  (any) over `axis_names`, the vmapped axes, so that it stays a branch. A pattern's
-  component for a modality the input lacks (2d_boundary's ids never named, vision pairs
-  on text) has none, and its [nQ, nK] top-k was a large share of a long plan. The cond
-  holds only the threshold, so the mask itself still fuses into its consumers.
+  The reference planner's scored blocks. The top-k runs only when some entry is valid: one
+  `lax.cond` whose predicate is reduced (any) over `axis_names`, the vmapped axes, so that
+  it stays a branch (a pattern's component for a modality the input lacks, such as
+  2d_boundary's ids never named, has none).
   """
   k = min(k, score.shape[-1])
   s = jnp.where(valid, score, NEG)
+
+  def mask(x):
+    vals, idx = jax.lax.top_k(x, k)
+    rows = jnp.arange(x.shape[0])[:, None]
+    return jnp.zeros(x.shape, bool).at[rows, idx].set(vals > NEG)
+
   if not SKIP_EMPTY_TOPK:
-    return valid & (s >= kth_largest(s, k)) & (s > NEG)
+    return mask(s)
+  present = _any_over(valid if present is None else present, axis_names)
+  return jax.lax.cond(present, mask, lambda x: jnp.zeros(x.shape, bool), s)
+
+
+def _any_over(valid, axis_names):
   present = jnp.any(valid)
   if axis_names:
     present = jax.lax.pmax(present.astype(jnp.int32), axis_names) > 0
-  thr = jax.lax.cond(
-    present,
-    lambda x: kth_largest(x, k),
-    lambda x: jnp.full(x.shape[:-1] + (1,), jnp.inf, x.dtype),
-    s,
-  )
-  return valid & (s >= thr) & (s > NEG)
+  return present
 
 
-def kth_largest(s, k):
-  """The k-th largest value of each row of s [..., n] (with repeats): [..., 1].
+def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True):
+  """Per row, the k highest valid scores (ties to the lower index), without a top-k over
+  the whole row: (idx [R, k'], values [R, k'], -inf where fewer are valid), k' = min(k, n).
 
-  One top-k over the row: a two-stage version (the top k of each chunk of 128 first) was
-  slower on an H200 (block_sparse's 1M-token plan: 253 vs 181 ms,
-  benchmarks/results/h200_2026-11-30/README.md).
+  The row is cut into chunks of C; the top k chunks by their maximum (ties to the lower
+  chunk) hold the row's top k (an entry outside them is beaten by the k chunks' maxima),
+  so one top-k over the n / C chunk maxima and one over the k * C entries of those chunks,
+  in index order, give the entries a top-k over the row gives. C ~ sqrt(n / k) balances
+  the two. Runs under a `lax.cond` like `_topk_threshold_mask` (predicate: `present`, some
+  valid entry if None) unless `skip_empty` is False.
   """
-  return jax.lax.top_k(s, k)[0][..., -1:]
+  n_r, n = score.shape
+  k = min(k, n)
+  c = 1 << max(0, round(math.log2(max(1.0, math.sqrt(n / max(k, 1))))))
+  n_c = -(-n // c)
+  kc = min(k, n_c)
+
+  def run(s, ok):
+    s = jnp.where(ok, s, NEG)
+    s = jnp.pad(s, ((0, 0), (0, n_c * c - n)), constant_values=NEG).reshape(n_r, n_c, c)
+    _, chunks = jax.lax.top_k(s.max(-1), kc)  # [R, kc]
+    chunks = jnp.sort(chunks, axis=-1)
+    cand = jnp.take_along_axis(s, chunks[:, :, None], axis=1).reshape(n_r, kc * c)
+    vals, pos = jax.lax.top_k(cand, k)
+    idx = (chunks[:, :, None] * c + jnp.arange(c, dtype=jnp.int32)).reshape(n_r, kc * c)
+    return jnp.take_along_axis(idx, pos, axis=1).astype(jnp.int32), vals
+
+  def empty(s, ok):
+    return jnp.zeros((n_r, k), jnp.int32), jnp.full((n_r, k), NEG, s.dtype)
+
+  if not (SKIP_EMPTY_TOPK and skip_empty):
+    return run(score, valid)
+  present = _any_over(valid if present is None else present, axis_names)
+  return jax.lax.cond(present, run, empty, score, valid)
 
 
 def _masked_mean(x, w, nb):
-  """Mean of x [L, H] over rows with w [L] bool, per block of L // nb rows -> [nb, H]."""
-  xb = x.reshape(nb, -1, x.shape[-1])
-  wb = w.reshape(nb, -1).astype(x.dtype)
-  # [nb, R, H] x [nb, R] -> [nb, H]: one pass over x (no masked copy of it)
-  total = jnp.einsum("brh,br->bh", xb, wb, precision=jax.lax.Precision.HIGHEST)
-  return total / jnp.maximum(wb.sum(1), 1.0)[:, None]
+  """Mean of x [L, H] over rows with w [L] bool, per block of L // nb rows -> [nb, H] f32.
+
+  The masked rows zeroed and each block summed by one window reduction. On an H200, for
+  two heads at 1M tokens: 0.40 ms, against 1.02 ms for a multiply-and-sum over [nb, R, H]
+  (which XLA ran as two kernels) and 0.88 ms for an einsum with the 0/1 weights.
+  """
+  r = x.shape[0] // nb
+  xm = jnp.where(w[:, None], x, 0).astype(jnp.float32)
+  total = jax.lax.reduce_window(xm, 0.0, jax.lax.add, (r, 1), (r, 1), "VALID")
+  count = w.reshape(nb, r).sum(1)
+  return total / jnp.maximum(count, 1).astype(jnp.float32)[:, None]
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,7 +186,7 @@ def _masked_mean(x, w, nb):
 class HeadView:
   """Arrays of one (batch, head) in view order. L padded length, T real length."""
 
-  q: jax.Array  # [L, H] f32
+  q: jax.Array  # [L, H] (the input dtype; the planner computes in f32)
   k: jax.Array  # [L, H] f32
   q_pos: jax.Array  # [L] original positions
   k_pos: jax.Array
@@ -167,6 +202,10 @@ class HeadView:
   block_q: int
   block_k: int
   scale: float
+  # "positions": a key's rank is its view index (identity, Q boundary, a grid over the
+  # whole sequence); "modality": keys grouped by modality id, rank = index - group start.
+  key_layout: str = "positions"
+  grid_mods: tuple = ()  # modality ids whose group is grid-permuted (-1: the whole view)
 
   @property
   def n_q(self):
@@ -182,6 +221,26 @@ class HeadView:
   def k_ok(self, mod):
     return (self.k_pos < self.seq_len) & _mod_ok(self.k_mod, mod)
 
+  def key_span(self, k_mod):
+    """(start, n): the keys of selector `k_mod` are view indices [start, start + n) with
+    rank = index - start. Only where that holds (every view and selector the policies
+    build for rank patterns); raises otherwise."""
+    if self.key_layout == "positions" and k_mod is None:
+      return jnp.int32(0), jnp.int32(self.seq_len)
+    if self.key_layout == "modality" and isinstance(k_mod, int) and not isinstance(k_mod, bool):
+      real = self.k_pos < self.seq_len
+      start = jnp.sum(real & (self.k_mod < k_mod)).astype(jnp.int32)
+      return start, jnp.sum(real & (self.k_mod == k_mod)).astype(jnp.int32)
+    raise ValueError(
+      f"planner: keys {k_mod!r} are not one contiguous run of ranks in a "
+      f"{self.key_layout!r} view; rank patterns need a single modality id (2D boundary) or "
+      "every key (other layouts)"
+    )
+
+  def sinks_scattered(self, k_mod):
+    """Whether the first keys (original order) of `k_mod` are scattered (grid-permuted)."""
+    return -1 in self.grid_mods or (k_mod is not None and k_mod in self.grid_mods)
+
   def causal_possible(self):
     """[nQ, nK] some real query of block i may see some key of block j."""
     _, qmax, _ = _block_min_max(self.q_pos, self.q_ok(None), self.n_q)
@@ -190,24 +249,38 @@ class HeadView:
 
 
 def _group_order(pos, mod, real, grid_strides, grid_all):
-  """Sort key for grouping by modality (+ optional grid permutation inside groups).
+  """The permutation that groups by modality (+ an optional grid permutation inside groups).
 
   Returns (perm [L]: original index at each view index, rank [L], orank [L]) where rank is
   the index inside the group in view order and orank the index inside the group in
   original order, both given in view order.
+
+  One stable sort by group; a grid group of n tokens with stride S is then ordered by
+  (orank % S, orank), whose place is computed: the tokens of residue s come after
+  s * (n // S) + min(s, n % S) others. (A three-key sort was 17 of a 1M-token grid plan's
+  90 ms on an H200.)
   """
+  n_all = pos.shape[0]
   grp = jnp.where(real, mod, BIG)
-  # index inside group in original order (stable sort by group, then back).
-  by_group = jnp.lexsort((pos, grp))
-  orank_sorted = _rank_in_group(grp[by_group])
-  orank = jnp.zeros_like(pos).at[by_group].set(orank_sorted)
-  sub = jnp.zeros_like(pos)
+  by_group = jnp.lexsort((pos, grp))  # stable: original order inside each group
+  g_sorted = grp[by_group]
+  orank = _rank_in_group(g_sorted)  # in group-sorted order
+  idx = jnp.arange(n_all, dtype=jnp.int32)
+  start = idx - orank
+  is_last = jnp.concatenate([g_sorted[1:] != g_sorted[:-1], jnp.array([True])])
+  size = jax.lax.cummin(jnp.where(is_last, idx, n_all), reverse=True) - start + 1
+  place = orank
   for gmod, stride in grid_strides:  # stride is a traced scalar
-    in_g = real & ((mod == gmod) if not grid_all else True)
-    sub = jnp.where(in_g, orank % jnp.maximum(stride, 1), sub)
-  perm = jnp.lexsort((orank, sub, grp)).astype(jnp.int32)
-  rank = _rank_in_group(grp[perm])
-  return perm, rank.astype(jnp.int32), orank[perm].astype(jnp.int32)
+    in_g = (g_sorted < BIG) & ((g_sorted == gmod) if not grid_all else True)
+    st = jnp.maximum(stride, 1)
+    sub = orank % st
+    grid_place = sub * (size // st) + jnp.minimum(sub, size % st) + orank // st
+    place = jnp.where(in_g, grid_place, place)
+  view = start + place  # view index of each group-sorted token
+  perm = jnp.zeros((n_all,), jnp.int32).at[view].set(by_group.astype(jnp.int32))
+  rank = jnp.zeros((n_all,), jnp.int32).at[view].set(place)
+  orank_view = jnp.zeros((n_all,), jnp.int32).at[view].set(orank)
+  return perm, rank, orank_view
 
 
 def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, scale):
@@ -216,7 +289,14 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
   pos = jnp.arange(length, dtype=jnp.int32)
   real = pos < seq_len
   mod = jnp.where(real, mod, -1)
-  common = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
+  common = dict(
+    seq_len=seq_len,
+    block_q=block_q,
+    block_k=block_k,
+    scale=scale,
+    key_layout="modality" if layout.group == "both" else "positions",
+    grid_mods=tuple(-1 if layout.group == "none" else g for g, _ in grid_strides),
+  )
   if layout.group == "none" and not grid_strides:
     return HeadView(
       q=q,
@@ -277,33 +357,27 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
 def last_query_probs(v: HeadView, q_mod, k_mod, last_q):
   """Softmax of the last `last_q` real queries of modality q_mod against the keys of k_mod.
 
-  Returns (p [last_q, L] probabilities (0 where not allowed), offsets [last_q, L] rank
-  distance q_rank - k_rank).
+  Returns (p [last_q, L] probabilities (0 where not allowed), base [last_q]): the rank
+  offset q_rank - k_rank of entry (r, j) is base[r] - j (keys of k_mod are one run of
+  ranks, `HeadView.key_span`).
   """
   p, rows = _last_rows_probs(v, q_mod, k_mod, last_q, True)
-  offsets = v.q_rank[rows][:, None] - v.k_rank[None, :]
-  offsets = jnp.where((p > 0) & (offsets >= 0), offsets, -1)
-  return p, offsets
+  start, _ = v.key_span(k_mod)
+  return p, v.q_rank[rows] + start
 
 
-def slash_sums(p, offsets, length):
-  """Attention mass per rank offset (diagonal): [L].
+def slash_sums(p, base, length):
+  """Attention mass per rank offset (diagonal): [L], out[o] = sum_r p[r, base[r] - o].
 
-  Entries with no offset (masked: other modality, future) go to `_SPREAD` spare segments
-  by position rather than to one: on a GPU, a scatter-add of millions of entries into a
-  single segment serialises on that address (381 ms of a 440 ms plan at 128k tokens).
+  Each row reversed and shifted by a dynamic slice, then the rows summed: a pass over p.
+  Entries with a negative offset (keys after the query in rank order) fall outside the
+  slice. (A scatter-add by offset was the first version; on a GPU it serialised on the
+  masked entries' address and cost most of a long plan.)
   """
-  ok = offsets >= 0
-  spare = length + jnp.arange(offsets.size, dtype=jnp.int32).reshape(offsets.shape) % _SPREAD
-  sums = jax.ops.segment_sum(
-    jnp.where(ok, p, 0.0).ravel(),
-    jnp.where(ok, offsets, spare).ravel(),
-    num_segments=length + _SPREAD,
-  )
-  return sums[:length]
-
-
-_SPREAD = 1024
+  rev = jnp.pad(p[:, ::-1], ((0, 0), (0, length)))  # rev[r, L - 1 - j] = p[r, j]
+  first = length - 1 - jnp.clip(base, -1, length - 1)  # in [0, L]; L: an all-zero slice
+  rows = jax.vmap(lambda row, s0: jax.lax.dynamic_slice(row, (s0,), (length,)))(rev, first)
+  return rows.sum(0)
 
 
 def estimate_stride(slash, min_stride, max_stride, multiples=4):
@@ -346,19 +420,20 @@ def _sink_local(v, q_mod, k_mod, sink, local):
 
 
 def pooled_block_scores(v: HeadView, q_mod, k_mod):
-  """[nQ, nK] pooled-q . pooled-k scores and the pairs where both sides have tokens."""
+  """Pooled-q . pooled-k scores [nQ, nK], and which query / key blocks have tokens of
+  q_mod / k_mod ([nQ], [nK])."""
   qok, kok = v.q_ok(q_mod), v.k_ok(k_mod)
   qp = _masked_mean(v.q, qok, v.n_q)
   kp = _masked_mean(v.k, kok, v.n_k)
   s = jnp.einsum("ih,jh->ij", qp, kp) * v.scale  # [nQ, nK]
-  qany = qok.reshape(v.n_q, -1).any(-1)
-  kany = kok.reshape(v.n_k, -1).any(-1)
-  return s, qany[:, None] & kany[None, :]
+  return s, qok.reshape(v.n_q, -1).any(-1), kok.reshape(v.n_k, -1).any(-1)
 
 
 def _scored(v, q_mod, k_mod, top_k, causal, axis_names=()):
-  s, pair = pooled_block_scores(v, q_mod, k_mod)
-  keep = _topk_threshold_mask(s, pair & causal, top_k, axis_names)
+  s, qany, kany = pooled_block_scores(v, q_mod, k_mod)
+  pair = qany[:, None] & kany[None, :]
+  present = jnp.any(qany) & jnp.any(kany)
+  keep = _topk_threshold_mask(s, pair & causal, top_k, axis_names, present)
   return jnp.where(keep, 1.0 + jax.nn.sigmoid(s), NEG)
 
 
@@ -383,29 +458,42 @@ def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()
   raise ValueError(f"unknown pattern kind {kind!r}")
 
 
-def _vertical_slash(pat, v: HeadView, q_mod, k_mod):
+def vs_estimate(pat, v: HeadView, q_mod, k_mod):
+  """The online vertical-slash estimate: (columns [V] view indices, valid [V], slash rank
+  offsets [S], valid [S])."""
   length = v.k.shape[0]
-  p, offsets = last_query_probs(v, q_mod, k_mod, pat.last_q)
+  p, base = last_query_probs(v, q_mod, k_mod, pat.last_q)
   kok = v.k_ok(k_mod)
   # vertical: column mass; the first `keep_first` keys of the group are always kept.
   vert = jnp.where(kok, p.sum(0), NEG)
   vert = jnp.where(kok & (v.k_orank < pat.keep_first), jnp.inf, vert)
-  nv = min(pat.vertical_size, length)
-  vval, cols = jax.lax.top_k(vert, nv)
-  cols_ok = vval > NEG
+  vval, cols = _top_k_1d(vert, pat.vertical_size)
   # slash: diagonal mass by rank offset; the `keep_local` nearest diagonals always kept.
-  sl = slash_sums(p, offsets, length)
+  sl = slash_sums(p, base, length)
   sl = jnp.where(jnp.arange(length) < pat.keep_local, jnp.inf, sl)
-  ns = min(pat.slash_size, length)
-  sval, offs = jax.lax.top_k(sl, ns)
-  ind = jnp.zeros((length + 1,), jnp.int32).at[offs].add((sval > 0).astype(jnp.int32))
+  sval, offs = _top_k_1d(sl, pat.slash_size)
+  return cols, vval > NEG, offs, sval > 0
+
+
+def _top_k_1d(x, k):
+  """`jax.lax.top_k(x, k)` of a long vector (values, int32 indices), by `top_k_entries`:
+  a top-k sorts its whole row on a GPU, and the vertical / slash picks of a 1M-token plan
+  took 8 ms each that way."""
+  idx, vals = top_k_entries(x[None, :], jnp.ones((1, x.shape[0]), bool), k, skip_empty=False)
+  return vals[0], idx[0]
+
+
+def _vertical_slash(pat, v: HeadView, q_mod, k_mod):
+  length = v.k.shape[0]
+  cols, cols_ok, offs, offs_ok = vs_estimate(pat, v, q_mod, k_mod)
+  ind = jnp.zeros((length + 1,), jnp.int32).at[offs].add(offs_ok.astype(jnp.int32))
   csum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(ind)])
   # a slash at offset o crosses block (i, j) iff o in [qmin_i - kmax_j, qmax_i - kmin_j].
   qmin, qmax, qany, kmin, kmax, kany, _ = _rank_stats(v, q_mod, k_mod)
   lo = jnp.clip(qmin[:, None] - kmax[None, :], 0, length)
   hi = jnp.clip(qmax[:, None] - kmin[None, :], -1, length - 1)
   hit = (hi >= lo) & (csum[hi + 1] - csum[lo] > 0) & qany[:, None] & kany[None, :]
-  return jnp.where(hit, PRI_STRUCT, NEG), cols.astype(jnp.int32), cols_ok
+  return jnp.where(hit, PRI_STRUCT, NEG), cols, cols_ok
 
 
 # ----------------------------------------------------------------------------------------
@@ -515,29 +603,49 @@ def _compact(keep, max_blocks):
   return idx, jnp.minimum(count, max_blocks)
 
 
-def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols):
+def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols, presorted=False):
   """Per query block, the candidate keys not inside a kept block, deduplicated.
 
-  cand, cand_ok: [nQ, V] view indices of candidate keys. Returns (idx [nQ, MC], count).
+  cand, cand_ok: [nQ, V] view indices of candidate keys; `presorted`: each row ascending
+  and distinct already (then the valid ones are compacted, without two sorts of [nQ, V]).
+  Returns (idx [nQ, MC] ascending, count).
   """
-  n_q, n_k = v.n_q, v.n_k
+  n_q = v.n_q
   if max_cols == 0:
     z = jnp.zeros((n_q, 0), jnp.int32)
     return z, jnp.zeros((n_q,), jnp.int32)
-  valid_b = jnp.arange(block_idx.shape[-1]) < block_count[:, None]
-  rows = jnp.arange(n_q)[:, None]
-  kept = jnp.zeros((n_q, n_k), jnp.int32).at[rows, block_idx].add(valid_b.astype(jnp.int32)) > 0
   _, qmax, _ = _block_min_max(v.q_pos, v.q_ok(None), n_q)
-  ok = cand_ok & ~jnp.take_along_axis(kept, cand // v.block_k, axis=1)
+  ok = cand_ok & ~in_block_lists(block_idx, block_count, cand // v.block_k)
   ok &= v.k_pos[cand] <= qmax[:, None]
-  srt = jnp.sort(jnp.where(ok, cand, BIG), axis=-1)
+  if presorted:  # ascending and distinct in each row: keep the valid ones in order
+    srt = _compact_rows(jnp.where(ok, cand, BIG), ok, max_cols)
+  else:
+    srt = jnp.sort(jnp.where(ok, cand, BIG), axis=-1)
+    dup = jnp.concatenate([jnp.zeros((n_q, 1), bool), srt[:, 1:] == srt[:, :-1]], axis=1)
+    srt = jnp.sort(jnp.where(dup, BIG, srt), axis=-1)
   if srt.shape[1] < max_cols:  # every head of a plan has the same MC
     srt = jnp.pad(srt, ((0, 0), (0, max_cols - srt.shape[1])), constant_values=BIG)
-  dup = jnp.concatenate([jnp.zeros((n_q, 1), bool), srt[:, 1:] == srt[:, :-1]], axis=1)
-  srt = jnp.where(dup, BIG, srt)
-  srt = jnp.sort(srt, axis=-1)[:, :max_cols]
+  srt = srt[:, :max_cols]
   count = (srt < BIG).sum(-1).astype(jnp.int32)
   return jnp.where(srt < BIG, srt, 0).astype(jnp.int32), count
+
+
+def _compact_rows(x, keep, width):
+  """The entries of x [R, V] where keep holds, in order, then BIG: [R, min(V, width)]."""
+  n_r, n = x.shape
+  width = min(width, n)
+  slot = jnp.cumsum(keep, axis=1) - 1
+  slot = jnp.where(keep & (slot < width), slot, width)
+  rows = jnp.broadcast_to(jnp.arange(n_r)[:, None], (n_r, n))
+  return jnp.full((n_r, width), BIG, x.dtype).at[rows, slot].set(x, mode="drop")
+
+
+def in_block_lists(block_idx, block_count, blocks):
+  """[nQ, V] whether blocks[i, v] is one of block_idx[i, :block_count[i]] (ascending)."""
+  mb = block_idx.shape[-1]
+  lists = jnp.where(jnp.arange(mb) < block_count[:, None], block_idx, BIG)
+  pos = jax.vmap(jnp.searchsorted)(lists, blocks)
+  return jnp.take_along_axis(lists, jnp.minimum(pos, mb - 1), axis=1) == blocks
 
 
 def self_priority(v: HeadView):
@@ -548,6 +656,80 @@ def self_priority(v: HeadView):
   lo = (i * v.block_q) // v.block_k
   hi = ((i + 1) * v.block_q - 1) // v.block_k
   return jnp.where((j >= lo) & (j <= hi), PRI_SELF, NEG)
+
+
+def head_view(layout, q, k, mod, *, seq_len, block_q, block_k, scale):
+  """The view of one (batch, head): grid strides estimated in the grouped (not yet
+  grid-permuted) view, then the permuted view. q, k: [L, H] (any float dtype); mod: [L].
+
+  Returns (HeadView, aux dict of the estimated strides)."""
+  length = q.shape[0]
+  kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
+  strides = []
+  aux = {}
+  if layout.grid_groups:
+    pre = build_view(Layout(layout.group), (), q, k, mod, **kw)
+    for gmod, gpat in layout.grid_groups:
+      if gpat.stride > 0:
+        stride = jnp.int32(gpat.stride)
+      else:
+        # whole-sequence grid: the last queries of `gpat.modality` (vision) if there are
+        # any, against every key; a modality group: its own last queries and keys.
+        if gmod >= 0:
+          gm, km = gmod, gmod
+        else:
+          has = jnp.any(pre.q_ok(gpat.modality)) if gpat.modality >= 0 else False
+          gm, km = (gpat.modality if gpat.modality >= 0 else None), None
+        p, rows = _last_rows_probs(pre, gm, km, gpat.last_q, has if gmod < 0 else True)
+        # offsets in ORIGINAL rank inside the group (text between frames removed): in the
+        # view before the grid permutation a key's original rank is its rank.
+        start, _ = pre.key_span(km)
+        base = _orank_of(pre, rows) + start
+        stride = estimate_stride(slash_sums(p, base, length), gpat.min_stride, gpat.max_stride)
+      strides.append((gmod, stride))
+      aux["stride" if gmod < 0 else f"stride_{gmod}"] = stride
+  return build_view(layout, tuple(strides), q, k, mod, **kw), aux
+
+
+def vertical_candidates(v: HeadView, q_mod, cols, cols_ok):
+  """A component's vertical columns as per-query-block candidates: ([nQ, V], [nQ, V])."""
+  _, _, qany = _block_min_max(v.q_pos, v.q_ok(q_mod), v.n_q)
+  return jnp.broadcast_to(cols, (v.n_q, cols.shape[0])), qany[:, None] & cols_ok[None, :]
+
+
+def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
+  """Columns (plus each query block's own tokens in a query-only view) and the plan dict.
+
+  cands: list of (candidates [nQ, V], valid [nQ, V]) of the components' vertical lines.
+  """
+  cands = list(cands)
+  if not v.symmetric:
+    # query-only permutation: each query block gets its own tokens as columns.
+    qself = v.q_pos.reshape(v.n_q, v.block_q)
+    cands.append((jnp.minimum(qself, v.q.shape[0] - 1), qself < v.seq_len))
+  # a symmetric view's only columns are at most one component's vertical lines, the same
+  # for every query block: sorted once per head, not per query block
+  presorted = v.symmetric and len(cands) == 1
+  if presorted:
+    cand, cand_ok = cands[0]
+    order = jnp.argsort(cand[0])
+    cand, cand_ok = cand[:, order], cand_ok[:, order]
+  elif cands:
+    cand = jnp.concatenate([c for c, _ in cands], axis=1)
+    cand_ok = jnp.concatenate([ok for _, ok in cands], axis=1)
+  else:
+    cand = jnp.zeros((v.n_q, 0), jnp.int32)
+    cand_ok = jnp.zeros((v.n_q, 0), bool)
+  col_idx, col_count = select_columns(cand, cand_ok, v, block_idx, block_count, max_cols, presorted)
+  return dict(
+    block_idx=block_idx,
+    block_count=block_count,
+    col_idx=col_idx,
+    col_count=col_count,
+    q_perm=v.q_perm,
+    k_perm=v.k_perm,
+    aux=aux,
+  )
 
 
 def head_plan(
@@ -565,46 +747,19 @@ def head_plan(
   max_cols,
   axis_names=(),
 ):
-  """Plan of one (batch, head). q, k: [L, H]; mod: [L]. Returns a dict of arrays.
+  """The reference planner: plan of one (batch, head) from dense [nQ, nK] priorities.
 
-  axis_names: the names of the axes this function is vmapped over, if any (see
-  `select_blocks`).
+  q, k: [L, H]; mod: [L]. Returns a dict of arrays. axis_names: the names of the axes
+  this function is vmapped over, if any (see `select_blocks`). `planning_lists.head_plan`
+  builds the same plan from per-block candidate lists.
   """
-  length = q.shape[0]
-  q = q.astype(jnp.float32)
-  k = k.astype(jnp.float32)
-  kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
-
-  # 1. grid strides, estimated in the grouped (not yet grid-permuted) view.
-  strides = []
-  aux = {}
-  if layout.grid_groups:
-    pre = build_view(Layout(layout.group), (), q, k, mod, **kw)
-    for gmod, gpat in layout.grid_groups:
-      if gpat.stride > 0:
-        stride = jnp.int32(gpat.stride)
-      else:
-        # whole-sequence grid: the last queries of `gpat.modality` (vision) if there are
-        # any, against every key; a modality group: its own last queries and keys.
-        if gmod >= 0:
-          gm, km = gmod, gmod
-        else:
-          has = jnp.any(pre.q_ok(gpat.modality)) if gpat.modality >= 0 else False
-          gm, km = (gpat.modality if gpat.modality >= 0 else None), None
-        p, rows = _last_rows_probs(pre, gm, km, gpat.last_q, has if gmod < 0 else True)
-        # offsets in ORIGINAL rank inside the group (text between frames removed).
-        qor = _orank_of(pre, rows)
-        offs = qor[:, None] - pre.k_orank[None, :]
-        offs = jnp.where((p > 0) & (offs >= 0), offs, -1)
-        stride = estimate_stride(slash_sums(p, offs, length), gpat.min_stride, gpat.max_stride)
-      strides.append((gmod, stride))
-      aux["stride" if gmod < 0 else f"stride_{gmod}"] = stride
-  v = build_view(layout, tuple(strides), q, k, mod, **kw)
-
-  # 2. component priorities, merged by max on the pairs each one owns.
+  v, aux = head_view(
+    layout, q, k, mod, seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale
+  )
+  # component priorities, merged by max on the pairs each one owns.
   causal = v.causal_possible()
   pri = jnp.full((v.n_q, v.n_k), NEG)
-  cands, cands_ok = [], []
+  cands = []
   for comp in components:
     kind = comp.pattern.name
     cp, cols, cols_ok = pattern_priority(
@@ -612,45 +767,22 @@ def head_plan(
     )
     pri = jnp.maximum(pri, cp)
     if cols.shape[0]:
-      _, _, qany = _block_min_max(v.q_pos, v.q_ok(comp.q_mod), v.n_q)
-      cands.append(jnp.broadcast_to(cols, (v.n_q, cols.shape[0])))
-      cands_ok.append(qany[:, None] & cols_ok[None, :])
+      cands.append(vertical_candidates(v, comp.q_mod, cols, cols_ok))
   if v.symmetric:
     pri = jnp.maximum(pri, self_priority(v))
-  else:
-    # query-only permutation: each query block gets its own tokens as columns.
-    qself = v.q_pos.reshape(v.n_q, block_q)
-    cands.append(jnp.minimum(qself, length - 1))
-    cands_ok.append(qself < seq_len)
   pri = jnp.where(causal, pri, NEG)
-
-  # 3. selection.
   block_idx, block_count = select_blocks(pri, max_blocks, axis_names)
-  if cands:
-    cand = jnp.concatenate(cands, axis=1)
-    cand_ok = jnp.concatenate(cands_ok, axis=1)
-  else:
-    cand = jnp.zeros((v.n_q, 0), jnp.int32)
-    cand_ok = jnp.zeros((v.n_q, 0), bool)
-  col_idx, col_count = select_columns(cand, cand_ok, v, block_idx, block_count, max_cols)
-  return dict(
-    block_idx=block_idx,
-    block_count=block_count,
-    col_idx=col_idx,
-    col_count=col_count,
-    q_perm=v.q_perm,
-    k_perm=v.k_perm,
-    aux=aux,
-  )
+  return finish_plan(v, cands, block_idx, block_count, max_cols, aux)
 
 
 def _last_rows_probs(v: HeadView, q_mod, k_mod, last_q, use_mod):
   """last_query_probs, with the query modality dropped where `use_mod` is False."""
   last_q = min(last_q, v.q.shape[0])
   qok = jnp.where(use_mod, v.q_ok(q_mod), v.q_ok(None))
-  _, rows = jax.lax.top_k(jnp.where(qok, v.q_pos, -1), last_q)
+  _, rows = _top_k_1d(jnp.where(qok, v.q_pos, -1).astype(jnp.float32), last_q)
   row_ok = qok[rows]
-  s = jnp.einsum("qh,kh->qk", v.q[rows], v.k) * v.scale  # [last_q, L]
+  f32 = jnp.float32
+  s = jnp.einsum("qh,kh->qk", v.q[rows].astype(f32), v.k.astype(f32)) * v.scale  # [last_q, L]
   allowed = (v.k_pos[None, :] <= v.q_pos[rows][:, None]) & row_ok[:, None]
   allowed &= v.k_ok(k_mod)[None, :]
   return _softmax_where(s, allowed), rows

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import planning
+from mmjax import planning, planning_lists
 from mmjax.plan import SparsePlan
 
 TEXT, VISION = 0, 1
@@ -116,27 +116,34 @@ class Policy:
     return -(-self.block_q // self.block_k) + 1
 
   # --- building the plan ---------------------------------------------------------------
-  def plan(self, q, k, modality=None) -> SparsePlan:
+  def plan(self, q, k, modality=None, *, planner: str = "lists") -> SparsePlan:
     """Builds the plan for q [B, T, N, H], k [B, S, K, H], modality [B, S] or None.
 
     Checks the inputs (NaN only when they are concrete, i.e. outside a caller's jit), then
     runs the jitted planner: a second input of the same shapes does not retrace.
+    planner: "lists" (per-query-block candidate lists; the default) or "dense" (the
+    reference: dense [nQ, nK] priorities). Both give the same plan.
     """
     b, t, _, _, _ = check_qk(q, k, modality)
+    if planner not in PLANNERS:
+      raise ValueError(f"planner must be one of {sorted(PLANNERS)}, got {planner!r}")
     if modality is None:
       modality = jnp.zeros((b, t), jnp.int32)
-    return _plan_jit(self, q, k, modality.astype(jnp.int32))
+    return _plan_jit(self, q, k, modality.astype(jnp.int32), planner)
 
   def full_budget(self, seq_len: int) -> Policy:
     """The same policy with budgets large enough to reproduce dense attention."""
     raise NotImplementedError
 
 
+# the per-head planners: candidate lists (default) and the dense reference
+PLANNERS = {"lists": planning_lists.head_plan, "dense": planning.head_plan}
+
 # the names of the (batch, head) axes the per-head planner is vmapped over
 _PLAN_AXES = ("plan_batch", "plan_head")
 
 
-def _plan_impl(policy: Policy, q, k, modality):
+def _plan_impl(policy: Policy, q, k, modality, planner="lists"):
   b, t, n, kh, h = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
   length = planning.padded_length(t, policy.block_q, policy.block_k)
   pad = length - t
@@ -154,7 +161,7 @@ def _plan_impl(policy: Policy, q, k, modality):
   def run(spec, qh, kh_, mod):
     # each head is cut to its own policy's bounds (so an mminference head's plan does not
     # depend on the other heads of its table), then padded to the plan's (MB, MC).
-    out = planning.head_plan(
+    out = PLANNERS[planner](
       spec.layout(),
       spec.components(),
       qh,
@@ -235,7 +242,10 @@ def _map_head_chunks(f, q, k, heads, group, modality, per_step):
   ids = jnp.asarray(padded.reshape(chunks, per_step), jnp.int32)
 
   def step(hs):  # hs [per_step] head ids
-    return f(jnp.take(q, hs, axis=2), jnp.take(k, hs // group, axis=2), modality)
+    # (mode="clip": the ids are in range, and the default's bounds select cost a pass)
+    return f(
+      jnp.take(q, hs, axis=2, mode="clip"), jnp.take(k, hs // group, axis=2, mode="clip"), modality
+    )
 
   out = jax.lax.map(step, ids)
 
@@ -246,7 +256,7 @@ def _map_head_chunks(f, q, k, heads, group, modality, per_step):
   return jax.tree_util.tree_map(merge, out)
 
 
-_plan_jit = jax.jit(_plan_impl, static_argnums=0)
+_plan_jit = jax.jit(_plan_impl, static_argnums=(0, 4))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -175,7 +175,8 @@ def test_plan_takes_the_sort_free_selection(name, case, monkeypatch):
   take the sort-free branch and give the plan the top-k gives. In "grid_1k" a grid's 32
   sink tokens scatter over the permuted keys and most rows overflow the grid's bound with
   structural blocks, as the 1M-token grid plans do; the short cases' grid rows need the
-  pooled scores' order, so they run the top-k (the test then checks only equality)."""
+  pooled scores' order, so they run the top-k (the test then checks only equality). The
+  dense reference planner's selection (the default planner has its own)."""
   import dataclasses
 
   from mmjax import planning
@@ -189,18 +190,18 @@ def test_plan_takes_the_sort_free_selection(name, case, monkeypatch):
   if case == "grid_1k" and name == "grid":
     pol = dataclasses.replace(pol, stride=32, sink_tokens=32)
   jax.clear_caches()
-  fast = pol.plan(q, k, mod)
+  fast = pol.plan(q, k, mod, planner="dense")
   select = planning.select_blocks
   monkeypatch.setattr(planning, "select_blocks", lambda p, mb, axes=(): planning._topk_rows(p, mb))
   jax.clear_caches()
-  topk = pol.plan(q, k, mod)
+  topk = pol.plan(q, k, mod, planner="dense")
   topk_rows = planning._topk_rows
   monkeypatch.setattr(
     planning, "_topk_rows", lambda p, mb: (topk_rows(p, mb)[0] + 1, topk_rows(p, mb)[1])
   )
   monkeypatch.setattr(planning, "select_blocks", select)
   jax.clear_caches()
-  poisoned = pol.plan(q, k, mod)
+  poisoned = pol.plan(q, k, mod, planner="dense")
   jax.clear_caches()
   short_grid = name == "grid" and case != "grid_1k"
   for x, y, z in zip(*(jax.tree_util.tree_leaves(p) for p in (fast, topk, poisoned)), strict=True):

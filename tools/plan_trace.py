@@ -23,7 +23,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import bench_attention as bench_config
-from mmjax import bench, planning
+from mmjax import bench
 from mmjax import policies as P
 
 _META = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
@@ -99,19 +99,20 @@ def kernel_times(fn, *args) -> tuple[dict[str, float], float]:
   return dict(times), sum(times.values())
 
 
-def _same_as_topk(pol, q, k, mod) -> bool:
-  """Whether the plan equals the one made with select_blocks' top-k branch forced."""
-  new = jax.jit(pol.plan)(q, k, mod)
-  select = planning.select_blocks
-  planning.select_blocks = lambda p, mb, axes=(): planning._topk_rows(p, mb)
-  jax.clear_caches()  # the plan's jit would otherwise reuse its earlier trace
-  try:
-    old = jax.jit(pol.plan)(q, k, mod)
-  finally:
-    planning.select_blocks = select
-    jax.clear_caches()
-  leaves = zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old), strict=True)
-  return all(bool(jnp.array_equal(a, b)) for a, b in leaves)
+def same_plans(a, b) -> bool:
+  """Whether two plans are equal (block lists compared up to their counts: the slots
+  past a count are unspecified)."""
+  if not bool(jnp.array_equal(a.block_count, b.block_count)):
+    return False
+  used = jnp.arange(a.block_idx.shape[-1]) < a.block_count[..., None]
+  if not bool(jnp.array_equal(jnp.where(used, a.block_idx, -1), jnp.where(used, b.block_idx, -1))):
+    return False
+  rest = [(a.col_idx, b.col_idx), (a.col_count, b.col_count), (a.q_perm, b.q_perm)]
+  rest += [(a.k_perm, b.k_perm)] + [(a.aux[key], b.aux[key]) for key in a.aux]
+  return all(
+    (x is None and y is None) or (x is not None and y is not None and bool(jnp.array_equal(x, y)))
+    for x, y in rest
+  )
 
 
 def main():
@@ -126,8 +127,9 @@ def main():
   ap.add_argument("--heads_per_step", type=int, default=2)
   ap.add_argument("--top", type=int, default=12)
   ap.add_argument("--out", default="")
+  ap.add_argument("--planner", default="lists", choices=["lists", "dense"])
   ap.add_argument(
-    "--check", action="store_true", help="also compare each plan with the top-k selection's"
+    "--check", action="store_true", help="also compare each plan with the other planner's"
   )
   args = ap.parse_args()
   t, h = args.length, 128
@@ -143,7 +145,7 @@ def main():
       pol = bench.cycle_table_policy(cfg, args.heads)
     else:
       pol = P.get(name, block_q=128, block_k=64, heads_per_step=args.heads_per_step)
-    fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m))
+    fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m, planner=args.planner))
     ms = bench.timeit(fn, q, k, mod, warmup=1, iters=3)
     src = op_sources(fn.lower(q, k, mod).compile().as_text())
     times, total = kernel_times(fn, q, k, mod)
@@ -156,8 +158,11 @@ def main():
       print(f"  {us / 1e3:9.2f} ms {100 * us / max(total, 1e-9):5.1f}%  {where}")
     report[name] = {"wall_ms": ms, "ops_ms": total / 1e3, "top": [[w, us / 1e3] for w, us in top]}
     if args.check:
-      report[name]["same_as_topk"] = same = _same_as_topk(pol, q, k, mod)
-      print(f"  plan identical to the top-k selection's: {same}")
+      other = "dense" if args.planner == "lists" else "lists"
+      ref = jax.jit(lambda q, k, m, pol=pol, o=other: pol.plan(q, k, m, planner=o))(q, k, mod)
+      report[name][f"same_as_{other}"] = same = same_plans(fn(q, k, mod), ref)
+      del ref
+      print(f"  plan identical to the {other} planner's: {same}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=2)

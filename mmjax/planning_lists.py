@@ -1,0 +1,258 @@
+"""The default planner: each query block's key blocks built as short candidate lists.
+
+`planning.head_plan` (the reference) scores every (query block, key block) pair in dense
+[nQ, nK] priority matrices; at 1M tokens that is 8192 x 16384 entries per head, and the
+plan cost more than the sparse kernel it feeds. This planner makes the same plan
+(`tests/test_planning_lists.py` compares them) from per-query-block candidates:
+
+* Rank patterns are *intervals* of key ranks: the local window [qmin - local, qmax], a
+  slash at offset o [qmin - o, qmax - o], the sinks [0, sink) (one key each where a grid
+  permutation scatters them). The keys a component owns are one contiguous run of view
+  indices (`HeadView.key_span`), so a rank interval is an interval of key blocks, and
+  their union per query block is enumerated in index order without a sort over nK.
+* Pooled-score blocks come from `planning.top_k_entries` (chunk maxima, then a top-k
+  inside the best chunks) rather than a top-k over whole rows.
+* The candidates (union, self blocks, scored, dense components) are merged by one sort
+  per query block (key block, then priority), deduplicated, and the top `max_blocks` by
+  priority kept, ties to the lower block: the reference's `select_blocks` rule.
+
+Exactness where the union is cut: in a symmetric view every interval spans at most
+`block_q` query ranks, so the union is bounded statically and enumerated whole, then
+filtered by causality. In the query-only view (Q boundary) a query block may span a long
+run of original positions (a vision block across a text segment), but keys are in
+original order, so every interval block is causal and the first `max_blocks` of the
+union are the ones the reference keeps when a row overflows (structural blocks in index
+order).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mmjax import planning as pl
+from mmjax.planning import BIG, NEG, PRI_SELF, PRI_STRUCT, HeadView
+
+
+def _cdiv(a, b):
+  return -(-a // b)
+
+
+def _q_stats(v: HeadView, q_mod):
+  """Rank min / max of each query block's queries of q_mod ([nQ] each; BIG / -BIG when the
+  block has none, which makes every interval below empty)."""
+  qmin, qmax, _ = pl._block_min_max(v.q_rank, v.q_ok(q_mod), v.n_q)
+  return qmin, qmax
+
+
+def _has_key_span(v: HeadView, k_mod):
+  try:
+    v.key_span(k_mod)
+  except ValueError:
+    return False
+  return True
+
+
+class _Intervals:
+  """Token intervals [lo, hi] (view indices, inclusive; lo > hi empty), [nQ, m] each, with a
+  static bound on the key blocks each one covers (where the view bounds it)."""
+
+  def __init__(self):
+    self.lo, self.hi, self.bound = [], [], 0
+
+  def add_ranks(self, v: HeadView, k_mod, a, b, blocks_each):
+    """Keys of k_mod with rank in [a, b] (a, b broadcastable to [nQ, m])."""
+    start, n = v.key_span(k_mod)
+    a = jnp.maximum(a, 0)
+    b = jnp.minimum(b, n - 1)
+    a, b = jnp.broadcast_arrays(a, b)
+    self.lo.append(start + a)
+    self.hi.append(jnp.where(a <= b, start + b, start + a - 1))
+    self.bound += blocks_each * a.shape[1]
+
+  def add_tokens(self, idx, ok):
+    """Single keys idx [nQ, m] (view indices) where ok."""
+    self.lo.append(jnp.where(ok, idx, BIG))
+    self.hi.append(jnp.where(ok, idx, BIG - 1))
+    self.bound += idx.shape[1]
+
+
+def _sinks(iv: _Intervals, v: HeadView, q_mod, k_mod, sink):
+  qmin, _ = _q_stats(v, q_mod)
+  qany = (qmin < BIG)[:, None]
+  if v.sinks_scattered(k_mod):
+    # the first `sink` keys in original order, wherever the grid permutation put them.
+    ns = min(sink, v.k.shape[0])
+    sel = v.k_ok(k_mod) & (v.k_orank < ns)
+    at = (
+      jnp.zeros((ns,), jnp.int32)
+      .at[jnp.where(sel, v.k_orank, ns)]
+      .set(jnp.arange(v.k.shape[0], dtype=jnp.int32), mode="drop")
+    )
+    _, n = v.key_span(k_mod)
+    ok = qany & (jnp.arange(ns) < n)[None, :]
+    iv.add_tokens(jnp.broadcast_to(at, (v.n_q, ns)), ok)
+  else:
+    a = jnp.where(qany, 0, BIG)
+    iv.add_ranks(v, k_mod, a, jnp.full_like(a, sink - 1), _cdiv(sink, v.block_k) + 1)
+
+
+def _local(iv: _Intervals, v: HeadView, q_mod, k_mod, local):
+  qmin, qmax = _q_stats(v, q_mod)
+  span = local + v.block_q
+  iv.add_ranks(v, k_mod, (qmin - local)[:, None], qmax[:, None], _cdiv(span, v.block_k) + 1)
+
+
+def _slashes(iv: _Intervals, v: HeadView, q_mod, k_mod, offs, offs_ok):
+  qmin, qmax = _q_stats(v, q_mod)
+  a = jnp.where(offs_ok[None, :], qmin[:, None] - offs[None, :], BIG)
+  iv.add_ranks(v, k_mod, a, qmax[:, None] - offs[None, :], _cdiv(v.block_q, v.block_k) + 1)
+
+
+def _dense(iv: _Intervals, lists, v: HeadView, q_mod, k_mod):
+  qmin, _ = _q_stats(v, q_mod)
+  qany = qmin < BIG
+  if _has_key_span(v, k_mod):
+    a = jnp.where(qany, 0, BIG)[:, None]
+    iv.add_ranks(v, k_mod, a, jnp.full_like(a, BIG), v.n_k)
+  else:  # keys of several modality groups: every block that holds one
+    _, _, kany = pl._block_min_max(v.k_pos, v.k_ok(k_mod), v.n_k)
+    idx = jnp.broadcast_to(jnp.arange(v.n_k, dtype=jnp.int32), (v.n_q, v.n_k))
+    lists.append((idx, jnp.where(qany[:, None] & kany[None, :], PRI_STRUCT, NEG)))
+
+
+def _scored(v: HeadView, q_mod, k_mod, top_k, causal, axis_names):
+  s, qany, kany = pl.pooled_block_scores(v, q_mod, k_mod)
+  valid = qany[:, None] & kany[None, :] & causal()
+  present = jnp.any(qany) & jnp.any(kany)
+  idx, vals = pl.top_k_entries(s, valid, top_k, axis_names, present)
+  return idx, jnp.where(vals > NEG, 1.0 + jax.nn.sigmoid(vals), NEG)
+
+
+def union_blocks(lo, hi, block_k, cap):
+  """The key blocks of the union of token intervals [lo, hi] ([nQ, m]), ascending, first
+  `cap` of them: (idx [nQ, cap], valid [nQ, cap]).
+
+  Intervals sorted by start; each adds the blocks past the ones before it; slot s of the
+  output is found by a binary search over the running count.
+  """
+  empty = lo > hi
+  blo = jnp.where(empty, BIG, lo // block_k)
+  bhi = jnp.where(empty, BIG - 1, hi // block_k)
+  blo, bhi = jax.lax.sort((blo, bhi), dimension=1, num_keys=1)
+  covered = jax.lax.cummax(bhi, axis=1)
+  prev = jnp.concatenate([jnp.full_like(covered[:, :1], -1), covered[:, :-1]], axis=1)
+  first = jnp.maximum(blo, prev + 1)
+  size = jnp.maximum(bhi - first + 1, 0)
+  ends = jnp.cumsum(size, axis=1)  # inclusive running count
+  slots = jnp.arange(cap, dtype=ends.dtype)
+  m = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))(ends)
+  m = jnp.minimum(m, lo.shape[1] - 1)
+  before = jnp.take_along_axis(ends - size, m, axis=1)
+  idx = jnp.take_along_axis(first, m, axis=1) + slots[None, :] - before
+  return idx.astype(jnp.int32), slots[None, :] < ends[:, -1:]
+
+
+def select_candidates(idx, pri, max_blocks, axis_names=()):
+  """The top `max_blocks` distinct blocks of candidate lists idx, pri [nQ, W] (a block may
+  repeat; its highest priority counts; -inf = not a candidate) by priority, ties to the
+  lower block: (block_idx [nQ, MB] ascending, count [nQ]); slots past the count hold 0.
+  """
+  n_q, width = idx.shape
+  key = jnp.where(pri > NEG, idx, BIG)
+  key, negpri = jax.lax.sort((key, -pri), dimension=1, num_keys=2)
+  first = (key < BIG) & jnp.concatenate(
+    [jnp.ones((n_q, 1), bool), key[:, 1:] != key[:, :-1]], axis=1
+  )
+  n_fin = first.sum(-1)
+
+  def compact(key, negpri, first):  # every row fits: keep all, in block order
+    return jnp.sort(jnp.where(first, key, BIG), axis=1)[:, :max_blocks]
+
+  def top(key, negpri, first):
+    vals, pos = jax.lax.top_k(jnp.where(first, -negpri, NEG), max_blocks)
+    sel = jnp.where(vals > NEG, jnp.take_along_axis(key, pos, axis=1), BIG)
+    return jnp.sort(sel, axis=1)
+
+  if width <= max_blocks:
+    sel = compact(key, negpri, first)
+  else:
+    fits = jnp.all(n_fin <= max_blocks)
+    if axis_names:
+      fits = jax.lax.pmin(fits.astype(jnp.int32), axis_names) > 0
+    sel = jax.lax.cond(fits, compact, top, key, negpri, first)
+  if sel.shape[1] < max_blocks:
+    sel = jnp.pad(sel, ((0, 0), (0, max_blocks - sel.shape[1])), constant_values=BIG)
+  count = (sel < BIG).sum(-1).astype(jnp.int32)
+  return jnp.where(sel < BIG, sel, 0).astype(jnp.int32), count
+
+
+def head_plan(
+  layout,
+  components,
+  q,
+  k,
+  mod,
+  *,
+  seq_len,
+  block_q,
+  block_k,
+  scale,
+  max_blocks,
+  max_cols,
+  axis_names=(),
+):
+  """Plan of one (batch, head), as `planning.head_plan`, from candidate lists."""
+  v, aux = pl.head_view(
+    layout, q, k, mod, seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale
+  )
+  n_q, n_k = v.n_q, v.n_k
+  _, qmax_all, _ = pl._block_min_max(v.q_pos, v.q_ok(None), n_q)
+  kmin_all, _, _ = pl._block_min_max(v.k_pos, v.k_ok(None), n_k)
+
+  def causal():  # [nQ, nK], only inside the pooled-score fusion
+    return kmin_all[None, :] <= qmax_all[:, None]
+
+  iv = _Intervals()
+  lists = []  # (idx [nQ, w], pri [nQ, w])
+  cands = []  # vertical columns
+  for comp in components:
+    kind, pat, qm, km = comp.pattern.name, comp.pattern, comp.q_mod, comp.k_mod
+    if kind == "dense":
+      _dense(iv, lists, v, qm, km)
+    elif kind == "a_shape":
+      _sinks(iv, v, qm, km, pat.sink_tokens)
+      _local(iv, v, qm, km, pat.local_tokens)
+    elif kind == "block_sparse":
+      lists.append(_scored(v, qm, km, pat.top_k_blocks, causal, axis_names))
+    elif kind == "grid":
+      _sinks(iv, v, qm, km, pat.sink_tokens)
+      _local(iv, v, qm, km, pat.band_tokens)
+      lists.append(_scored(v, qm, km, pat.top_k_blocks, causal, axis_names))
+    elif kind == "vertical_slash":
+      cols, cols_ok, offs, offs_ok = pl.vs_estimate(pat, v, qm, km)
+      _slashes(iv, v, qm, km, offs, offs_ok)
+      cands.append(pl.vertical_candidates(v, qm, cols, cols_ok))
+    else:
+      raise ValueError(f"unknown pattern kind {kind!r}")
+
+  if iv.lo:
+    # symmetric view: the whole union (bounded), then the causal filter; query-only
+    # view: every interval block is causal, the first max_blocks suffice (module doc).
+    cap = min(n_k, iv.bound if v.symmetric else max_blocks)
+    idx, ok = union_blocks(
+      jnp.concatenate(iv.lo, axis=1), jnp.concatenate(iv.hi, axis=1), block_k, cap
+    )
+    lists.append((idx, jnp.where(ok, PRI_STRUCT, NEG)))
+  if v.symmetric:  # the key blocks holding each query block's own tokens
+    n_self = _cdiv(block_q, block_k) + 1
+    i = jnp.arange(n_q, dtype=jnp.int32)[:, None]
+    idx = (i * block_q) // block_k + jnp.arange(n_self, dtype=jnp.int32)[None, :]
+    ok = idx <= ((i + 1) * block_q - 1) // block_k
+    lists.append((idx, jnp.where(ok, PRI_SELF, NEG)))
+  idx = jnp.concatenate([x for x, _ in lists], axis=1)
+  pri = jnp.concatenate([p for _, p in lists], axis=1)
+  idx = jnp.clip(idx, 0, n_k - 1)
+  pri = jnp.where(kmin_all[idx] <= qmax_all[:, None], pri, NEG)
+  block_idx, block_count = select_candidates(idx, pri, max_blocks, axis_names)
+  return pl.finish_plan(v, cands, block_idx, block_count, max_cols, aux)

@@ -1,0 +1,207 @@
+"""The candidate-list planner (the default) against the dense reference planner, and its
+pieces against plain numpy."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import planning, planning_lists
+from tests import helpers
+from tests.test_policies import CASES, NAMES, _policy
+
+# a grid whose 32 sink tokens scatter over the permuted keys (rows overflow the bound)
+GRID_1K = (1, 1024, 2, 1, 32, jnp.float32, "vision", 16, 16)
+
+
+def assert_same_plan(a, b):
+  """Plans equal; block lists compared up to their counts (later slots are unspecified)."""
+  np.testing.assert_array_equal(np.asarray(a.block_count), np.asarray(b.block_count))
+  used = np.arange(a.block_idx.shape[-1]) < np.asarray(a.block_count)[..., None]
+  np.testing.assert_array_equal(
+    np.where(used, np.asarray(a.block_idx), -1), np.where(used, np.asarray(b.block_idx), -1)
+  )
+  for f in ("col_idx", "col_count", "q_perm", "k_perm"):
+    x, y = getattr(a, f), getattr(b, f)
+    assert (x is None) == (y is None), f
+    if x is not None:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f)
+  assert sorted(a.aux) == sorted(b.aux)
+  for key in a.aux:
+    np.testing.assert_array_equal(np.asarray(a.aux[key]), np.asarray(b.aux[key]))
+
+
+def _plans(pol, q, k, mod):
+  return pol.plan(q, k, mod, planner="lists"), pol.plan(q, k, mod, planner="dense")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lists_planner_equals_dense(name):
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(21, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  a, d = _plans(pol, q, k, mod)
+  assert int(np.asarray(a.block_count).sum()) > 0
+  assert_same_plan(a, d)
+
+
+@pytest.mark.parametrize("name", ["a_shape", "vertical_slash", "q_boundary", "2d_boundary"])
+def test_lists_planner_equals_dense_bf16_and_full_budget(name):
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["vision_bf16_bq32"]
+  q, k, _, mod = helpers.random_inputs(22, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  assert_same_plan(*_plans(pol, q, k, mod))
+  assert_same_plan(*_plans(pol.full_budget(t), q, k, mod))
+
+
+@pytest.mark.parametrize("name", ["grid", "2d_boundary"])
+def test_lists_planner_equals_dense_scattered_sinks(name):
+  b, t, n, kh, h, dtype, modk, bq, bk = GRID_1K
+  q, k, _, mod = helpers.random_inputs(23, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  if name == "grid":
+    pol = dataclasses.replace(pol, stride=32, sink_tokens=32)
+  a, d = _plans(pol, q, k, mod)
+  if name == "grid":  # rows overflow the static bound: the choice among structural blocks
+    assert int(np.asarray(a.block_count).max()) == a.block_idx.shape[-1]
+  assert_same_plan(a, d)
+
+
+def test_lists_planner_equals_dense_q_view_overflow():
+  """Q boundary over long text runs between vision runs: a vision query block spans many
+  original positions, its local window overflows the static bound, and the union is cut
+  at max_blocks (the reference keeps its structural blocks in index order)."""
+  t, bq, bk = 1024, 16, 16
+  q, k, _, _ = helpers.random_inputs(24, 1, t, 2, 1, 32, jnp.float32, "text")
+  mod = jnp.asarray((np.arange(t) % 40 == 0).astype(np.int32))[None]  # 1 vision in 40
+  ash = planning_policy("a_shape", sink_tokens=16, local_tokens=64, block_q=bq, block_k=bk)
+  pol = planning_policy("q_boundary", patterns={1: ash}, default=ash, block_q=bq, block_k=bk)
+  a, d = _plans(pol, q, k, mod)
+  assert int(np.asarray(a.block_count).max()) == a.block_idx.shape[-1]
+  assert_same_plan(a, d)
+
+
+def planning_policy(name, **kw):
+  from mmjax import policies
+
+  return policies.get(name, **kw)
+
+
+def test_planner_argument_is_checked():
+  q, k, _, mod = helpers.random_inputs(1, 1, 64, 2, 1, 32, jnp.float32)
+  with pytest.raises(ValueError, match="planner must be one of"):
+    planning_policy("a_shape").plan(q, k, mod, planner="sorted")
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 5), (300, 7), (1000, 32), (64, 64)])
+def test_top_k_entries_equals_top_k(n, k):
+  """Same entries and order as lax.top_k, with ties (values from a small set), invalid
+  entries and rows with fewer than k valid ones."""
+  rng = np.random.default_rng(n * 100 + k)
+  s = jnp.asarray(rng.integers(0, 6, (9, n)).astype(np.float32))
+  valid = jnp.asarray(rng.random((9, n)) < np.linspace(0.0, 1.0, 9)[:, None])
+  idx, vals = planning.top_k_entries(s, valid, k)
+  want_vals, want_idx = jax.lax.top_k(jnp.where(valid, s, -jnp.inf), min(k, n))
+  np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
+  np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+
+
+def test_union_blocks_matches_sets():
+  rng = np.random.default_rng(0)
+  n_q, m, bk, length = 6, 9, 4, 200
+  lo = rng.integers(0, length, (n_q, m))
+  hi = lo + rng.integers(-3, 30, (n_q, m))
+  hi = np.minimum(hi, length - 1)
+  for cap in (1, 7, length // bk):
+    idx, ok = planning_lists.union_blocks(jnp.asarray(lo), jnp.asarray(hi), bk, cap)
+    for i in range(n_q):
+      want = sorted({j // bk for a, b in zip(lo[i], hi[i], strict=True) for j in range(a, b + 1)})
+      got = np.asarray(idx[i])[np.asarray(ok[i])]
+      np.testing.assert_array_equal(got, want[:cap])
+
+
+@pytest.mark.parametrize("mb", [2, 5, 40])
+def test_select_candidates_is_top_by_priority(mb):
+  """Distinct blocks, highest priority per block, top mb by priority (ties to the lower
+  block), ascending; against a numpy version."""
+  rng = np.random.default_rng(mb)
+  n_q, w, n_k = 7, 30, 12
+  idx = rng.integers(0, n_k, (n_q, w))
+  pri = rng.choice([planning.PRI_SELF, planning.PRI_STRUCT, 1.5, 1.25, -np.inf], (n_q, w))
+  got, count = planning_lists.select_candidates(jnp.asarray(idx), jnp.asarray(pri, jnp.float32), mb)
+  for i in range(n_q):
+    best = {}
+    for j, p in zip(idx[i], pri[i], strict=True):
+      if p > -np.inf:
+        best[j] = max(best.get(j, -np.inf), p)
+    order = sorted(best, key=lambda j: (-best[j], j))[:mb]
+    assert int(count[i]) == len(order)
+    np.testing.assert_array_equal(np.asarray(got[i, : len(order)]), sorted(order))
+
+
+@pytest.mark.parametrize("grid_all", [False, True])
+def test_group_order_is_the_three_key_sort(grid_all):
+  """The grouped (+ grid) permutation equals a stable sort by (group, orank % stride,
+  orank), numpy's lexsort, with padding last."""
+  rng = np.random.default_rng(int(grid_all))
+  length, seq_len = 300, 283
+  pos = np.arange(length)
+  real = pos < seq_len
+  mod = np.where(real, rng.choice([0, 1, 1, 3], length), -1)
+  strides = ((-1, 7),) if grid_all else ((1, 7), (3, 4))
+  perm, rank, orank = planning._group_order(
+    jnp.asarray(pos, jnp.int32),
+    jnp.asarray(mod, jnp.int32),
+    jnp.asarray(real),
+    tuple((g, jnp.int32(s)) for g, s in strides),
+    grid_all,
+  )
+  grp = np.where(real, mod, 2**30)
+  want_orank = np.zeros(length, int)
+  for g in np.unique(grp):
+    want_orank[grp == g] = np.arange((grp == g).sum())
+  sub = np.zeros(length, int)
+  for g, s in strides:
+    in_g = real & ((mod == g) | grid_all)
+    sub[in_g] = want_orank[in_g] % s
+  want = np.lexsort((want_orank, sub, grp))
+  np.testing.assert_array_equal(np.asarray(perm), want)
+  np.testing.assert_array_equal(np.asarray(orank), want_orank[want])
+  starts = {g: np.flatnonzero(grp[want] == g)[0] for g in np.unique(grp)}
+  np.testing.assert_array_equal(
+    np.asarray(rank), np.arange(length) - np.array([starts[g] for g in grp[want]])
+  )
+
+
+def test_select_columns_presorted_path():
+  """Columns shared by every query block, sorted once, give the per-row sort's result."""
+  rng = np.random.default_rng(3)
+  n_q, n_k, bq, bk = 12, 24, 16, 8
+  length = n_k * bk
+  pos = jnp.arange(length, dtype=jnp.int32)
+  v = planning.build_view(
+    planning.Layout("none"),
+    (),
+    jnp.zeros((length, 4)),
+    jnp.zeros((length, 4)),
+    jnp.zeros((length,), jnp.int32),
+    seq_len=length - 5,
+    block_q=bq,
+    block_k=bk,
+    scale=1.0,
+  )
+  assert v.n_q == n_q and bool(jnp.all(v.k_pos == pos))
+  cols = jnp.asarray(rng.permutation(length)[:40], jnp.int32)
+  ok = jnp.asarray(rng.random((n_q, 40)) < 0.7)
+  blocks = jnp.sort(jnp.asarray(rng.integers(0, n_k, (n_q, 6)), jnp.int32), axis=1)
+  count = jnp.asarray(rng.integers(0, 7, n_q), jnp.int32)
+  cand = jnp.broadcast_to(cols, (n_q, 40))
+  order = jnp.argsort(cols)
+  for mc in (5, 40, 50):
+    want = planning.select_columns(cand, ok, v, blocks, count, mc)
+    got = planning.select_columns(cand[:, order], ok[:, order], v, blocks, count, mc, True)
+    assert int(want[1].sum()) > 0
+    for x, y in zip(got, want, strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
