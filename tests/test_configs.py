@@ -18,7 +18,7 @@ CONFIG_ARGS = {
   "bench_sharded": ("", "one", "smoke"),
   "niah": ("", "text", "smoke"),
   "search_patterns": ("", "model", "smoke"),
-  "sweep_block_size": ("", "smoke"),
+  "sweep_block_size": ("", "smoke", "hopper"),
   "sweep_budget": ("", "smoke"),
 }
 
