@@ -205,3 +205,32 @@ def test_select_columns_presorted_path():
     assert int(want[1].sum()) > 0
     for x, y in zip(got, want, strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_lists_planner_equals_dense_with_ids_never_named():
+  """2d_boundary with cross='dense' on input with a modality id the policy never names:
+  the 'other ids' components own keys of several groups, so their dense candidates are
+  every block holding one (not a rank interval)."""
+  t, bq, bk = 256, 16, 16
+  q, k, _, _ = helpers.random_inputs(25, 1, t, 2, 1, 32, jnp.float32, "text")
+  mod = jnp.asarray(np.random.default_rng(0).choice([0, 1, 1, 2], t), jnp.int32)[None]
+  base = helpers.small_policies(bq, bk)["2d_boundary"]
+  pol = dataclasses.replace(base, cross=planning_policy("dense", block_q=bq, block_k=bk))
+  a, d = _plans(pol, q, k, mod)
+  assert_same_plan(a, d)
+
+
+def test_key_span_needs_one_run_of_ranks():
+  """Rank patterns need the keys as one run of view indices; other selectors raise."""
+  length = 64
+  x = jnp.zeros((length, 4))
+  mod = jnp.zeros((length,), jnp.int32)
+  kw = dict(seq_len=length, block_q=16, block_k=16, scale=1.0)
+  both = planning.build_view(planning.Layout("both"), (), x, x, mod, **kw)
+  start, n = both.key_span(0)
+  assert (int(start), int(n)) == (0, length)
+  with pytest.raises(ValueError, match="not one contiguous run"):
+    both.key_span(planning.OtherThan((0,)))
+  ident = planning.build_view(planning.Layout("none"), (), x, x, mod, **kw)
+  with pytest.raises(ValueError, match="not one contiguous run"):
+    ident.key_span(1)
