@@ -187,7 +187,7 @@ class HeadView:
   """Arrays of one (batch, head) in view order. L padded length, T real length."""
 
   q: jax.Array  # [L, H] (the input dtype; the planner computes in f32)
-  k: jax.Array  # [L, H] f32
+  k: jax.Array  # [L, H] (the input dtype)
   q_pos: jax.Array  # [L] original positions
   k_pos: jax.Array
   q_mod: jax.Array  # [L] modality ids (-1 for padding)
