@@ -221,21 +221,27 @@ class HeadView:
   def k_ok(self, mod):
     return (self.k_pos < self.seq_len) & _mod_ok(self.k_mod, mod)
 
+  def has_key_span(self, k_mod):
+    """Whether the keys of selector `k_mod` are one run of view indices (static)."""
+    if self.key_layout == "positions":
+      return k_mod is None
+    return isinstance(k_mod, int) and not isinstance(k_mod, bool)
+
   def key_span(self, k_mod):
     """(start, n): the keys of selector `k_mod` are view indices [start, start + n) with
-    rank = index - start. Only where that holds (every view and selector the policies
-    build for rank patterns); raises otherwise."""
-    if self.key_layout == "positions" and k_mod is None:
+    rank = index - start. Only where that holds (`has_key_span`: every view and selector
+    the policies build for rank patterns); raises otherwise."""
+    if not self.has_key_span(k_mod):
+      raise ValueError(
+        f"planner: keys {k_mod!r} are not one contiguous run of ranks in a "
+        f"{self.key_layout!r} view; rank patterns need a single modality id (2D boundary) "
+        "or every key (other layouts)"
+      )
+    if self.key_layout == "positions":
       return jnp.int32(0), jnp.int32(self.seq_len)
-    if self.key_layout == "modality" and isinstance(k_mod, int) and not isinstance(k_mod, bool):
-      real = self.k_pos < self.seq_len
-      start = jnp.sum(real & (self.k_mod < k_mod)).astype(jnp.int32)
-      return start, jnp.sum(real & (self.k_mod == k_mod)).astype(jnp.int32)
-    raise ValueError(
-      f"planner: keys {k_mod!r} are not one contiguous run of ranks in a "
-      f"{self.key_layout!r} view; rank patterns need a single modality id (2D boundary) or "
-      "every key (other layouts)"
-    )
+    real = self.k_pos < self.seq_len
+    start = jnp.sum(real & (self.k_mod < k_mod)).astype(jnp.int32)
+    return start, jnp.sum(real & (self.k_mod == k_mod)).astype(jnp.int32)
 
   def sinks_scattered(self, k_mod):
     """Whether the first keys (original order) of `k_mod` are scattered (grid-permuted)."""

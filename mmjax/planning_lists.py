@@ -45,14 +45,6 @@ def _q_stats(v: HeadView, q_mod):
   return qmin, qmax
 
 
-def _has_key_span(v: HeadView, k_mod):
-  try:
-    v.key_span(k_mod)
-  except ValueError:
-    return False
-  return True
-
-
 class _Intervals:
   """Token intervals [lo, hi] (view indices, inclusive; lo > hi empty), [nQ, m] each, with a
   static bound on the key blocks each one covers (where the view bounds it)."""
@@ -112,7 +104,7 @@ def _slashes(iv: _Intervals, v: HeadView, q_mod, k_mod, offs, offs_ok):
 def _dense(iv: _Intervals, lists, v: HeadView, q_mod, k_mod):
   qmin, _ = _q_stats(v, q_mod)
   qany = qmin < BIG
-  if _has_key_span(v, k_mod):
+  if v.has_key_span(k_mod):
     a = jnp.where(qany, 0, BIG)[:, None]
     iv.add_ranks(v, k_mod, a, jnp.full_like(a, BIG), v.n_k)
   else:  # keys of several modality groups: every block that holds one

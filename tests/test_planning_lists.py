@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mmjax import planning, planning_lists
+from mmjax import policies as P
 from tests import helpers
 from tests.test_policies import CASES, NAMES, _policy
 
@@ -76,23 +77,17 @@ def test_lists_planner_equals_dense_q_view_overflow():
   t, bq, bk = 1024, 16, 16
   q, k, _, _ = helpers.random_inputs(24, 1, t, 2, 1, 32, jnp.float32, "text")
   mod = jnp.asarray((np.arange(t) % 40 == 0).astype(np.int32))[None]  # 1 vision in 40
-  ash = planning_policy("a_shape", sink_tokens=16, local_tokens=64, block_q=bq, block_k=bk)
-  pol = planning_policy("q_boundary", patterns={1: ash}, default=ash, block_q=bq, block_k=bk)
+  ash = P.get("a_shape", sink_tokens=16, local_tokens=64, block_q=bq, block_k=bk)
+  pol = P.get("q_boundary", patterns={1: ash}, default=ash, block_q=bq, block_k=bk)
   a, d = _plans(pol, q, k, mod)
   assert int(np.asarray(a.block_count).max()) == a.block_idx.shape[-1]
   assert_same_plan(a, d)
 
 
-def planning_policy(name, **kw):
-  from mmjax import policies
-
-  return policies.get(name, **kw)
-
-
 def test_planner_argument_is_checked():
   q, k, _, mod = helpers.random_inputs(1, 1, 64, 2, 1, 32, jnp.float32)
   with pytest.raises(ValueError, match="planner must be one of"):
-    planning_policy("a_shape").plan(q, k, mod, planner="sorted")
+    P.get("a_shape").plan(q, k, mod, planner="sorted")
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 5), (300, 7), (1000, 32), (64, 64)])
@@ -215,7 +210,7 @@ def test_lists_planner_equals_dense_with_ids_never_named():
   q, k, _, _ = helpers.random_inputs(25, 1, t, 2, 1, 32, jnp.float32, "text")
   mod = jnp.asarray(np.random.default_rng(0).choice([0, 1, 1, 2], t), jnp.int32)[None]
   base = helpers.small_policies(bq, bk)["2d_boundary"]
-  pol = dataclasses.replace(base, cross=planning_policy("dense", block_q=bq, block_k=bk))
+  pol = dataclasses.replace(base, cross=P.get("dense", block_q=bq, block_k=bk))
   a, d = _plans(pol, q, k, mod)
   assert_same_plan(a, d)
 
