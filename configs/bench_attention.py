@@ -35,7 +35,10 @@ def get_config(arg: str | None = None):
   c.head_dim = 128
   c.block_q = 128  # tools/kernel_tiles.py: 128x64, 4 warps, 2 stages was the best tile
   c.block_k = 64
-  c.heads_per_step = 4
+  c.heads_per_step = 4  # used when plan_step_tokens is 0
+  # the planner's heads per step = plan_step_tokens // length (all 28 heads at <= 128k,
+  # 4 at 1M): fewer kernel launches at short lengths, the same memory at long ones
+  c.plan_step_tokens = 4 * 1048576
   c.warmup = 2
   c.iters = 10
   c.lengths = (16384, 65536, 131072, 262144, 524288, 1048576)

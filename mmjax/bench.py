@@ -139,7 +139,18 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
   return rows
 
 
-def cycle_table_policy(cfg, num_heads: int) -> policies.Policy:
+def heads_per_step(cfg, length: int, num_heads: int) -> int:
+  """The planner's heads per step at this length: `cfg.plan_step_tokens // length` when
+  that is set (> 0; 0 = all heads at once when they fit), else `cfg.heads_per_step`. Fewer,
+  larger steps launch fewer small kernels; the bound keeps the planner's memory flat."""
+  tokens = cfg.get("plan_step_tokens", 0)
+  if tokens <= 0:
+    return cfg.heads_per_step
+  per = max(1, tokens // length)
+  return 0 if per >= num_heads else per
+
+
+def cycle_table_policy(cfg, num_heads: int, length: int = 0) -> policies.Policy:
   """`mminference` with a one-layer table whose head i runs the i-th (cyclically) of
   `cfg.policies` other than mminference, each with its `cfg.policy_kwargs` (default
   budgets): the per-head mix a searched table gives, without a model to search."""
@@ -156,18 +167,17 @@ def cycle_table_policy(cfg, num_heads: int) -> policies.Policy:
     table=(row,),
     block_q=cfg.block_q,
     block_k=cfg.block_k,
-    heads_per_step=cfg.heads_per_step,
+    heads_per_step=heads_per_step(cfg, length, num_heads) if length else cfg.heads_per_step,
   )
 
 
 def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
   kwargs = dict(cfg.policy_kwargs.get(name, {}))
+  hps = heads_per_step(cfg, q.shape[1], q.shape[2])
   if name == "mminference" and not kwargs:
-    pol = cycle_table_policy(cfg, q.shape[2])
+    pol = cycle_table_policy(cfg, q.shape[2], q.shape[1])
   else:
-    pol = policies.get(
-      name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=cfg.heads_per_step, **kwargs
-    )
+    pol = policies.get(name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=hps, **kwargs)
   plan_fn = jax.jit(lambda q, k, m: pol.plan(q, k, m))
   plan_ms = timeit(plan_fn, q, k, mod, warmup=cfg.warmup, iters=cfg.iters)
   plan = plan_fn(q, k, mod)

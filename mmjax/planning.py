@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.topk_select import top_k_select
+
 NEG = -jnp.inf
 SKIP_EMPTY_TOPK = True  # tests turn it off to compare plans
 _CHUNK = 128  # chunk of the sort-free prefix counts
@@ -129,36 +131,83 @@ def _any_over(valid, axis_names):
   return present
 
 
+# The per-row top-k: "pallas" (pallas_kernels.topk_select: counts instead of sorting),
+# "xla" (lax.top_k, a sort of the row on a GPU for k > 16), or None: the kernel where jax's
+# backend is a GPU, lax.top_k elsewhere. Both pick the same entries; tests set it (then
+# clear jax's caches: jitted plans do not see it change).
+TOPK_IMPL = None
+_KERNEL_ROW = 4096  # rows up to this long go to the kernel whole, longer ones in chunks
+# fewer rows (per vmapped call) stay on lax.top_k: the kernel's 32 dependent counting
+# passes are latency-bound there (28 rows of 16384, k 512: 0.44 ms vs 0.16 on an H200)
+_KERNEL_MIN_ROWS = 64
+
+
+def topk_impl():
+  if TOPK_IMPL not in (None, "pallas", "xla"):
+    raise ValueError(f"planning.TOPK_IMPL must be None, 'pallas' or 'xla'; got {TOPK_IMPL!r}")
+  if TOPK_IMPL is not None:
+    return TOPK_IMPL
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
+
+
+def _row_top_k(x, k):
+  """The k largest entries of each row of x [R, n] (ties to the lower index) as a set:
+  (values [R, k], int32 indices [R, k]) in value order (lax.top_k) or index order (the
+  kernel, for R >= _KERNEL_MIN_ROWS)."""
+  if topk_impl() == "pallas" and x.shape[0] >= _KERNEL_MIN_ROWS:
+    idx, vals = top_k_select(x, k, interpret=jax.default_backend() != "gpu")
+    return vals, idx
+  vals, idx = jax.lax.top_k(x, k)
+  return vals, idx.astype(jnp.int32)
+
+
 def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True):
   """Per row, the k highest valid scores (ties to the lower index), without a top-k over
-  the whole row: (idx [R, k'], values [R, k'], -inf where fewer are valid), k' = min(k, n).
+  the whole row: (idx [R, k'], values [R, k'], -inf where fewer are valid), k' = min(k, n),
+  as a set (in no particular order).
 
   The row is cut into chunks of C; the top k chunks by their maximum (ties to the lower
   chunk) hold the row's top k (an entry outside them is beaten by the k chunks' maxima),
   so one top-k over the n / C chunk maxima and one over the k * C entries of those chunks,
-  in index order, give the entries a top-k over the row gives. C ~ sqrt(n / k) balances
-  the two. Runs under a `lax.cond` like `_topk_threshold_mask` (predicate: `present`, some
-  valid entry if None) unless `skip_empty` is False.
+  in index order, give the entries a top-k over the row gives. `valid` may be a function
+  returning the mask, so that the mask is built inside the branch (fused into its first
+  pass) rather than passed in as an [R, n] operand. C ~ sqrt(n / k) balances
+  the two. With the Pallas top-k, rows of at most `_KERNEL_ROW` go to it whole, and C is
+  at least n / _KERNEL_ROW. Runs under a `lax.cond` like `_topk_threshold_mask`
+  (predicate: `present`, some valid entry if None) unless `skip_empty` is False.
   """
   n_r, n = score.shape
   k = min(k, n)
+  kernel = topk_impl() == "pallas"
   c = 1 << max(0, round(math.log2(max(1.0, math.sqrt(n / max(k, 1))))))
+  if kernel:
+    c = 1 if n <= _KERNEL_ROW else max(c, -(-n // _KERNEL_ROW))
   n_c = -(-n // c)
   kc = min(k, n_c)
 
+  mask_fn = valid if callable(valid) else None
+
   def run(s, ok):
-    s = jnp.where(ok, s, NEG)
+    s = jnp.where(mask_fn() if mask_fn else ok, s, NEG)
+    if c == 1:
+      vals, idx = _row_top_k(s, k)
+      return idx, vals
     s = jnp.pad(s, ((0, 0), (0, n_c * c - n)), constant_values=NEG).reshape(n_r, n_c, c)
-    _, chunks = jax.lax.top_k(s.max(-1), kc)  # [R, kc]
-    chunks = jnp.sort(chunks, axis=-1)
+    _, chunks = _row_top_k(s.max(-1), kc)  # [R, kc]
+    if not kernel:  # the kernel's picks come in index order already
+      chunks = jnp.sort(chunks, axis=-1)
     cand = jnp.take_along_axis(s, chunks[:, :, None], axis=1).reshape(n_r, kc * c)
-    vals, pos = jax.lax.top_k(cand, k)
+    vals, pos = _row_top_k(cand, k)
     idx = (chunks[:, :, None] * c + jnp.arange(c, dtype=jnp.int32)).reshape(n_r, kc * c)
     return jnp.take_along_axis(idx, pos, axis=1).astype(jnp.int32), vals
 
   def empty(s, ok):
     return jnp.zeros((n_r, k), jnp.int32), jnp.full((n_r, k), NEG, s.dtype)
 
+  if mask_fn:
+    if present is None:
+      raise ValueError("top_k_entries: a mask function needs `present`")
+    valid = jnp.zeros((), bool)  # unused: run() builds the mask
   if not (SKIP_EMPTY_TOPK and skip_empty):
     return run(score, valid)
   present = _any_over(valid if present is None else present, axis_names)
@@ -206,6 +255,9 @@ class HeadView:
   # whole sequence); "modality": keys grouped by modality id, rank = index - group start.
   key_layout: str = "positions"
   grid_mods: tuple = ()  # modality ids whose group is grid-permuted (-1: the whole view)
+  # pooled means already computed in this view, by (side, selector): components sharing a
+  # modality (2D boundary's pairs, Q boundary's keys) pool it once
+  pooled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @property
   def n_q(self):
@@ -428,11 +480,23 @@ def _sink_local(v, q_mod, k_mod, sink, local):
 def pooled_block_scores(v: HeadView, q_mod, k_mod):
   """Pooled-q . pooled-k scores [nQ, nK], and which query / key blocks have tokens of
   q_mod / k_mod ([nQ], [nK])."""
-  qok, kok = v.q_ok(q_mod), v.k_ok(k_mod)
-  qp = _masked_mean(v.q, qok, v.n_q)
-  kp = _masked_mean(v.k, kok, v.n_k)
+  qp, qany = _pooled(v, "q", q_mod)
+  kp, kany = _pooled(v, "k", k_mod)
   s = jnp.einsum("ih,jh->ij", qp, kp) * v.scale  # [nQ, nK]
-  return s, qok.reshape(v.n_q, -1).any(-1), kok.reshape(v.n_k, -1).any(-1)
+  return s, qany, kany
+
+
+def _pooled(v: HeadView, side, sel):
+  """(masked block means [nb, H] f32, whether each block has a token [nb]) of one side's
+  tokens of selector `sel`, computed once per view."""
+  if (side, sel) not in v.pooled:
+    ok, x, nb = (v.q_ok(sel), v.q, v.n_q) if side == "q" else (v.k_ok(sel), v.k, v.n_k)
+    # the barrier keeps XLA from fusing a permuted view's gathers (x[perm], mod[perm])
+    # into the block sums: there, each summed element cost dependent loads, and a 1M-token
+    # 2d_boundary plan spent 62 ms in these sums (H200)
+    x, ok = jax.lax.optimization_barrier((x, ok))
+    v.pooled[side, sel] = (_masked_mean(x, ok, nb), ok.reshape(nb, -1).any(-1))
+  return v.pooled[side, sel]
 
 
 def _scored(v, q_mod, k_mod, top_k, causal, axis_names=()):
@@ -482,9 +546,9 @@ def vs_estimate(pat, v: HeadView, q_mod, k_mod):
 
 
 def _top_k_1d(x, k):
-  """`jax.lax.top_k(x, k)` of a long vector (values, int32 indices), by `top_k_entries`:
-  a top-k sorts its whole row on a GPU, and the vertical / slash picks of a 1M-token plan
-  took 8 ms each that way."""
+  """The entries `jax.lax.top_k(x, k)` picks from a long vector, as a set (values, int32
+  indices), by `top_k_entries`: a top-k sorts its whole row on a GPU, and the vertical /
+  slash picks of a 1M-token plan took 8 ms each that way."""
   idx, vals = top_k_entries(x[None, :], jnp.ones((1, x.shape[0]), bool), k, skip_empty=False)
   return vals[0], idx[0]
 
@@ -785,7 +849,9 @@ def _last_rows_probs(v: HeadView, q_mod, k_mod, last_q, use_mod):
   """last_query_probs, with the query modality dropped where `use_mod` is False."""
   last_q = min(last_q, v.q.shape[0])
   qok = jnp.where(use_mod, v.q_ok(q_mod), v.q_ok(None))
-  _, rows = _top_k_1d(jnp.where(qok, v.q_pos, -1).astype(jnp.float32), last_q)
+  pos, rows = _top_k_1d(jnp.where(qok, v.q_pos, -1).astype(jnp.float32), last_q)
+  # latest first (the rows' order fixes the order of the float sums over them)
+  rows = rows[jnp.argsort(-pos, stable=True)]
   row_ok = qok[rows]
   f32 = jnp.float32
   s = jnp.einsum("qh,kh->qk", v.q[rows].astype(f32), v.k.astype(f32)) * v.scale  # [last_q, L]

@@ -115,9 +115,10 @@ def _dense(iv: _Intervals, lists, v: HeadView, q_mod, k_mod):
 
 def _scored(v: HeadView, q_mod, k_mod, top_k, causal, axis_names):
   s, qany, kany = pl.pooled_block_scores(v, q_mod, k_mod)
-  valid = qany[:, None] & kany[None, :] & causal()
   present = jnp.any(qany) & jnp.any(kany)
-  idx, vals = pl.top_k_entries(s, valid, top_k, axis_names, present)
+  idx, vals = pl.top_k_entries(
+    s, lambda: qany[:, None] & kany[None, :] & causal(), top_k, axis_names, present
+  )
   return idx, jnp.where(vals > NEG, 1.0 + jax.nn.sigmoid(vals), NEG)
 
 

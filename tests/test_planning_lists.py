@@ -92,8 +92,8 @@ def test_planner_argument_is_checked():
 
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 5), (300, 7), (1000, 32), (64, 64)])
 def test_top_k_entries_equals_top_k(n, k):
-  """Same entries and order as lax.top_k, with ties (values from a small set), invalid
-  entries and rows with fewer than k valid ones."""
+  """Same entries and order as lax.top_k (the CPU's default top-k), with ties (values
+  from a small set), invalid entries and rows with fewer than k valid ones."""
   rng = np.random.default_rng(n * 100 + k)
   s = jnp.asarray(rng.integers(0, 6, (9, n)).astype(np.float32))
   valid = jnp.asarray(rng.random((9, n)) < np.linspace(0.0, 1.0, 9)[:, None])
@@ -101,6 +101,58 @@ def test_top_k_entries_equals_top_k(n, k):
   want_vals, want_idx = jax.lax.top_k(jnp.where(valid, s, -jnp.inf), min(k, n))
   np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
   np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+
+
+@pytest.fixture
+def pallas_topk(monkeypatch):
+  """The planner's top-k through the Pallas kernel (interpret mode on the CPU)."""
+  jax.clear_caches()  # jitted plans traced with the other top-k would be reused
+  monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
+  monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)  # small tests have few rows
+  yield
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("kernel_row", [4096, 64])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 5), (300, 7), (1000, 32), (64, 64)])
+def test_top_k_entries_kernel_picks_the_same_set(n, k, kernel_row, pallas_topk, monkeypatch):
+  """With the Pallas top-k (whole rows, or chunked rows: kernel_row 64) the entries are
+  lax.top_k's, in index order."""
+  monkeypatch.setattr(planning, "_KERNEL_ROW", kernel_row)
+  rng = np.random.default_rng(n * 100 + k)
+  s = jnp.asarray(rng.integers(0, 6, (9, n)).astype(np.float32))
+  valid = jnp.asarray(rng.random((9, n)) < np.linspace(0.0, 1.0, 9)[:, None])
+  idx, vals = planning.top_k_entries(s, valid, k)
+  want_vals, want_idx = jax.lax.top_k(jnp.where(valid, s, -jnp.inf), min(k, n))
+  order = np.argsort(np.asarray(want_idx), axis=1)
+  np.testing.assert_array_equal(np.asarray(idx), np.take_along_axis(np.asarray(want_idx), order, 1))
+  np.testing.assert_array_equal(
+    np.asarray(vals), np.take_along_axis(np.asarray(want_vals), order, 1)
+  )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plans_with_the_kernel_top_k_are_the_same(name, monkeypatch):
+  """The planner with the Pallas top-k (index order, chunked rows) gives lax.top_k's plan."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(25, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  want = pol.plan(q, k, mod)
+  jax.clear_caches()
+  monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
+  monkeypatch.setattr(planning, "_KERNEL_ROW", 8)  # every top-k chunked (nK = 13)
+  monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)
+  try:
+    got = pol.plan(q, k, mod)
+  finally:
+    jax.clear_caches()
+  assert_same_plan(got, want)
+
+
+def test_topk_impl_is_checked(monkeypatch):
+  monkeypatch.setattr(planning, "TOPK_IMPL", "sort")
+  with pytest.raises(ValueError, match="TOPK_IMPL"):
+    planning.topk_impl()
 
 
 def test_union_blocks_matches_sets():

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import bench_attention as bench_config
-from mmjax import bench
+from mmjax import bench, planning
 from mmjax import policies as P
 
 _META = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
@@ -124,27 +124,40 @@ def main():
     "--policies",
     default="a_shape,vertical_slash,block_sparse,grid,q_boundary,2d_boundary,mminference",
   )
-  ap.add_argument("--heads_per_step", type=int, default=2)
+  ap.add_argument(
+    "--heads_per_step", type=int, default=-1, help="-1: the attention benchmark's choice"
+  )
   ap.add_argument("--top", type=int, default=12)
   ap.add_argument("--out", default="")
   ap.add_argument("--planner", default="lists", choices=["lists", "dense"])
   ap.add_argument(
     "--check", action="store_true", help="also compare each plan with the other planner's"
   )
+  ap.add_argument(
+    "--topk",
+    default="",
+    choices=["", "pallas", "xla"],
+    help="the planner's per-row top-k (planning.TOPK_IMPL); default: the kernel on a GPU",
+  )
   args = ap.parse_args()
+  planning.TOPK_IMPL = args.topk or None
   t, h = args.length, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, t, args.kv_heads, h), jnp.float32).astype(jnp.bfloat16)
   mod = bench.video_text_modality(t, 576, 16, 256)
   report = {"length": t, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  report["topk"] = planning.topk_impl()
+  cfg = bench_config.get_config("")
+  hps = args.heads_per_step
+  hps = bench.heads_per_step(cfg, t, args.heads) if hps < 0 else hps
+  report["heads_per_step"] = hps
   for name in args.policies.split(","):
     if name == "mminference":  # as the attention benchmark runs it: one pattern per head
-      cfg = bench_config.get_config("")
-      cfg.heads_per_step = args.heads_per_step
+      cfg.heads_per_step, cfg.plan_step_tokens = hps, 0
       pol = bench.cycle_table_policy(cfg, args.heads)
     else:
-      pol = P.get(name, block_q=128, block_k=64, heads_per_step=args.heads_per_step)
+      pol = P.get(name, block_q=128, block_k=64, heads_per_step=hps)
     fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m, planner=args.planner))
     ms = bench.timeit(fn, q, k, mod, warmup=1, iters=3)
     src = op_sources(fn.lower(q, k, mod).compile().as_text())
