@@ -491,10 +491,6 @@ def _pooled(v: HeadView, side, sel):
   tokens of selector `sel`, computed once per view."""
   if (side, sel) not in v.pooled:
     ok, x, nb = (v.q_ok(sel), v.q, v.n_q) if side == "q" else (v.k_ok(sel), v.k, v.n_k)
-    # the barrier keeps XLA from fusing a permuted view's gathers (x[perm], mod[perm])
-    # into the block sums: there, each summed element cost dependent loads, and a 1M-token
-    # 2d_boundary plan spent 62 ms in these sums (H200)
-    x, ok = jax.lax.optimization_barrier((x, ok))
     v.pooled[side, sel] = (_masked_mean(x, ok, nb), ok.reshape(nb, -1).any(-1))
   return v.pooled[side, sel]
 

@@ -192,7 +192,7 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists"):
   for spec, heads in by_spec.items():
     heads_arr = np.asarray(heads)
     f = jax.vmap(
-      jax.vmap(functools.partial(run, spec), in_axes=(1, 1, None), axis_name=_PLAN_AXES[1]),
+      jax.vmap(functools.partial(run, spec), in_axes=(0, 0, None), axis_name=_PLAN_AXES[1]),
       (0, 0, 0),
       axis_name=_PLAN_AXES[0],
     )
@@ -231,21 +231,24 @@ def _map_head_chunks(f, q, k, heads, group, modality, per_step):
 
   Each step gathers its own heads' q and k inside the loop: gathering every head's (and
   repeating k per query head) before the loop would hold [B, L, n_g, H] copies, the
-  largest buffers of a long prefill's planner.
+  largest buffers of a long prefill's planner. f takes them head-major, [B, n, L, H]
+  (the gather writes that layout at no extra cost; each head's [L, H] is then contiguous).
   """
   n_g = len(heads)
+
+  def head_major(x, ids):  # [B, L, N, H] -> [B, len(ids), L, H]
+    return jnp.moveaxis(jnp.take(x, ids, axis=2, mode="clip"), 2, 1)
+
   if not per_step or per_step >= n_g:
-    # [B, L, N, H] -> [B, L, n_g, H]; k repeated per query head of its group
-    return f(q[:, :, heads], k[:, :, heads // group], modality)
+    # k repeated per query head of its group
+    return f(head_major(q, heads), head_major(k, heads // group), modality)
   chunks = -(-n_g // per_step)
   padded = np.resize(heads, chunks * per_step)  # repeats heads to fill the last step
   ids = jnp.asarray(padded.reshape(chunks, per_step), jnp.int32)
 
   def step(hs):  # hs [per_step] head ids
     # (mode="clip": the ids are in range, and the default's bounds select cost a pass)
-    return f(
-      jnp.take(q, hs, axis=2, mode="clip"), jnp.take(k, hs // group, axis=2, mode="clip"), modality
-    )
+    return f(head_major(q, hs), head_major(k, hs // group), modality)
 
   out = jax.lax.map(step, ids)
 
