@@ -29,6 +29,7 @@ keys stay in original order, so ranks are original positions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -688,7 +689,7 @@ def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols,
   else:
     srt = jnp.sort(jnp.where(ok, cand, BIG), axis=-1)
     dup = jnp.concatenate([jnp.zeros((n_q, 1), bool), srt[:, 1:] == srt[:, :-1]], axis=1)
-    srt = jnp.sort(jnp.where(dup, BIG, srt), axis=-1)
+    srt = _compact_rows(srt, ~dup & (srt < BIG), max_cols)  # distinct ones, still ascending
   if srt.shape[1] < max_cols:  # every head of a plan has the same MC
     srt = jnp.pad(srt, ((0, 0), (0, max_cols - srt.shape[1])), constant_values=BIG)
   srt = srt[:, :max_cols]
@@ -710,7 +711,7 @@ def in_block_lists(block_idx, block_count, blocks):
   """[nQ, V] whether blocks[i, v] is one of block_idx[i, :block_count[i]] (ascending)."""
   mb = block_idx.shape[-1]
   lists = jnp.where(jnp.arange(mb) < block_count[:, None], block_idx, BIG)
-  pos = jax.vmap(jnp.searchsorted)(lists, blocks)
+  pos = jax.vmap(functools.partial(jnp.searchsorted, method="scan_unrolled"))(lists, blocks)
   return jnp.take_along_axis(lists, jnp.minimum(pos, mb - 1), axis=1) == blocks
 
 
