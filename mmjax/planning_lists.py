@@ -11,7 +11,8 @@ plan cost more than the sparse kernel it feeds. This planner makes the same plan
   indices (`HeadView.key_span`), so a rank interval is an interval of key blocks, and
   their union per query block is enumerated in index order without a sort over nK.
 * Pooled-score blocks come from `planning.top_k_entries` (chunk maxima, then a top-k
-  inside the best chunks) rather than a top-k over whole rows.
+  inside the best chunks) rather than a top-k over whole rows; on a GPU each top-k is the
+  counting kernel `pallas_kernels.topk_select`.
 * The candidates (union, self blocks, scored, dense components) are merged by one sort
   per query block (key block, then priority), deduplicated, and the top `max_blocks` by
   priority kept, ties to the lower block: the reference's `select_blocks` rule.
