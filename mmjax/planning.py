@@ -134,13 +134,19 @@ def _any_over(valid, axis_names):
 
 # The per-row top-k: "pallas" (pallas_kernels.topk_select: counts instead of sorting),
 # "xla" (lax.top_k, a sort of the row on a GPU for k > 16), or None: the kernel where jax's
-# backend is a GPU, lax.top_k elsewhere. Both pick the same entries; tests set it (then
-# clear jax's caches: jitted plans do not see it change).
+# backend is a GPU, lax.top_k elsewhere. Both pick the same entries. Tests and tools set it
+# (`policies.Policy.plan` keys its jit on `topk_settings()`; other jitted callers would
+# keep a trace made before a change).
 TOPK_IMPL = None
 _KERNEL_ROW = 4096  # rows up to this long go to the kernel whole, longer ones in chunks
 # fewer rows (per vmapped call) stay on lax.top_k: the kernel's 32 dependent counting
 # passes are latency-bound there (28 rows of 16384, k 512: 0.44 ms vs 0.16 on an H200)
 _KERNEL_MIN_ROWS = 64
+
+
+def topk_settings():
+  """What the planner's top-k depends on, as a hashable jit key."""
+  return topk_impl(), _KERNEL_ROW, _KERNEL_MIN_ROWS
 
 
 def topk_impl():

@@ -129,7 +129,9 @@ class Policy:
       raise ValueError(f"planner must be one of {sorted(PLANNERS)}, got {planner!r}")
     if modality is None:
       modality = jnp.zeros((b, t), jnp.int32)
-    return _plan_jit(self, q, k, modality.astype(jnp.int32), planner)
+    # the top-k settings are part of the jit key: a plan traced with one is not reused
+    # after they change (tests switch them)
+    return _plan_jit(self, q, k, modality.astype(jnp.int32), planner, planning.topk_settings())
 
   def full_budget(self, seq_len: int) -> Policy:
     """The same policy with budgets large enough to reproduce dense attention."""
@@ -143,7 +145,8 @@ PLANNERS = {"lists": planning_lists.head_plan, "dense": planning.head_plan}
 _PLAN_AXES = ("plan_batch", "plan_head")
 
 
-def _plan_impl(policy: Policy, q, k, modality, planner="lists"):
+def _plan_impl(policy: Policy, q, k, modality, planner="lists", topk_settings=None):
+  del topk_settings  # only a jit key: the planner reads planning's settings when traced
   b, t, n, kh, h = q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3]
   length = planning.padded_length(t, policy.block_q, policy.block_k)
   pad = length - t
@@ -259,7 +262,7 @@ def _map_head_chunks(f, q, k, heads, group, modality, per_step):
   return jax.tree_util.tree_map(merge, out)
 
 
-_plan_jit = jax.jit(_plan_impl, static_argnums=(0, 4))
+_plan_jit = jax.jit(_plan_impl, static_argnums=(0, 4, 5))
 
 
 @dataclasses.dataclass(frozen=True)
