@@ -27,7 +27,6 @@ SHAPES = ((229376, 1024, 32), (229376, 512, 32), (28672, 2048, 32), (28, 16384, 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="")
-  ap.add_argument("--sweep", action="store_true", help="also time block_rows x num_warps")
   args = ap.parse_args()
   interpret = jax.default_backend() != "gpu"
   rows_out = []
@@ -46,16 +45,6 @@ def main():
     t_ref = bench.timeit(ref, x, warmup=2, iters=10)
     row = dict(rows=rows, n=n, k=k, pallas_ms=t_ours, lax_top_k_ms=t_ref, same=same)
     row["speedup"] = t_ref / t_ours
-    if args.sweep and not interpret and rows > 1000:
-      row["sweep"] = {}
-      for br in (4, 8, 16, 32, 64):
-        for nw in (2, 4, 8, 16):
-          f = jax.jit(lambda x, k=k, br=br, nw=nw: top_k_select(x, k, block_rows=br, num_warps=nw))
-          try:
-            row["sweep"][f"{br}x{nw}"] = ms = bench.timeit(f, x, warmup=1, iters=5)
-          except Exception as e:  # noqa: BLE001  (a tile that does not compile)
-            row["sweep"][f"{br}x{nw}"] = ms = repr(e)[:80]
-          print(f"  block_rows {br} num_warps {nw}: {ms}", flush=True)
     rows_out.append(row)
     print(
       f"[{rows}, {n}] k={k}: pallas {t_ours:.3f} ms, lax.top_k {t_ref:.3f} ms, "

@@ -69,7 +69,7 @@ def _kernel(x_ref, idx_ref, val_ref, *, n_rows, n, k, block_rows, tile, n_tiles)
     return jnp.where(count_ge(cand ^ _MIN) >= k, cand, res)
 
   t = jax.lax.fori_loop(0, 32, bit_step, jnp.zeros((block_rows,), jnp.int32)) ^ _MIN
-  n_gt = count_ge(t + 1) if n_tiles > 1 else jnp.sum((key0 > t[:, None]).astype(jnp.int32), 1)
+  n_gt = count_ge(t + 1)  # keys > t (t + 1 cannot overflow: t is at most +inf's key)
   need = k - n_gt  # entries equal to t to keep, lowest index first
 
   def emit(x, key, cols, eq_before, kept_before):
