@@ -36,6 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.attn_mass import attention_mass
+from pallas_kernels.block_pool import MAX_SELECTIONS, block_mean
+from pallas_kernels.pooled_scores import pooled_scores
 from pallas_kernels.topk_select import top_k_select
 
 NEG = -jnp.inf
@@ -135,26 +138,57 @@ def _any_over(valid, axis_names):
 # The per-row top-k: "pallas" (pallas_kernels.topk_select: counts instead of sorting),
 # "xla" (lax.top_k, a sort of the row on a GPU for k > 16), or None: the kernel where jax's
 # backend is a GPU, lax.top_k elsewhere. Both pick the same entries. Tests and tools set it
-# (`policies.Policy.plan` keys its jit on `topk_settings()`; other jitted callers would
+# (`policies.Policy.plan` keys its jit on `kernel_settings()`; other jitted callers would
 # keep a trace made before a change).
 TOPK_IMPL = None
+# The pooled block means: "pallas" (pallas_kernels.block_pool: every selection of a side in
+# one read, rows gathered by the view's permutation), "xla" (`_masked_mean` on the permuted
+# view), or None: the kernel on a GPU, XLA elsewhere. The same means up to the order of
+# the f32 sums.
+POOL_IMPL = None
+# The last-query estimates' column and diagonal sums: "pallas" (pallas_kernels.attn_mass:
+# the scores stay in registers, two passes over the keys read in place), "xla" (the
+# softmax p [R, L] written out, `slash_sums`), or None: the kernel on a GPU.
+MASS_IMPL = None
+# The pooled-block scores: "pallas" (pallas_kernels.pooled_scores: masked in the kernel,
+# with the chunk maxima of `top_k_entries` taken from the tile in registers) or "xla" (an
+# einsum; the mask and maxima are passes over it). None: XLA everywhere, for now: on an
+# H200 at 1M tokens the kernel took 11.5 ms where cuBLAS' dot and the maxima pass took
+# 4.7 + 3.8 (benchmarks/results/h200_2026-12-01/README.md).
+SCORE_IMPL = None
 _KERNEL_ROW = 4096  # rows up to this long go to the kernel whole, longer ones in chunks
 # fewer rows (per vmapped call) stay on lax.top_k: the kernel's 32 dependent counting
 # passes are latency-bound there (28 rows of 16384, k 512: 0.44 ms vs 0.16 on an H200)
 _KERNEL_MIN_ROWS = 64
 
 
-def topk_settings():
-  """What the planner's top-k depends on, as a hashable jit key."""
-  return topk_impl(), _KERNEL_ROW, _KERNEL_MIN_ROWS
+def kernel_settings():
+  """What the planner's kernels depend on (top-k, pooling), as a hashable jit key."""
+  return topk_impl(), _KERNEL_ROW, _KERNEL_MIN_ROWS, pool_impl(), mass_impl(), score_impl()
+
+
+def _impl(name, value):
+  if value not in (None, "pallas", "xla"):
+    raise ValueError(f"planning.{name} must be None, 'pallas' or 'xla'; got {value!r}")
+  if value is not None:
+    return value
+  return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 def topk_impl():
-  if TOPK_IMPL not in (None, "pallas", "xla"):
-    raise ValueError(f"planning.TOPK_IMPL must be None, 'pallas' or 'xla'; got {TOPK_IMPL!r}")
-  if TOPK_IMPL is not None:
-    return TOPK_IMPL
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return _impl("TOPK_IMPL", TOPK_IMPL)
+
+
+def pool_impl():
+  return _impl("POOL_IMPL", POOL_IMPL)
+
+
+def mass_impl():
+  return _impl("MASS_IMPL", MASS_IMPL)
+
+
+def score_impl():
+  return _impl("SCORE_IMPL", SCORE_IMPL) if SCORE_IMPL is not None else "xla"
 
 
 def _row_top_k(x, k):
@@ -168,7 +202,16 @@ def _row_top_k(x, k):
   return vals, idx.astype(jnp.int32)
 
 
-def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True):
+def topk_chunk(n, k):
+  """The chunk C of `top_k_entries` for rows of n entries and top k (1: no chunks)."""
+  k = min(k, n)
+  c = 1 << max(0, round(math.log2(max(1.0, math.sqrt(n / max(k, 1))))))
+  if topk_impl() == "pallas":
+    c = 1 if n <= _KERNEL_ROW else max(c, -(-n // _KERNEL_ROW))
+  return c
+
+
+def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True, chunk_max=None):
   """Per row, the k highest valid scores (ties to the lower index), without a top-k over
   the whole row: (idx [R, k'], values [R, k'], -inf where fewer are valid), k' = min(k, n),
   as a set (in no particular order).
@@ -180,27 +223,36 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True)
   returning the mask, so that the mask is built inside the branch (fused into its first
   pass) rather than passed in as an [R, n] operand. C ~ sqrt(n / k) balances
   the two. With the Pallas top-k, rows of at most `_KERNEL_ROW` go to it whole, and C is
-  at least n / _KERNEL_ROW. Runs under a `lax.cond` like `_topk_threshold_mask`
-  (predicate: `present`, some valid entry if None) unless `skip_empty` is False.
+  at least n / _KERNEL_ROW (`topk_chunk`). Runs under a `lax.cond` like
+  `_topk_threshold_mask` (predicate: `present`, some valid entry if None) unless
+  `skip_empty` is False. `valid` None: the score is masked already (-inf); then
+  `chunk_max` [R, ceil(n / C)] may give the chunk maxima (pooled_scores' kernel).
   """
   n_r, n = score.shape
   k = min(k, n)
   kernel = topk_impl() == "pallas"
-  c = 1 << max(0, round(math.log2(max(1.0, math.sqrt(n / max(k, 1))))))
-  if kernel:
-    c = 1 if n <= _KERNEL_ROW else max(c, -(-n // _KERNEL_ROW))
+  c = topk_chunk(n, k)
   n_c = -(-n // c)
   kc = min(k, n_c)
+  if chunk_max is not None and (valid is not None or chunk_max.shape != (n_r, n_c)):
+    raise ValueError(f"top_k_entries: chunk_max needs valid None and shape {(n_r, n_c)}")
 
+  # the mask: an [R, n] operand, a function (built inside the branch), or None (s masked)
   mask_fn = valid if callable(valid) else None
+  masked = valid is None
+  if (mask_fn or masked) and present is None:
+    raise ValueError("top_k_entries: a mask function or a masked score needs `present`")
+  if mask_fn or masked:
+    valid = jnp.zeros((), bool)  # unused operand
 
-  def run(s, ok):
-    s = jnp.where(mask_fn() if mask_fn else ok, s, NEG)
+  def run(s, ok, cmax):
+    if not masked:
+      s = jnp.where(mask_fn() if mask_fn else ok, s, NEG)
     if c == 1:
       vals, idx = _row_top_k(s, k)
       return idx, vals
     s = jnp.pad(s, ((0, 0), (0, n_c * c - n)), constant_values=NEG).reshape(n_r, n_c, c)
-    _, chunks = _row_top_k(s.max(-1), kc)  # [R, kc]
+    _, chunks = _row_top_k(s.max(-1) if cmax is None else cmax, kc)  # [R, kc]
     if not kernel:  # the kernel's picks come in index order already
       chunks = jnp.sort(chunks, axis=-1)
     cand = jnp.take_along_axis(s, chunks[:, :, None], axis=1).reshape(n_r, kc * c)
@@ -208,17 +260,13 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True)
     idx = (chunks[:, :, None] * c + jnp.arange(c, dtype=jnp.int32)).reshape(n_r, kc * c)
     return jnp.take_along_axis(idx, pos, axis=1).astype(jnp.int32), vals
 
-  def empty(s, ok):
+  def empty(s, ok, cmax):
     return jnp.zeros((n_r, k), jnp.int32), jnp.full((n_r, k), NEG, s.dtype)
 
-  if mask_fn:
-    if present is None:
-      raise ValueError("top_k_entries: a mask function needs `present`")
-    valid = jnp.zeros((), bool)  # unused: run() builds the mask
   if not (SKIP_EMPTY_TOPK and skip_empty):
-    return run(score, valid)
+    return run(score, valid, chunk_max)
   present = _any_over(valid if present is None else present, axis_names)
-  return jax.lax.cond(present, run, empty, score, valid)
+  return jax.lax.cond(present, run, empty, score, valid, chunk_max)
 
 
 def _masked_mean(x, w, nb):
@@ -238,12 +286,49 @@ def _masked_mean(x, w, nb):
 # ----------------------------------------------------------------------------------------
 # the per-head context: the view and its block statistics
 # ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeadSource:
+  """The [L, H] rows of one (batch, head) of x [B, L, N, H], left in place: the planner's
+  kernels read them through the (batch, head) index, and only the XLA paths (and the
+  last-query scores) slice rows out. Under the planner's vmap, b and h are the batched
+  ids and x is unbatched."""
+
+  x: jax.Array  # [B, L, N, H]
+  b: jax.Array | int
+  h: jax.Array | int
+
+  @classmethod
+  def of(cls, x):
+    """x itself if a HeadSource, else an [L, H] array as the only head of a batch of one."""
+    if isinstance(x, HeadSource):
+      return x
+    if x.ndim != 2:
+      raise ValueError(f"planner: a head's q / k must be [L, H] or a HeadSource; got {x.shape}")
+    return cls(x[None, :, None, :], 0, 0)
+
+  @property
+  def length(self):
+    return self.x.shape[1]
+
+  def index(self):
+    """int32 [2]: (batch, head)."""
+    return jnp.stack([jnp.asarray(self.b, jnp.int32), jnp.asarray(self.h, jnp.int32)])
+
+  def rows(self, idx):
+    """The rows idx [R] of the head: [R, H] (a gather)."""
+    return self.x[self.b, idx, self.h]
+
+  def dense(self):
+    """The head's [L, H] (a copy)."""
+    return self.x[self.b, :, self.h]
+
+
 @dataclasses.dataclass
 class HeadView:
   """Arrays of one (batch, head) in view order. L padded length, T real length."""
 
-  q: jax.Array  # [L, H] (the input dtype; the planner computes in f32)
-  k: jax.Array  # [L, H] (the input dtype)
+  q_src: HeadSource  # the head's queries in ORIGINAL order (input dtype; f32 math)
+  k_src: HeadSource  # its keys, original order
   q_pos: jax.Array  # [L] original positions
   k_pos: jax.Array
   q_mod: jax.Array  # [L] modality ids (-1 for padding)
@@ -266,13 +351,27 @@ class HeadView:
   # modality (2D boundary's pairs, Q boundary's keys) pool it once
   pooled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
+  @functools.cached_property
+  def q(self):
+    """[L, H] queries in view order (a copy; a gather where the view permutes them)."""
+    return self.q_src.dense() if self.q_perm is None else self.q_src.rows(self.q_perm)
+
+  @functools.cached_property
+  def k(self):
+    """[L, H] keys in view order."""
+    return self.k_src.dense() if self.k_perm is None else self.k_src.rows(self.k_perm)
+
+  @property
+  def length(self):
+    return self.q_src.length
+
   @property
   def n_q(self):
-    return self.q.shape[0] // self.block_q
+    return self.length // self.block_q
 
   @property
   def n_k(self):
-    return self.k.shape[0] // self.block_k
+    return self.length // self.block_k
 
   def q_ok(self, mod):
     return (self.q_pos < self.seq_len) & _mod_ok(self.q_mod, mod)
@@ -349,8 +448,10 @@ def _group_order(pos, mod, real, grid_strides, grid_all):
 
 
 def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, scale):
-  """Builds the HeadView of one head. q, k: [L, H]; mod: [L] (pads anything)."""
-  length = q.shape[0]
+  """Builds the HeadView of one head. q, k: [L, H] or HeadSource; mod: [L] (pads
+  anything)."""
+  q, k = HeadSource.of(q), HeadSource.of(k)
+  length = q.length
   pos = jnp.arange(length, dtype=jnp.int32)
   real = pos < seq_len
   mod = jnp.where(real, mod, -1)
@@ -364,8 +465,8 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
   )
   if layout.group == "none" and not grid_strides:
     return HeadView(
-      q=q,
-      k=k,
+      q_src=q,
+      k_src=k,
       q_pos=pos,
       k_pos=pos,
       q_mod=mod,
@@ -385,8 +486,8 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
   if layout.group == "q":
     # queries grouped, keys in original order: ranks are original positions.
     return HeadView(
-      q=q[perm],
-      k=k,
+      q_src=q,
+      k_src=k,
       q_pos=perm,
       k_pos=pos,
       q_mod=mod[perm],
@@ -400,8 +501,8 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
       **common,
     )
   return HeadView(
-    q=q[perm],
-    k=k[perm],
+    q_src=q,
+    k_src=k,
     q_pos=perm,
     k_pos=perm,
     q_mod=mod[perm],
@@ -419,16 +520,36 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
 # ----------------------------------------------------------------------------------------
 # online estimates from the last queries
 # ----------------------------------------------------------------------------------------
-def last_query_probs(v: HeadView, q_mod, k_mod, last_q):
-  """Softmax of the last `last_q` real queries of modality q_mod against the keys of k_mod.
+def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of):
+  """Attention mass of the last `last_q` real queries of q_mod (every query where
+  `use_mod` is False) against the keys of k_mod, softmaxed per query.
 
-  Returns (p [last_q, L] probabilities (0 where not allowed), base [last_q]): the rank
-  offset q_rank - k_rank of entry (r, j) is base[r] - j (keys of k_mod are one run of
-  ranks, `HeadView.key_span`).
+  base_of(rows) gives each query row's diagonal base: the offset of key j is base - j.
+  Returns (col [L]: mass per key, view order; slash [L]: mass per offset o >= 0). With
+  the Pallas kernel (`mass_impl`) the probabilities are never written out.
   """
-  p, rows = _last_rows_probs(v, q_mod, k_mod, last_q, True)
-  start, _ = v.key_span(k_mod)
-  return p, v.q_rank[rows] + start
+  rows, row_ok = _last_rows(v, q_mod, last_q, use_mod)
+  base = base_of(rows).astype(jnp.int32)
+  kok = v.k_ok(k_mod)
+  if mass_impl() == "xla":
+    p = _rows_probs(v, rows, row_ok, kok)
+    return p.sum(0), slash_sums(p, base, v.length)
+  n_r = rows.shape[0]
+  n_pad = max(16, 1 << (n_r - 1).bit_length()) - n_r  # the kernel's rows: a power of 2
+  q_rows = jnp.pad(v.q_src.rows(v.q_pos[rows]), ((0, n_pad), (0, 0)))
+  q_lim = jnp.pad(jnp.where(row_ok, v.q_pos[rows], -1), (0, n_pad), constant_values=-1)
+  return attention_mass(
+    q_rows,
+    v.k_src.x,
+    jnp.where(kok, v.k_pos, BIG),
+    q_lim.astype(jnp.int32),
+    jnp.pad(base, (0, n_pad), constant_values=-1),
+    scale=v.scale,
+    perm=v.k_perm,
+    index=v.k_src.index(),
+    tile=min(128, v.length & -v.length),
+    interpret=jax.default_backend() != "gpu",
+  )
 
 
 def slash_sums(p, base, length):
@@ -484,29 +605,97 @@ def _sink_local(v, q_mod, k_mod, sink, local):
   return pair & (sink_b | local_b)
 
 
-def pooled_block_scores(v: HeadView, q_mod, k_mod):
-  """Pooled-q . pooled-k scores [nQ, nK], and which query / key blocks have tokens of
-  q_mod / k_mod ([nQ], [nK])."""
+def scored_matrix(v: HeadView, q_mod, k_mod, chunk=0):
+  """Pooled-q . pooled-k scores of the block pairs a scored pattern may pick: query blocks
+  with tokens of q_mod, key blocks with tokens of k_mod, some causal pair.
+
+  Returns (s [nQ, nK], valid, chunk maxima, present):
+    the Pallas kernel (`score_impl`): s is -inf where not allowed, valid None, and with
+      `chunk` > 1 the maxima [nQ, ceil(nK / chunk)] of s's chunks of columns;
+    XLA: s unmasked, valid a function giving the mask [nQ, nK] (built where it is used,
+      fused into that pass), maxima None.
+  present: whether any pair is allowed (scalar; some query and some key block).
+  """
   qp, qany = _pooled(v, "q", q_mod)
   kp, kany = _pooled(v, "k", k_mod)
+  _, qmax, _ = _block_min_max(v.q_pos, v.q_ok(None), v.n_q)
+  kmin, _, _ = _block_min_max(v.k_pos, v.k_ok(None), v.n_k)
+  # pair (i, j) allowed iff k_lim[j] <= q_lim[i]: both blocks hold tokens of their
+  # modality and key block j's first key is not after query block i's last query
+  q_lim = jnp.where(qany, qmax, -1).astype(jnp.int32)
+  k_lim = jnp.where(kany, kmin, BIG).astype(jnp.int32)
+  present = jnp.any(qany) & jnp.any(kany)
+  if score_impl() == "pallas":
+    s, cmax = pooled_scores(
+      qp,
+      kp,
+      q_lim,
+      k_lim,
+      scale=v.scale,
+      chunk=chunk if chunk > 1 else 0,
+      interpret=jax.default_backend() != "gpu",
+    )
+    return s, None, cmax, present
   s = jnp.einsum("ih,jh->ij", qp, kp) * v.scale  # [nQ, nK]
-  return s, qany, kany
+  return s, lambda: k_lim[None, :] <= q_lim[:, None], None, present
 
 
 def _pooled(v: HeadView, side, sel):
   """(masked block means [nb, H] f32, whether each block has a token [nb]) of one side's
-  tokens of selector `sel`, computed once per view."""
+  tokens of selector `sel`, computed once per view (`pool_all` fills them up front)."""
   if (side, sel) not in v.pooled:
-    ok, x, nb = (v.q_ok(sel), v.q, v.n_q) if side == "q" else (v.k_ok(sel), v.k, v.n_k)
-    v.pooled[side, sel] = (_masked_mean(x, ok, nb), ok.reshape(nb, -1).any(-1))
+    pool_side(v, side, [sel])
   return v.pooled[side, sel]
 
 
-def _scored(v, q_mod, k_mod, top_k, causal, axis_names=()):
-  s, qany, kany = pooled_block_scores(v, q_mod, k_mod)
-  pair = qany[:, None] & kany[None, :]
-  present = jnp.any(qany) & jnp.any(kany)
-  keep = _topk_threshold_mask(s, pair & causal, top_k, axis_names, present)
+def pool_all(v: HeadView, components):
+  """Fills v.pooled with every (side, selector) the scored components (block_sparse,
+  grid) of `components` use: one pooling per side, before any branch (a mean computed
+  inside a `lax.cond` branch would stay there, out of reach of the other branches)."""
+  need = {"q": [], "k": []}
+  for comp in components:
+    if comp.pattern.name in ("block_sparse", "grid"):
+      for side, sel in (("q", comp.q_mod), ("k", comp.k_mod)):
+        if sel not in need[side] and (side, sel) not in v.pooled:
+          need[side].append(sel)
+  for side, sels in need.items():
+    for i in range(0, len(sels), MAX_SELECTIONS):
+      pool_side(v, side, sels[i : i + MAX_SELECTIONS])
+
+
+def pool_side(v: HeadView, side, sels):
+  """Pools the tokens of each selector of `sels` on one side (`_pooled`'s entries).
+
+  With the Pallas kernel (`pool_impl`), x is read once for all selectors, its rows
+  gathered by the view's permutation inside the kernel; with XLA, the view (a gather)
+  is reduced once per selector.
+  """
+  if side == "q":
+    x, perm, nb, oks = v.q_src, v.q_perm, v.n_q, [v.q_ok(s) for s in sels]
+  else:
+    x, perm, nb, oks = v.k_src, v.k_perm, v.n_k, [v.k_ok(s) for s in sels]
+  if pool_impl() == "pallas":
+    bits = sum(ok.astype(jnp.int32) << i for i, ok in enumerate(oks))
+    means = block_mean(
+      x.x,
+      bits,
+      block=v.length // nb,
+      n_sel=len(sels),
+      rows=perm,
+      index=x.index(),
+      interpret=jax.default_backend() != "gpu",
+    )
+  else:
+    xv = v.q if side == "q" else v.k
+    means = [_masked_mean(xv, ok, nb) for ok in oks]
+  for i, (sel, ok) in enumerate(zip(sels, oks, strict=True)):
+    v.pooled[side, sel] = (means[i], ok.reshape(nb, -1).any(-1))
+
+
+def _scored(v, q_mod, k_mod, top_k, axis_names=()):
+  s, valid, _, present = scored_matrix(v, q_mod, k_mod)
+  valid = s > NEG if valid is None else valid()
+  keep = _topk_threshold_mask(s, valid, top_k, axis_names, present)
   return jnp.where(keep, 1.0 + jax.nn.sigmoid(s), NEG)
 
 
@@ -520,11 +709,11 @@ def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()
     hit = _sink_local(v, q_mod, k_mod, pat.sink_tokens, pat.local_tokens)
     return jnp.where(hit, PRI_STRUCT, NEG), *no_cols
   if kind == "block_sparse":
-    return _scored(v, q_mod, k_mod, pat.top_k_blocks, causal, axis_names), *no_cols
+    return _scored(v, q_mod, k_mod, pat.top_k_blocks, axis_names), *no_cols
   if kind == "grid":
     hit = _sink_local(v, q_mod, k_mod, pat.sink_tokens, pat.band_tokens)
     pri = jnp.where(hit, PRI_STRUCT, NEG)
-    scored = _scored(v, q_mod, k_mod, pat.top_k_blocks, causal, axis_names)
+    scored = _scored(v, q_mod, k_mod, pat.top_k_blocks, axis_names)
     return jnp.maximum(pri, scored), *no_cols
   if kind == "vertical_slash":
     return _vertical_slash(pat, v, q_mod, k_mod)
@@ -534,15 +723,15 @@ def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()
 def vs_estimate(pat, v: HeadView, q_mod, k_mod):
   """The online vertical-slash estimate: (columns [V] view indices, valid [V], slash rank
   offsets [S], valid [S])."""
-  length = v.k.shape[0]
-  p, base = last_query_probs(v, q_mod, k_mod, pat.last_q)
+  length = v.length
+  start, _ = v.key_span(k_mod)
+  col, sl = last_query_mass(v, q_mod, k_mod, pat.last_q, True, lambda rows: v.q_rank[rows] + start)
   kok = v.k_ok(k_mod)
   # vertical: column mass; the first `keep_first` keys of the group are always kept.
-  vert = jnp.where(kok, p.sum(0), NEG)
+  vert = jnp.where(kok, col, NEG)
   vert = jnp.where(kok & (v.k_orank < pat.keep_first), jnp.inf, vert)
   vval, cols = _top_k_1d(vert, pat.vertical_size)
   # slash: diagonal mass by rank offset; the `keep_local` nearest diagonals always kept.
-  sl = slash_sums(p, base, length)
   sl = jnp.where(jnp.arange(length) < pat.keep_local, jnp.inf, sl)
   sval, offs = _top_k_1d(sl, pat.slash_size)
   return cols, vval > NEG, offs, sval > 0
@@ -557,7 +746,7 @@ def _top_k_1d(x, k):
 
 
 def _vertical_slash(pat, v: HeadView, q_mod, k_mod):
-  length = v.k.shape[0]
+  length = v.length
   cols, cols_ok, offs, offs_ok = vs_estimate(pat, v, q_mod, k_mod)
   ind = jnp.zeros((length + 1,), jnp.int32).at[offs].add(offs_ok.astype(jnp.int32))
   csum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(ind)])
@@ -676,12 +865,13 @@ def _compact(keep, max_blocks):
   return idx, jnp.minimum(count, max_blocks)
 
 
-def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols, presorted=False):
+def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols, runs=None):
   """Per query block, the candidate keys not inside a kept block, deduplicated.
 
-  cand, cand_ok: [nQ, V] view indices of candidate keys; `presorted`: each row ascending
-  and distinct already (then the valid ones are compacted, without two sorts of [nQ, V]).
-  Returns (idx [nQ, MC] ascending, count).
+  cand, cand_ok: [nQ, V] view indices of candidate keys. `runs`: each row is ascending
+  and a value fills at most `runs` adjacent entries (then the first valid entry of each
+  value is kept by comparing neighbours, without sorting [nQ, V]); None: rows in any
+  order (sorted here). Returns (idx [nQ, MC] ascending, count).
   """
   n_q = v.n_q
   if max_cols == 0:
@@ -690,8 +880,12 @@ def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols,
   _, qmax, _ = _block_min_max(v.q_pos, v.q_ok(None), n_q)
   ok = cand_ok & ~in_block_lists(block_idx, block_count, cand // v.block_k)
   ok &= v.k_pos[cand] <= qmax[:, None]
-  if presorted:  # ascending and distinct in each row: keep the valid ones in order
-    srt = _compact_rows(jnp.where(ok, cand, BIG), ok, max_cols)
+  if runs is not None:  # ascending: keep the first valid entry of each value, in order
+    first = ok
+    for d in range(1, runs):  # an earlier valid entry of the same value is d back
+      same = (cand[:, d:] == cand[:, :-d]) & ok[:, :-d]
+      first = first & ~jnp.pad(same, ((0, 0), (d, 0)))
+    srt = _compact_rows(jnp.where(first, cand, BIG), first, max_cols)
   else:
     srt = jnp.sort(jnp.where(ok, cand, BIG), axis=-1)
     dup = jnp.concatenate([jnp.zeros((n_q, 1), bool), srt[:, 1:] == srt[:, :-1]], axis=1)
@@ -733,10 +927,11 @@ def self_priority(v: HeadView):
 
 def head_view(layout, q, k, mod, *, seq_len, block_q, block_k, scale):
   """The view of one (batch, head): grid strides estimated in the grouped (not yet
-  grid-permuted) view, then the permuted view. q, k: [L, H] (any float dtype); mod: [L].
+  grid-permuted) view, then the permuted view. q, k: [L, H] (any float dtype) or
+  HeadSource; mod: [L].
 
   Returns (HeadView, aux dict of the estimated strides)."""
-  length = q.shape[0]
+  q, k = HeadSource.of(q), HeadSource.of(k)
   kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
   strides = []
   aux = {}
@@ -753,47 +948,77 @@ def head_view(layout, q, k, mod, *, seq_len, block_q, block_k, scale):
         else:
           has = jnp.any(pre.q_ok(gpat.modality)) if gpat.modality >= 0 else False
           gm, km = (gpat.modality if gpat.modality >= 0 else None), None
-        p, rows = _last_rows_probs(pre, gm, km, gpat.last_q, has if gmod < 0 else True)
         # offsets in ORIGINAL rank inside the group (text between frames removed): in the
         # view before the grid permutation a key's original rank is its rank.
         start, _ = pre.key_span(km)
-        base = _orank_of(pre, rows) + start
-        stride = estimate_stride(slash_sums(p, base, length), gpat.min_stride, gpat.max_stride)
+        _, slash = last_query_mass(
+          pre,
+          gm,
+          km,
+          gpat.last_q,
+          has if gmod < 0 else True,
+          lambda rows, pre=pre, start=start: _orank_of(pre, rows) + start,
+        )
+        stride = estimate_stride(slash, gpat.min_stride, gpat.max_stride)
       strides.append((gmod, stride))
       aux["stride" if gmod < 0 else f"stride_{gmod}"] = stride
   return build_view(layout, tuple(strides), q, k, mod, **kw), aux
 
 
 def vertical_candidates(v: HeadView, q_mod, cols, cols_ok):
-  """A component's vertical columns as per-query-block candidates: ([nQ, V], [nQ, V])."""
+  """A component's vertical columns, the same for every query block: (cols [V], valid
+  [V], query blocks they serve [nQ])."""
   _, _, qany = _block_min_max(v.q_pos, v.q_ok(q_mod), v.n_q)
-  return jnp.broadcast_to(cols, (v.n_q, cols.shape[0])), qany[:, None] & cols_ok[None, :]
+  return cols, cols_ok, qany
+
+
+def _merge_sorted(a, a_ok, b, b_ok):
+  """Rows of b [R, nB] (each ascending) merged with a [nA] (ascending, shared by the rows;
+  a_ok [R, nA]): (x [R, nA + nB] ascending, ok), a's entry first on ties. Each entry's
+  place is its index plus the count of the other list's entries before it (unrolled
+  binary searches), so no row is sorted."""
+  n_r, n_b = b.shape
+  n_a = a.shape[0]
+  search = functools.partial(jnp.searchsorted, method="scan_unrolled")
+  # a[i] goes after the b entries below it; b[r, j] after the a entries at most it
+  at_a = jnp.arange(n_a) + jax.vmap(lambda row: search(row, a, side="left"))(b)
+  at_b = jnp.arange(n_b) + search(a, b, side="right")
+  rows = jnp.arange(n_r)[:, None]
+  x = jnp.zeros((n_r, n_a + n_b), jnp.int32)
+  x = x.at[rows, at_a].set(jnp.broadcast_to(a, (n_r, n_a)), unique_indices=True)
+  x = x.at[rows, at_b].set(b, unique_indices=True)
+  ok = jnp.zeros((n_r, n_a + n_b), bool)
+  ok = (
+    ok.at[rows, at_a].set(a_ok, unique_indices=True).at[rows, at_b].set(b_ok, unique_indices=True)
+  )
+  return x, ok
 
 
 def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
   """Columns (plus each query block's own tokens in a query-only view) and the plan dict.
 
-  cands: list of (candidates [nQ, V], valid [nQ, V]) of the components' vertical lines.
+  cands: list of (cols [V], valid [V], query blocks [nQ]) of the components' vertical
+  lines (`vertical_candidates`). Their union is sorted once per head, not per query
+  block; a query-only view's own tokens (a short list per query block) are merged in.
+  Each value is then in at most `len(cands) + 1` adjacent entries of a row.
   """
-  cands = list(cands)
+  if cands:
+    vals = jnp.concatenate([c for c, _, _ in cands])
+    ok = jnp.concatenate([rows[:, None] & c_ok[None, :] for _, c_ok, rows in cands], axis=1)
+    order = jnp.argsort(vals, stable=True)
+    a, a_ok = vals[order].astype(jnp.int32), ok[:, order]
+  else:
+    a, a_ok = jnp.zeros((0,), jnp.int32), jnp.zeros((v.n_q, 0), bool)
+  runs = max(1, len(cands))
   if not v.symmetric:
     # query-only permutation: each query block gets its own tokens as columns.
-    qself = v.q_pos.reshape(v.n_q, v.block_q)
-    cands.append((jnp.minimum(qself, v.q.shape[0] - 1), qself < v.seq_len))
-  # a symmetric view's only columns are at most one component's vertical lines, the same
-  # for every query block: sorted once per head, not per query block
-  presorted = v.symmetric and len(cands) == 1
-  if presorted:
-    cand, cand_ok = cands[0]
-    order = jnp.argsort(cand[0])
-    cand, cand_ok = cand[:, order], cand_ok[:, order]
-  elif cands:
-    cand = jnp.concatenate([c for c, _ in cands], axis=1)
-    cand_ok = jnp.concatenate([ok for _, ok in cands], axis=1)
+    qself = jnp.sort(v.q_pos.reshape(v.n_q, v.block_q), axis=1)
+    cand, cand_ok = _merge_sorted(a, a_ok, jnp.minimum(qself, v.length - 1), qself < v.seq_len)
+    runs = len(cands) + 1
   else:
-    cand = jnp.zeros((v.n_q, 0), jnp.int32)
-    cand_ok = jnp.zeros((v.n_q, 0), bool)
-  col_idx, col_count = select_columns(cand, cand_ok, v, block_idx, block_count, max_cols, presorted)
+    cand = jnp.broadcast_to(a, (v.n_q, a.shape[0]))
+    cand_ok = a_ok
+  col_idx, col_count = select_columns(cand, cand_ok, v, block_idx, block_count, max_cols, runs=runs)
   return dict(
     block_idx=block_idx,
     block_count=block_count,
@@ -829,6 +1054,7 @@ def head_plan(
   v, aux = head_view(
     layout, q, k, mod, seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale
   )
+  pool_all(v, components)
   # component priorities, merged by max on the pairs each one owns.
   causal = v.causal_possible()
   pri = jnp.full((v.n_q, v.n_k), NEG)
@@ -848,19 +1074,29 @@ def head_plan(
   return finish_plan(v, cands, block_idx, block_count, max_cols, aux)
 
 
-def _last_rows_probs(v: HeadView, q_mod, k_mod, last_q, use_mod):
-  """last_query_probs, with the query modality dropped where `use_mod` is False."""
-  last_q = min(last_q, v.q.shape[0])
+def _last_rows(v: HeadView, q_mod, last_q, use_mod):
+  """The view rows of the last `last_q` real queries of q_mod (of any modality where
+  `use_mod` is False), latest first, and whether each is one ([R] each)."""
+  last_q = min(last_q, v.length)
   qok = jnp.where(use_mod, v.q_ok(q_mod), v.q_ok(None))
   pos, rows = _top_k_1d(jnp.where(qok, v.q_pos, -1).astype(jnp.float32), last_q)
   # latest first (the rows' order fixes the order of the float sums over them)
   rows = rows[jnp.argsort(-pos, stable=True)]
-  row_ok = qok[rows]
+  return rows, qok[rows]
+
+
+def _rows_probs(v: HeadView, rows, row_ok, kok):
+  """Softmax p [R, L] of the query rows against the keys where kok [L] (causal by
+  original positions; rows not row_ok get 0)."""
   f32 = jnp.float32
-  s = jnp.einsum("qh,kh->qk", v.q[rows].astype(f32), v.k.astype(f32)) * v.scale  # [last_q, L]
+  # (the keys in view order: scores in original order gathered into view order by the
+  # softmax were 10x slower, that gather's reads being scattered)
+  # [last_q, H] x [L, H] -> [last_q, L]
+  qr = v.q_src.rows(v.q_pos[rows]).astype(f32)
+  s = jnp.einsum("qh,kh->qk", qr, v.k.astype(f32)) * v.scale
   allowed = (v.k_pos[None, :] <= v.q_pos[rows][:, None]) & row_ok[:, None]
-  allowed &= v.k_ok(k_mod)[None, :]
-  return _softmax_where(s, allowed), rows
+  allowed &= kok[None, :]
+  return _softmax_where(s, allowed)
 
 
 def _softmax_where(s, allowed):

@@ -75,12 +75,12 @@ def _sinks(iv: _Intervals, v: HeadView, q_mod, k_mod, sink):
   qany = (qmin < BIG)[:, None]
   if v.sinks_scattered(k_mod):
     # the first `sink` keys in original order, wherever the grid permutation put them.
-    ns = min(sink, v.k.shape[0])
+    ns = min(sink, v.length)
     sel = v.k_ok(k_mod) & (v.k_orank < ns)
     at = (
       jnp.zeros((ns,), jnp.int32)
       .at[jnp.where(sel, v.k_orank, ns)]
-      .set(jnp.arange(v.k.shape[0], dtype=jnp.int32), mode="drop")
+      .set(jnp.arange(v.length, dtype=jnp.int32), mode="drop")
     )
     _, n = v.key_span(k_mod)
     ok = qany & (jnp.arange(ns) < n)[None, :]
@@ -111,16 +111,13 @@ def _dense(iv: _Intervals, lists, v: HeadView, q_mod, k_mod):
   else:  # keys of several modality groups: every block that holds one
     _, _, kany = pl._block_min_max(v.k_pos, v.k_ok(k_mod), v.n_k)
     idx = jnp.broadcast_to(jnp.arange(v.n_k, dtype=jnp.int32), (v.n_q, v.n_k))
-    lists.append((idx, jnp.where(qany[:, None] & kany[None, :], PRI_STRUCT, NEG)))
+    lists.append((idx, jnp.where(qany[:, None] & kany[None, :], PRI_STRUCT, NEG), True))
 
 
-def _scored(v: HeadView, q_mod, k_mod, top_k, causal, axis_names):
-  s, qany, kany = pl.pooled_block_scores(v, q_mod, k_mod)
-  present = jnp.any(qany) & jnp.any(kany)
-  idx, vals = pl.top_k_entries(
-    s, lambda: qany[:, None] & kany[None, :] & causal(), top_k, axis_names, present
-  )
-  return idx, jnp.where(vals > NEG, 1.0 + jax.nn.sigmoid(vals), NEG)
+def _scored(v: HeadView, q_mod, k_mod, top_k, axis_names):
+  s, valid, cmax, present = pl.scored_matrix(v, q_mod, k_mod, pl.topk_chunk(v.n_k, top_k))
+  idx, vals = pl.top_k_entries(s, valid, top_k, axis_names, present, chunk_max=cmax)
+  return idx, jnp.where(vals > NEG, 1.0 + jax.nn.sigmoid(vals), NEG), False
 
 
 def union_blocks(lo, hi, block_k, cap):
@@ -148,17 +145,73 @@ def union_blocks(lo, hi, block_k, cap):
   return idx.astype(jnp.int32), slots[None, :] < ends[:, -1:]
 
 
-def select_candidates(idx, pri, max_blocks, axis_names=()):
+def _merge_rows(a, a_pri, b, b_pri):
+  """Two candidate lists with ascending rows ([R, nA], [R, nB]) merged into one ascending
+  list, a's entry first on ties: each entry's place is its index plus the count of the
+  other row's entries before it (unrolled binary searches), instead of a sort."""
+  n_r, n_a = a.shape
+  n_b = b.shape[1]
+
+  def count(side):  # per row, the entries of `row` below x (left) or at most x (right)
+    return jax.vmap(lambda row, x: jnp.searchsorted(row, x, side=side, method="scan_unrolled"))
+
+  at_a = jnp.arange(n_a) + count("left")(b, a)
+  at_b = jnp.arange(n_b) + count("right")(a, b)
+  rows = jnp.arange(n_r)[:, None]
+  out = []
+  for xa, xb, fill in ((a, b, BIG), (a_pri, b_pri, NEG)):
+    x = jnp.full((n_r, n_a + n_b), fill, xa.dtype)
+    x = x.at[rows, at_a].set(xa, unique_indices=True).at[rows, at_b].set(xb, unique_indices=True)
+    out.append(x)
+  return tuple(out)
+
+
+def merge_candidates(lists):
+  """Candidate lists [(idx [nQ, w], pri [nQ, w], ascending)] -> one list (idx, pri) whose
+  rows are ascending (BIG where a list had no entry), for `select_candidates(runs=...)`.
+
+  A list marked ascending has rows ascending and distinct, entries without a candidate
+  included (a union of intervals, whose unused slots continue past its last block; the
+  self blocks; a dense component's every block); the others (pooled-score picks, a set)
+  are sorted here, short as they are, their unused entries set to BIG. Each block then
+  fills at most len(lists) adjacent entries of a row.
+  """
+  out = None
+  for idx, pri, ascending in lists:
+    key = idx
+    if not ascending:
+      key, pri = jax.lax.sort((jnp.where(pri > NEG, idx, BIG), pri), dimension=1, num_keys=1)
+    out = (key, pri) if out is None else _merge_rows(*out, key, pri)
+  return out
+
+
+def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
   """The top `max_blocks` distinct blocks of candidate lists idx, pri [nQ, W] (a block may
   repeat; its highest priority counts; -inf = not a candidate) by priority, ties to the
   lower block: (block_idx [nQ, MB] ascending, count [nQ]); slots past the count hold 0.
+
+  runs: the rows are ascending already and a block fills at most `runs` adjacent entries
+  (`merge_candidates`): neighbours within `runs` give each block's first valid entry and
+  its highest priority, without the sort.
   """
   n_q, width = idx.shape
-  key = jnp.where(pri > NEG, idx, BIG)
-  key, negpri = jax.lax.sort((key, -pri), dimension=1, num_keys=2)
-  first = (key < BIG) & jnp.concatenate(
-    [jnp.ones((n_q, 1), bool), key[:, 1:] != key[:, :-1]], axis=1
-  )
+  if runs is None:
+    key = jnp.where(pri > NEG, idx, BIG)
+    key, negpri = jax.lax.sort((key, -pri), dimension=1, num_keys=2)
+    first = (key < BIG) & jnp.concatenate(
+      [jnp.ones((n_q, 1), bool), key[:, 1:] != key[:, :-1]], axis=1
+    )
+  else:
+    valid = pri > NEG
+    first, best = valid, jnp.where(valid, pri, NEG)
+    for d in range(1, runs):
+      # an earlier valid entry of the same block d back; a later one d ahead
+      back = (idx[:, d:] == idx[:, :-d]) & valid[:, :-d]
+      first = first & ~jnp.pad(back, ((0, 0), (d, 0)))
+      ahead = jnp.where((idx[:, :-d] == idx[:, d:]) & valid[:, d:], pri[:, d:], NEG)
+      best = jnp.maximum(best, jnp.pad(ahead, ((0, 0), (0, d)), constant_values=NEG))
+    key = jnp.where(first, idx, BIG)
+    negpri = -best
   n_fin = first.sum(-1)
 
   def compact(key, negpri, first):  # every row fits: keep all, in block order
@@ -203,14 +256,12 @@ def head_plan(
     layout, q, k, mod, seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale
   )
   n_q, n_k = v.n_q, v.n_k
+  pl.pool_all(v, components)
   _, qmax_all, _ = pl._block_min_max(v.q_pos, v.q_ok(None), n_q)
   kmin_all, _, _ = pl._block_min_max(v.k_pos, v.k_ok(None), n_k)
 
-  def causal():  # [nQ, nK], only inside the pooled-score fusion
-    return kmin_all[None, :] <= qmax_all[:, None]
-
   iv = _Intervals()
-  lists = []  # (idx [nQ, w], pri [nQ, w])
+  lists = []  # (idx [nQ, w], pri [nQ, w], ascending)
   cands = []  # vertical columns
   for comp in components:
     kind, pat, qm, km = comp.pattern.name, comp.pattern, comp.q_mod, comp.k_mod
@@ -220,11 +271,11 @@ def head_plan(
       _sinks(iv, v, qm, km, pat.sink_tokens)
       _local(iv, v, qm, km, pat.local_tokens)
     elif kind == "block_sparse":
-      lists.append(_scored(v, qm, km, pat.top_k_blocks, causal, axis_names))
+      lists.append(_scored(v, qm, km, pat.top_k_blocks, axis_names))
     elif kind == "grid":
       _sinks(iv, v, qm, km, pat.sink_tokens)
       _local(iv, v, qm, km, pat.band_tokens)
-      lists.append(_scored(v, qm, km, pat.top_k_blocks, causal, axis_names))
+      lists.append(_scored(v, qm, km, pat.top_k_blocks, axis_names))
     elif kind == "vertical_slash":
       cols, cols_ok, offs, offs_ok = pl.vs_estimate(pat, v, qm, km)
       _slashes(iv, v, qm, km, offs, offs_ok)
@@ -239,16 +290,15 @@ def head_plan(
     idx, ok = union_blocks(
       jnp.concatenate(iv.lo, axis=1), jnp.concatenate(iv.hi, axis=1), block_k, cap
     )
-    lists.append((idx, jnp.where(ok, PRI_STRUCT, NEG)))
+    lists.append((idx, jnp.where(ok, PRI_STRUCT, NEG), True))
   if v.symmetric:  # the key blocks holding each query block's own tokens
     n_self = _cdiv(block_q, block_k) + 1
     i = jnp.arange(n_q, dtype=jnp.int32)[:, None]
     idx = (i * block_q) // block_k + jnp.arange(n_self, dtype=jnp.int32)[None, :]
     ok = idx <= ((i + 1) * block_q - 1) // block_k
-    lists.append((idx, jnp.where(ok, PRI_SELF, NEG)))
-  idx = jnp.concatenate([x for x, _ in lists], axis=1)
-  pri = jnp.concatenate([p for _, p in lists], axis=1)
-  idx = jnp.clip(idx, 0, n_k - 1)
-  pri = jnp.where(kmin_all[idx] <= qmax_all[:, None], pri, NEG)
-  block_idx, block_count = select_candidates(idx, pri, max_blocks, axis_names)
+    lists.append((idx, jnp.where(ok, PRI_SELF, NEG), True))
+  # one ascending list (merged, not sorted), then the causal filter
+  idx, pri = merge_candidates(lists)
+  pri = jnp.where(kmin_all[jnp.clip(idx, 0, n_k - 1)] <= qmax_all[:, None], pri, NEG)
+  block_idx, block_count = select_candidates(idx, pri, max_blocks, axis_names, len(lists))
   return pl.finish_plan(v, cands, block_idx, block_count, max_cols, aux)

@@ -145,10 +145,118 @@ def test_plans_with_the_kernel_top_k_are_the_same(name, monkeypatch):
   assert_same_plan(got, want)
 
 
-def test_topk_impl_is_checked(monkeypatch):
-  monkeypatch.setattr(planning, "TOPK_IMPL", "sort")
-  with pytest.raises(ValueError, match="TOPK_IMPL"):
-    planning.topk_impl()
+@pytest.mark.parametrize("name", NAMES)
+def test_plans_with_the_pooling_kernel_are_the_same(name, monkeypatch):
+  """The planner with the Pallas block means (all selectors of a side at once, rows
+  gathered by the permutation) gives the XLA pooling's plan (random inputs: no score
+  ties that the order of the f32 sums could break differently)."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(26, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "POOL_IMPL", "xla")
+  want = pol.plan(q, k, mod)
+  monkeypatch.setattr(planning, "POOL_IMPL", "pallas")
+  got = pol.plan(q, k, mod)  # a new trace: the settings are part of plan's jit key
+  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  scored = ("block_sparse", "grid", "q_boundary", "2d_boundary", "mminference")
+  assert ("mmjax_block_mean" in jaxpr) == (name in scored)
+  assert_same_plan(got, want)
+
+
+def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
+  """The kernel's pooled means of a grid-permuted, modality-grouped view (both sides,
+  two selectors each) against the XLA path's."""
+  rng = np.random.default_rng(5)
+  length, h = 512, 32
+  q = jnp.asarray(rng.standard_normal((length, h)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((length, h)), jnp.bfloat16)
+  mod = jnp.asarray(rng.integers(0, 2, length), jnp.int32)
+  kw = dict(seq_len=500, block_q=64, block_k=32, scale=0.1)
+  layout = planning.Layout("both")
+  comps = [planning.Component(a, b_, P.BlockSparse()) for a in (0, 1) for b_ in (0, 1)]
+  means = {}
+  for impl in ("xla", "pallas"):
+    monkeypatch.setattr(planning, "POOL_IMPL", impl)
+    v = planning.build_view(layout, ((1, jnp.int32(7)),), q, k, mod, **kw)
+    planning.pool_all(v, comps)
+    means[impl] = v.pooled
+  assert sorted(means["xla"], key=str) == sorted(means["pallas"], key=str)
+  assert len(means["xla"]) == 4
+  for key, (m, anyb) in means["xla"].items():
+    np.testing.assert_allclose(
+      np.asarray(means["pallas"][key][0]), np.asarray(m), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_array_equal(np.asarray(means["pallas"][key][1]), np.asarray(anyb))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plans_with_the_mass_kernel_are_the_same(name, monkeypatch):
+  """The planner with the Pallas last-query estimate (no [R, L] probabilities written)
+  gives the XLA estimate's plan (random inputs: no near-ties among the masses)."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(27, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "MASS_IMPL", "xla")
+  want = pol.plan(q, k, mod)
+  monkeypatch.setattr(planning, "MASS_IMPL", "pallas")
+  got = pol.plan(q, k, mod)
+  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  estimated = ("vertical_slash", "grid", "q_boundary", "2d_boundary", "mminference")
+  assert ("mmjax_attn_mass" in jaxpr) == (name in estimated)
+  assert_same_plan(got, want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plans_with_the_score_kernel_are_the_same(name, monkeypatch):
+  """The planner with the Pallas pooled scores (masked in the kernel, chunk maxima from
+  the tile) gives the XLA scores' plan; the top-k is chunked (nK = 13 > 8) so that the
+  kernel's maxima are used."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(28, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
+  monkeypatch.setattr(planning, "_KERNEL_ROW", 8)
+  monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)
+  monkeypatch.setattr(planning, "SCORE_IMPL", "xla")
+  want = pol.plan(q, k, mod)
+  monkeypatch.setattr(planning, "SCORE_IMPL", "pallas")
+  got = pol.plan(q, k, mod)
+  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  scored = ("block_sparse", "grid", "q_boundary", "2d_boundary", "mminference")
+  assert ("mmjax_pooled_scores" in jaxpr) == (name in scored)
+  assert_same_plan(got, want)
+  # the reference planner reads the same kernel scores
+  assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
+
+
+@pytest.mark.parametrize("layout", ["none", "both", "q"])
+def test_last_query_mass_of_the_kernel_matches_xla(layout, monkeypatch):
+  """Column and diagonal masses of the kernel against the XLA path's, in an identity, a
+  grouped + grid-permuted (keys gathered) and a query-only view."""
+  rng = np.random.default_rng(6)
+  length, h = 512, 32
+  q = jnp.asarray(rng.standard_normal((length, h)) * 2, jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((length, h)), jnp.bfloat16)
+  mod = jnp.asarray(rng.integers(0, 2, length), jnp.int32)
+  kw = dict(seq_len=500, block_q=64, block_k=32, scale=0.2)
+  grid = ((1, jnp.int32(7)),) if layout == "both" else ()
+  v = planning.build_view(planning.Layout(layout), grid, q, k, mod, **kw)
+  k_mod = 1 if layout == "both" else None
+  start, _ = v.key_span(k_mod)
+  out = {}
+  for impl in ("xla", "pallas"):
+    monkeypatch.setattr(planning, "MASS_IMPL", impl)
+    out[impl] = planning.last_query_mass(v, 1, k_mod, 40, True, lambda rows: v.q_rank[rows] + start)
+  for got, want in zip(out["pallas"], out["xla"], strict=True):
+    assert float(jnp.abs(want).sum()) > 1.0  # (some mass: the check is not vacuous)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["TOPK_IMPL", "POOL_IMPL", "MASS_IMPL", "SCORE_IMPL"])
+def test_kernel_impls_are_checked(name, monkeypatch):
+  monkeypatch.setattr(planning, name, "sort")
+  with pytest.raises(ValueError, match=name):
+    planning.kernel_settings()
 
 
 def test_union_blocks_matches_sets():
@@ -244,10 +352,51 @@ def test_select_columns_presorted_path():
   order = jnp.argsort(cols)
   for mc in (5, 40, 50):
     want = planning.select_columns(cand, ok, v, blocks, count, mc)
-    got = planning.select_columns(cand[:, order], ok[:, order], v, blocks, count, mc, True)
+    got = planning.select_columns(cand[:, order], ok[:, order], v, blocks, count, mc, runs=1)
     assert int(want[1].sum()) > 0
     for x, y in zip(got, want, strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_merged_column_lists_give_the_sorted_result():
+  """Two shared column lists with common values, sorted once, merged with per-row lists
+  (a query-only view's own tokens): select_columns' neighbour dedup (runs = 3) gives the
+  per-row sort's result."""
+  rng = np.random.default_rng(4)
+  n_q, n_k, bq, bk = 12, 24, 16, 8
+  length = n_k * bk
+  v = planning.build_view(
+    planning.Layout("q"),
+    (),
+    jnp.zeros((length, 4)),
+    jnp.zeros((length, 4)),
+    jnp.asarray(rng.integers(0, 2, length), jnp.int32),
+    seq_len=length - 5,
+    block_q=bq,
+    block_k=bk,
+    scale=1.0,
+  )
+  c1 = rng.permutation(length)[:30]
+  c2 = np.concatenate([c1[:10], rng.permutation(length)[:20]])  # 10 shared with c1
+  a = jnp.asarray(np.sort(np.concatenate([c1, c2])), jnp.int32)
+  a_ok = jnp.asarray(rng.random((n_q, a.shape[0])) < 0.7)
+  # each row: 8 distinct tokens, one of them a value of the shared lists too
+  others = np.setdiff1d(np.arange(length), [int(a[3])])
+  own = np.stack([np.append(rng.choice(others, 7, replace=False), int(a[3])) for _ in range(n_q)])
+  own = jnp.sort(jnp.asarray(own, jnp.int32), axis=1)
+  own_ok = jnp.asarray(rng.random((n_q, 8)) < 0.8)
+  x, ok = planning._merge_sorted(a, a_ok, own, own_ok)
+  assert bool(jnp.all(x[:, 1:] >= x[:, :-1]))
+  blocks = jnp.sort(jnp.asarray(rng.integers(0, n_k, (n_q, 6)), jnp.int32), axis=1)
+  count = jnp.asarray(rng.integers(0, 7, n_q), jnp.int32)
+  unsorted = jnp.concatenate([jnp.broadcast_to(a, (n_q, a.shape[0])), own], axis=1)
+  unsorted_ok = jnp.concatenate([a_ok, own_ok], axis=1)
+  for mc in (5, 60, 80):
+    want = planning.select_columns(unsorted, unsorted_ok, v, blocks, count, mc)
+    got = planning.select_columns(x, ok, v, blocks, count, mc, runs=3)
+    assert int(want[1].sum()) > 0
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_lists_planner_equals_dense_with_ids_never_named():

@@ -129,6 +129,7 @@ def main():
   )
   ap.add_argument("--top", type=int, default=12)
   ap.add_argument("--out", default="")
+  ap.add_argument("--hlo_dir", default="", help="write each plan's compiled HLO text here")
   ap.add_argument("--planner", default="lists", choices=["lists", "dense"])
   ap.add_argument(
     "--check", action="store_true", help="also compare each plan with the other planner's"
@@ -160,7 +161,12 @@ def main():
       pol = P.get(name, block_q=128, block_k=64, heads_per_step=hps)
     fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m, planner=args.planner))
     ms = bench.timeit(fn, q, k, mod, warmup=1, iters=3)
-    src = op_sources(fn.lower(q, k, mod).compile().as_text())
+    hlo = fn.lower(q, k, mod).compile().as_text()
+    src = op_sources(hlo)
+    if args.hlo_dir:
+      os.makedirs(args.hlo_dir, exist_ok=True)
+      with open(os.path.join(args.hlo_dir, f"{name}.hlo.txt"), "w") as f:
+        f.write(hlo)
     times, total = kernel_times(fn, q, k, mod)
     by_src = collections.Counter()
     for op, us in times.items():

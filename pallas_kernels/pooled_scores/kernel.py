@@ -1,0 +1,139 @@
+"""Masked pooled-block scores and their chunk maxima in one pass; Pallas on the Triton
+lowering.
+
+The planner's block_sparse / grid picks: S = qp kp^T * scale over the pooled (mean) query
+and key blocks [nQ, nK], -inf where a pair is not allowed, then per row the top-k through
+chunk maxima (`mmjax.planning.top_k_entries`). XLA wrote S and read it back whole for the
+maxima (at 1M tokens, 28 heads: 4.7 + 3.8 ms per component on an H200); here the maxima
+come from the tile in registers as S is written, and only the chosen chunks are read back.
+
+Algorithm, one program per [bm, bn] tile of S:
+  s = qp[i-tile] kp[j-tile]^T * scale                        [bm, bn] f32
+  s = -inf where k_lim[j] > q_lim[i]                         (the caller's mask)
+  store s; store max over each run of `chunk` columns        [bm, bn / chunk]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def _kernel(qp_ref, kp_ref, qlim_ref, klim_ref, s_ref, cmax_ref, *, scale, chunk, tf32):
+  bm, bn = s_ref.shape
+  qp = qp_ref[...]
+  kp = kp_ref[...]
+  s = plgpu.dot(qp, kp, trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
+  allowed = klim_ref[...][None, :] <= qlim_ref[...][:, None]
+  s = jnp.where(allowed, s, -jnp.inf)
+  s_ref[...] = s
+  if cmax_ref is not None:
+    cmax_ref[...] = jnp.max(s.reshape(bm, bn // chunk, chunk), axis=2)
+
+
+def pooled_scores(
+  qp,
+  kp,
+  q_lim,
+  k_lim,
+  *,
+  scale: float,
+  chunk: int = 0,
+  block_m: int = 64,
+  block_n: int = 64,
+  tf32: bool = True,
+  num_warps: int = 4,
+  interpret: bool = False,
+):
+  """Masked scores of pooled blocks and, if `chunk`, their maxima per chunk of columns.
+
+  Args:
+    qp: [nQ, H] f32 pooled queries; kp: [nK, H] f32 pooled keys (padded inside to
+      multiples of the tile: padded pairs are not allowed).
+    q_lim: [nQ] int32; k_lim: [nK] int32: pair (i, j) is allowed iff k_lim[j] <= q_lim[i].
+    scale: the scores' scale.
+    chunk: columns per chunk maximum (a power of two dividing block_n), or 0 for none.
+    block_m, block_n: the tile (powers of two >= 16; at most the padded nQ / nK).
+    tf32: the dot's inputs rounded to TF32 (the matrix units' f32 mode, as XLA's default
+      f32 dot on a GPU); False: full f32 products.
+    interpret: Pallas interpret mode (CPU).
+
+  Returns:
+    (s [nQ, nK] f32, -inf where not allowed; chunk maxima [nQ, ceil(nK / chunk)] or
+    None; a partial last chunk is the maximum of its columns).
+  """
+  if qp.ndim != 2 or kp.ndim != 2 or qp.shape[1] != kp.shape[1]:
+    raise ValueError(f"qp must be [nQ, H] and kp [nK, H]; got {qp.shape}, {kp.shape}")
+  if qp.dtype != jnp.float32 or kp.dtype != jnp.float32:
+    raise ValueError(f"qp and kp must be float32; got {qp.dtype}, {kp.dtype}")
+  n_q, n_k = qp.shape[0], kp.shape[0]
+  for name, b in (("block_m", block_m), ("block_n", block_n)):
+    if b < 16 or b & (b - 1):
+      raise ValueError(f"{name}={b} must be a power of two >= 16")
+  block_m = min(block_m, max(16, 1 << (n_q - 1).bit_length()))
+  block_n = max(min(block_n, max(16, 1 << (n_k - 1).bit_length())), chunk)
+  if chunk and (chunk & (chunk - 1) or block_n % chunk):
+    raise ValueError(f"chunk={chunk} must be a power of two dividing block_n={block_n}")
+  for name, arr, n in (("q_lim", q_lim, n_q), ("k_lim", k_lim, n_k)):
+    if arr.shape != (n,) or arr.dtype != jnp.int32:
+      raise ValueError(f"{name} must be int32 of shape ({n},); got {arr.dtype} {arr.shape}")
+  return _call(
+    qp,
+    kp,
+    q_lim,
+    k_lim,
+    scale=float(scale),
+    chunk=chunk,
+    block_m=block_m,
+    block_n=block_n,
+    tf32=tf32,
+    num_warps=num_warps,
+    interpret=interpret,
+  )
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("scale", "chunk", "block_m", "block_n", "tf32", "num_warps", "interpret"),
+)
+def _call(qp, kp, q_lim, k_lim, *, scale, chunk, block_m, block_n, tf32, num_warps, interpret):
+  (n_q0, h), n_k0 = qp.shape, kp.shape[0]
+  # pad to whole tiles: padded rows / columns allow nothing
+  n_q, n_k = -(-n_q0 // block_m) * block_m, -(-n_k0 // block_n) * block_n
+  qp = jnp.pad(qp, ((0, n_q - n_q0), (0, 0)))
+  kp = jnp.pad(kp, ((0, n_k - n_k0), (0, 0)))
+  q_lim = jnp.pad(q_lim, (0, n_q - n_q0), constant_values=-1)
+  k_lim = jnp.pad(k_lim, (0, n_k - n_k0), constant_values=2**30)
+  out_specs = [pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))]
+  out_shape = [jax.ShapeDtypeStruct((n_q, n_k), jnp.float32)]
+  if chunk:
+    out_specs.append(pl.BlockSpec((block_m, block_n // chunk), lambda i, j: (i, j)))
+    out_shape.append(jax.ShapeDtypeStruct((n_q, n_k // chunk), jnp.float32))
+  kernel = functools.partial(_kernel, scale=scale, chunk=chunk, tf32=tf32)
+  if not chunk:
+    kernel = functools.partial(_no_chunks, kernel)
+  out = pl.pallas_call(
+    kernel,
+    grid=(n_q // block_m, n_k // block_n),
+    in_specs=[
+      pl.BlockSpec((block_m, h), lambda i, j: (i, 0)),
+      pl.BlockSpec((block_n, h), lambda i, j: (j, 0)),
+      pl.BlockSpec((block_m,), lambda i, j: (i,)),
+      pl.BlockSpec((block_n,), lambda i, j: (j,)),
+    ],
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+    interpret=interpret,
+    name="mmjax_pooled_scores",
+  )(qp, kp, q_lim, k_lim)
+  s = out[0][:n_q0, :n_k0]
+  return (s, out[1][:n_q0, : -(-n_k0 // chunk)]) if chunk else (s, None)
+
+
+def _no_chunks(kernel, qp_ref, kp_ref, qlim_ref, klim_ref, s_ref):
+  kernel(qp_ref, kp_ref, qlim_ref, klim_ref, s_ref, None)

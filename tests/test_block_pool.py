@@ -1,0 +1,119 @@
+"""pallas_kernels.block_pool against its reference, on fresh random inputs and selections.
+`BlockPoolTests` holds the checks; `TestInterpret` runs them on the CPU in interpret mode,
+`TestGPU` compiled on a GPU (pytest --gpu -m gpu)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_pool import block_mean, block_mean_reference
+
+POISON = 1e4  # an unwritten output entry would keep it
+RTOL = 1e-6  # both sum in f32 (in different orders), whatever the input dtype
+
+
+def inputs(seed, length, h, n_sel, dtype=jnp.float32, gather=True):
+  """x [L, H], selection bits [L] (each selection a random subset; rows 0-127 of selection
+  0 empty), rows: a random permutation or None."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((length, h)) * 3 + 1, jnp.float32).astype(dtype)
+  sel = rng.random((n_sel, length)) < rng.uniform(0.05, 0.9, (n_sel, 1))
+  sel[0, :128] = False
+  bits = (sel.astype(np.int64) << np.arange(n_sel)[:, None]).sum(0).astype(np.int32)
+  rows = jnp.asarray(rng.permutation(length), jnp.int32) if gather else None
+  return x, jnp.asarray(bits), rows
+
+
+class BlockPoolTests:
+  interpret: bool
+
+  def check(self, x, bits, rows, block, n_sel, **kw):
+    out = block_mean(
+      x, bits, rows=rows, block=block, n_sel=n_sel, interpret=self.interpret, poison=POISON, **kw
+    )
+    ref = block_mean_reference(x, bits, rows=rows, block=block, n_sel=n_sel)
+    assert out.shape == (n_sel, x.shape[0] // block, x.shape[1]) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=RTOL, atol=1e-5)
+    return out
+
+  @pytest.mark.parametrize(
+    "length, h, block, n_sel, gather",
+    [(512, 64, 64, 1, True), (1024, 128, 128, 3, True), (256, 32, 16, 2, False)],
+  )
+  def test_matches_reference(self, length, h, block, n_sel, gather):
+    x, bits, rows = inputs(length + n_sel, length, h, n_sel, gather=gather)
+    out = self.check(x, bits, rows, block, n_sel)
+    assert not np.asarray(out[0, 0]).any()  # the empty block's mean is 0
+
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  def test_low_precision_inputs(self, dtype):
+    x, bits, rows = inputs(7, 512, 128, 2, dtype)
+    self.check(x, bits, rows, 64, 2)
+
+  @pytest.mark.parametrize("gather", [True, False])
+  def test_in_place_slice_of_a_4d_input(self, gather):
+    rng = np.random.default_rng(9)
+    x4 = jnp.asarray(rng.standard_normal((2, 256, 3, 64)), jnp.bfloat16)
+    _, bits, rows = inputs(10, 256, 64, 2, gather=gather)
+    index = jnp.asarray([1, 2], jnp.int32)
+    kw = dict(rows=rows, block=32, n_sel=2)
+    out = block_mean(x4, bits, index=index, interpret=self.interpret, poison=POISON, **kw)
+    ref = block_mean_reference(x4[1, :, 2], bits, **kw)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=RTOL, atol=1e-5)
+
+  def test_vmapped_over_the_index(self):
+    # as the planner calls it: x unbatched [B, L, N, H], the (batch, head) index batched
+    rng = np.random.default_rng(12)
+    x4 = jnp.asarray(rng.standard_normal((2, 128, 4, 32)), jnp.float32)
+    _, bits, rows = inputs(13, 128, 32, 1)
+    index = jnp.asarray([[0, 3], [1, 0], [1, 2]], jnp.int32)
+    out = jax.vmap(
+      lambda ix: block_mean(
+        x4, bits, rows=rows, index=ix, block=16, n_sel=1, interpret=self.interpret
+      )
+    )(index)
+    for i, (b, h) in enumerate(np.asarray(index)):
+      ref = block_mean_reference(x4[b, :, h], bits, rows=rows, block=16, n_sel=1)
+      np.testing.assert_allclose(np.asarray(out[i]), np.asarray(ref), rtol=RTOL, atol=1e-5)
+
+  def test_vmapped_over_heads(self):
+    # the planner calls it per head under vmap (the batching rule adds a grid axis)
+    xs, bs, rs = zip(*(inputs(11 + i, 256, 64, 2) for i in range(3)), strict=True)
+    x, bits, rows = jnp.stack(xs), jnp.stack(bs), jnp.stack(rs)
+    out = jax.vmap(
+      lambda a, b, r: block_mean(a, b, rows=r, block=32, n_sel=2, interpret=self.interpret)
+    )(x, bits, rows)
+    for i in range(3):
+      ref = block_mean_reference(x[i], bits[i], rows=rows[i], block=32, n_sel=2)
+      np.testing.assert_allclose(np.asarray(out[i]), np.asarray(ref), rtol=RTOL, atol=1e-5)
+
+
+class TestInterpret(BlockPoolTests):
+  interpret = True
+
+  def test_bad_input(self):
+    x, bits, rows = inputs(0, 128, 32, 1)
+    with pytest.raises(ValueError, match=r"\[L, H\]"):
+      block_mean(x[0], bits, block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match="needs index"):
+      block_mean(x[None, :, None], bits, block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match=r"\[L, H\] \(index None\)"):
+      block_mean(x, bits, index=jnp.zeros(2, jnp.int32), block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match="multiple of block"):
+      block_mean(x[:120], bits[:120], block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+      block_mean(x, bits, block=24, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match="n_sel"):
+      block_mean(x, bits, block=16, n_sel=32, interpret=True)
+    with pytest.raises(ValueError, match="bits must be int32"):
+      block_mean(x, bits.astype(jnp.int8), block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match="rows must be int32"):
+      block_mean(x, bits, rows=rows[:64], block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match="dtype"):
+      block_mean(x.astype(jnp.int32), bits, block=16, n_sel=1, interpret=True)
+
+
+@pytest.mark.gpu
+class TestGPU(BlockPoolTests):
+  interpret = False
