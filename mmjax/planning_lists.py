@@ -152,11 +152,8 @@ def _merge_rows(a, a_pri, b, b_pri):
   n_r, n_a = a.shape
   n_b = b.shape[1]
 
-  def count(side):  # per row, the entries of `row` below x (left) or at most x (right)
-    return jax.vmap(lambda row, x: jnp.searchsorted(row, x, side=side, method="scan_unrolled"))
-
-  at_a = jnp.arange(n_a) + count("left")(b, a)
-  at_b = jnp.arange(n_b) + count("right")(a, b)
+  at_a = jnp.arange(n_a) + pl.count_sorted(b, a, "left")
+  at_b = jnp.arange(n_b) + pl.count_sorted(a, b, "right")
   rows = jnp.arange(n_r)[:, None]
   out = []
   for xa, xb, fill in ((a, b, BIG), (a_pri, b_pri, NEG)):

@@ -2,6 +2,7 @@
 pieces against plain numpy."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -145,22 +146,42 @@ def test_plans_with_the_kernel_top_k_are_the_same(name, monkeypatch):
   assert_same_plan(got, want)
 
 
+SCORED = ("block_sparse", "grid", "q_boundary", "2d_boundary", "mminference")
+ESTIMATED = ("vertical_slash", "grid", "q_boundary", "2d_boundary", "mminference")
+
+
+@pytest.mark.parametrize(
+  "setting, kernel, users",
+  [
+    ("POOL_IMPL", "mmjax_block_mean", SCORED),
+    ("MASS_IMPL", "mmjax_attn_mass", ESTIMATED),
+    ("SCORE_IMPL", "mmjax_pooled_scores", SCORED),
+  ],
+)
 @pytest.mark.parametrize("name", NAMES)
-def test_plans_with_the_pooling_kernel_are_the_same(name, monkeypatch):
-  """The planner with the Pallas block means (all selectors of a side at once, rows
-  gathered by the permutation) gives the XLA pooling's plan (random inputs: no score
-  ties that the order of the f32 sums could break differently)."""
+def test_plans_with_a_planner_kernel_are_the_same(name, setting, kernel, users, monkeypatch):
+  """The planner with one of its Pallas kernels (interpret mode) gives the XLA path's
+  plan: the block means (every selector of a side at once, rows gathered by the
+  permutation), the last-query masses (no [R, L] probabilities written), the pooled
+  scores (masked in the kernel, chunk maxima from the tile; the top-k chunked, nK = 13 >
+  8, so that they are used). Random inputs: no near-ties that the order of the f32 sums
+  could break differently. The policies that use the kernel must trace it."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
   q, k, _, mod = helpers.random_inputs(26, b, t, n, kh, h, dtype, modk)
   pol = _policy(name, n, bq, bk)
-  monkeypatch.setattr(planning, "POOL_IMPL", "xla")
+  if setting == "SCORE_IMPL":
+    monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
+    monkeypatch.setattr(planning, "_KERNEL_ROW", 8)
+    monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)
+  monkeypatch.setattr(planning, setting, "xla")
   want = pol.plan(q, k, mod)
-  monkeypatch.setattr(planning, "POOL_IMPL", "pallas")
+  monkeypatch.setattr(planning, setting, "pallas")
   got = pol.plan(q, k, mod)  # a new trace: the settings are part of plan's jit key
   jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
-  scored = ("block_sparse", "grid", "q_boundary", "2d_boundary", "mminference")
-  assert ("mmjax_block_mean" in jaxpr) == (name in scored)
+  assert (kernel in jaxpr) == (name in users)
   assert_same_plan(got, want)
+  if setting == "SCORE_IMPL":  # the reference planner reads the same kernel scores
+    assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
 
 
 def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
@@ -187,46 +208,6 @@ def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
       np.asarray(means["pallas"][key][0]), np.asarray(m), rtol=1e-6, atol=1e-6
     )
     np.testing.assert_array_equal(np.asarray(means["pallas"][key][1]), np.asarray(anyb))
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_plans_with_the_mass_kernel_are_the_same(name, monkeypatch):
-  """The planner with the Pallas last-query estimate (no [R, L] probabilities written)
-  gives the XLA estimate's plan (random inputs: no near-ties among the masses)."""
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(27, b, t, n, kh, h, dtype, modk)
-  pol = _policy(name, n, bq, bk)
-  monkeypatch.setattr(planning, "MASS_IMPL", "xla")
-  want = pol.plan(q, k, mod)
-  monkeypatch.setattr(planning, "MASS_IMPL", "pallas")
-  got = pol.plan(q, k, mod)
-  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
-  estimated = ("vertical_slash", "grid", "q_boundary", "2d_boundary", "mminference")
-  assert ("mmjax_attn_mass" in jaxpr) == (name in estimated)
-  assert_same_plan(got, want)
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_plans_with_the_score_kernel_are_the_same(name, monkeypatch):
-  """The planner with the Pallas pooled scores (masked in the kernel, chunk maxima from
-  the tile) gives the XLA scores' plan; the top-k is chunked (nK = 13 > 8) so that the
-  kernel's maxima are used."""
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(28, b, t, n, kh, h, dtype, modk)
-  pol = _policy(name, n, bq, bk)
-  monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
-  monkeypatch.setattr(planning, "_KERNEL_ROW", 8)
-  monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)
-  monkeypatch.setattr(planning, "SCORE_IMPL", "xla")
-  want = pol.plan(q, k, mod)
-  monkeypatch.setattr(planning, "SCORE_IMPL", "pallas")
-  got = pol.plan(q, k, mod)
-  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
-  scored = ("block_sparse", "grid", "q_boundary", "2d_boundary", "mminference")
-  assert ("mmjax_pooled_scores" in jaxpr) == (name in scored)
-  assert_same_plan(got, want)
-  # the reference planner reads the same kernel scores
-  assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
 
 
 @pytest.mark.parametrize("layout", ["none", "both", "q"])
@@ -397,6 +378,35 @@ def test_merged_column_lists_give_the_sorted_result():
     assert int(want[1].sum()) > 0
     for g, w in zip(got, want, strict=True):
       np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_count_sorted_matches_searchsorted(side):
+  rng = np.random.default_rng(7)
+  for n in (0, 1, 5, 16, 37):
+    rows = np.sort(rng.integers(0, 20, (6, n)), axis=1).astype(np.int32)
+    x = rng.integers(-2, 23, (6, 9)).astype(np.int32)
+    got = planning.count_sorted(jnp.asarray(rows), jnp.asarray(x), side)
+    want = np.stack([np.searchsorted(r, xi, side=side) for r, xi in zip(rows, x, strict=True)])
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("name", ["vertical_slash", "q_boundary", "2d_boundary"])
+def test_compiled_plan_holds_no_large_constants(name):
+  """Batched binary searches must not leave XLA an index array to constant-fold (a vmapped
+  jnp.searchsorted did: [B, heads, rows, m, 2] literals, 88 MB and 2 s of compile time
+  in a 128k plan)."""
+  t = 4096
+  q = jnp.ones((1, t, 4, 32), jnp.bfloat16)
+  k = jnp.ones((1, t, 2, 32), jnp.bfloat16)
+  mod = jnp.asarray(np.repeat(np.arange(8) % 2, t // 8)[None], jnp.int32)
+  pol = P.get(name, block_q=128, block_k=64)
+  hlo = jax.jit(lambda q, k, m: pol.plan(q, k, m)).lower(q, k, mod).compile().as_text()
+  sizes = [
+    int(np.prod([int(d) for d in m.group(1).split(",")]))
+    for m in re.finditer(r"= \w+\[([\d,]+)\]\{[\d,]*\} constant\(", hlo)
+  ]
+  assert max(sizes, default=0) < 10000, sorted(sizes)[-3:]
 
 
 def test_lists_planner_equals_dense_with_ids_never_named():
