@@ -129,58 +129,41 @@ def test_top_k_entries_kernel_picks_the_same_set(n, k, kernel_row, pallas_topk, 
   )
 
 
+SCORED = ("block_sparse", "grid", "q_boundary", "2d_boundary", "mminference")
+ESTIMATED = ("vertical_slash", "grid", "q_boundary", "2d_boundary", "mminference")
+# each planner kernel: (its setting, the pallas_call's name, the policies that use it)
+PLANNER_KERNELS = (
+  ("TOPK_IMPL", "mmjax_topk_select", tuple(n for n in NAMES if n not in ("a_shape", "dense"))),
+  ("POOL_IMPL", "mmjax_block_mean", SCORED),
+  ("MASS_IMPL", "mmjax_attn_mass", ESTIMATED),
+  ("SCORE_IMPL", "mmjax_pooled_scores", SCORED),
+)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_plans_with_the_kernel_top_k_are_the_same(name, monkeypatch):
-  """The planner with the Pallas top-k (index order, chunked rows) gives lax.top_k's plan."""
+def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
+  """The planner with its Pallas kernels (interpret mode) gives the XLA paths' plan: the
+  top-k (index order; every row chunked, nK = 13 > 8), the block means (every selector
+  of a side at once, rows gathered by the permutation), the last-query masses (no [R, L]
+  probabilities written), the pooled scores (masked in the kernel, chunk maxima from the
+  tile). Random inputs: no near-ties that the order of the f32 sums could break
+  differently. Each kernel is traced exactly by the policies that use it."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
   q, k, _, mod = helpers.random_inputs(25, b, t, n, kh, h, dtype, modk)
   pol = _policy(name, n, bq, bk)
+  for setting, _, _ in PLANNER_KERNELS:
+    monkeypatch.setattr(planning, setting, "xla")
   want = pol.plan(q, k, mod)
-  monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
-  monkeypatch.setattr(planning, "_KERNEL_ROW", 8)  # every top-k chunked (nK = 13)
+  for setting, _, _ in PLANNER_KERNELS:
+    monkeypatch.setattr(planning, setting, "pallas")
+  monkeypatch.setattr(planning, "_KERNEL_ROW", 8)
   monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)
   got = pol.plan(q, k, mod)  # a new trace: the settings are part of plan's jit key
-  jaxpr = jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod)
-  if name not in ("a_shape", "dense"):  # (these have no top-k)
-    assert "mmjax_topk_select" in str(jaxpr)
-  assert_same_plan(got, want)
-
-
-SCORED = ("block_sparse", "grid", "q_boundary", "2d_boundary", "mminference")
-ESTIMATED = ("vertical_slash", "grid", "q_boundary", "2d_boundary", "mminference")
-
-
-@pytest.mark.parametrize(
-  "setting, kernel, users",
-  [
-    ("POOL_IMPL", "mmjax_block_mean", SCORED),
-    ("MASS_IMPL", "mmjax_attn_mass", ESTIMATED),
-    ("SCORE_IMPL", "mmjax_pooled_scores", SCORED),
-  ],
-)
-@pytest.mark.parametrize("name", NAMES)
-def test_plans_with_a_planner_kernel_are_the_same(name, setting, kernel, users, monkeypatch):
-  """The planner with one of its Pallas kernels (interpret mode) gives the XLA path's
-  plan: the block means (every selector of a side at once, rows gathered by the
-  permutation), the last-query masses (no [R, L] probabilities written), the pooled
-  scores (masked in the kernel, chunk maxima from the tile; the top-k chunked, nK = 13 >
-  8, so that they are used). Random inputs: no near-ties that the order of the f32 sums
-  could break differently. The policies that use the kernel must trace it."""
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(26, b, t, n, kh, h, dtype, modk)
-  pol = _policy(name, n, bq, bk)
-  if setting == "SCORE_IMPL":
-    monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
-    monkeypatch.setattr(planning, "_KERNEL_ROW", 8)
-    monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)
-  monkeypatch.setattr(planning, setting, "xla")
-  want = pol.plan(q, k, mod)
-  monkeypatch.setattr(planning, setting, "pallas")
-  got = pol.plan(q, k, mod)  # a new trace: the settings are part of plan's jit key
   jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
-  assert (kernel in jaxpr) == (name in users)
+  for _, kernel, users in PLANNER_KERNELS:
+    assert (kernel in jaxpr) == (name in users), kernel
   assert_same_plan(got, want)
-  if setting == "SCORE_IMPL":  # the reference planner reads the same kernel scores
+  if name in SCORED:  # the reference planner reads the same kernel scores
     assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
 
 
