@@ -163,7 +163,8 @@ _KERNEL_MIN_ROWS = 64
 
 
 def kernel_settings():
-  """What the planner's kernels depend on (top-k, pooling), as a hashable jit key."""
+  """What the planner's kernels depend on (top-k, pooling, masses, scores), as a hashable
+  jit key."""
   return topk_impl(), _KERNEL_ROW, _KERNEL_MIN_ROWS, pool_impl(), mass_impl(), score_impl()
 
 

@@ -149,6 +149,7 @@ def main():
   mod = bench.video_text_modality(t, 576, 16, 256)
   report = {"length": t, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
   report["topk"] = planning.topk_impl()
+  report["kernel_settings"] = list(planning.kernel_settings())
   cfg = bench_config.get_config("")
   hps = args.heads_per_step
   hps = bench.heads_per_step(cfg, t, args.heads) if hps < 0 else hps
