@@ -156,6 +156,11 @@ MASS_IMPL = None
 # H200 at 1M tokens the kernel took 11.5 ms where cuBLAS' dot and the maxima pass took
 # 4.7 + 3.8 (benchmarks/results/h200_2026-12-01/README.md).
 SCORE_IMPL = None
+# Candidate lists: True merges ascending lists by binary searches (`_merge_sorted`,
+# `planning_lists.merge_candidates`), False sorts each query block's row; None: merges on
+# a GPU (a row sort there cost 12 ms of a 1M-token plan), sorts elsewhere (on the CPU the
+# unrolled searches compiled 1.6x slower than the sorts and ran no faster). The same plan.
+MERGE_LISTS = None
 _KERNEL_ROW = 4096  # rows up to this long go to the kernel whole, longer ones in chunks
 # fewer rows (per vmapped call) stay on lax.top_k: the kernel's 32 dependent counting
 # passes are latency-bound there (28 rows of 16384, k 512: 0.44 ms vs 0.16 on an H200)
@@ -163,9 +168,16 @@ _KERNEL_MIN_ROWS = 64
 
 
 def kernel_settings():
-  """What the planner's kernels depend on (top-k, pooling, masses, scores), as a hashable
-  jit key."""
-  return topk_impl(), _KERNEL_ROW, _KERNEL_MIN_ROWS, pool_impl(), mass_impl(), score_impl()
+  """What the planner's kernels and list merges depend on, as a hashable jit key."""
+  return (
+    topk_impl(),
+    _KERNEL_ROW,
+    _KERNEL_MIN_ROWS,
+    pool_impl(),
+    mass_impl(),
+    score_impl(),
+    merge_lists(),
+  )
 
 
 def _impl(name, value):
@@ -186,6 +198,12 @@ def pool_impl():
 
 def mass_impl():
   return _impl("MASS_IMPL", MASS_IMPL)
+
+
+def merge_lists():
+  if MERGE_LISTS not in (None, True, False):
+    raise ValueError(f"planning.MERGE_LISTS must be None, True or False; got {MERGE_LISTS!r}")
+  return jax.default_backend() == "gpu" if MERGE_LISTS is None else MERGE_LISTS
 
 
 def score_impl():
@@ -1039,9 +1057,17 @@ def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
   runs = max(1, len(cands))
   if not v.symmetric:
     # query-only permutation: each query block gets its own tokens as columns.
-    qself = jnp.sort(v.q_pos.reshape(v.n_q, v.block_q), axis=1)
-    cand, cand_ok = _merge_sorted(a, a_ok, jnp.minimum(qself, v.length - 1), qself < v.seq_len)
-    runs = len(cands) + 1
+    qself = v.q_pos.reshape(v.n_q, v.block_q)
+    own, own_ok = jnp.minimum(qself, v.length - 1), qself < v.seq_len
+    if merge_lists():
+      order = jnp.argsort(own, axis=1)
+      own, own_ok = jnp.take_along_axis(own, order, 1), jnp.take_along_axis(own_ok, order, 1)
+      cand, cand_ok = _merge_sorted(a, a_ok, own, own_ok)
+      runs = len(cands) + 1
+    else:  # one sort per row (select_columns)
+      cand = jnp.concatenate([jnp.broadcast_to(a, (v.n_q, a.shape[0])), own], axis=1)
+      cand_ok = jnp.concatenate([a_ok, own_ok], axis=1)
+      runs = None
   else:
     cand = jnp.broadcast_to(a, (v.n_q, a.shape[0]))
     cand_ok = a_ok

@@ -294,8 +294,13 @@ def head_plan(
     idx = (i * block_q) // block_k + jnp.arange(n_self, dtype=jnp.int32)[None, :]
     ok = idx <= ((i + 1) * block_q - 1) // block_k
     lists.append((idx, jnp.where(ok, PRI_SELF, NEG), True))
-  # one ascending list (merged, not sorted), then the causal filter
-  idx, pri = merge_candidates(lists)
+  if pl.merge_lists():  # one ascending list (merged, not sorted), then the causal filter
+    idx, pri = merge_candidates(lists)
+    runs = len(lists)
+  else:  # one sort per row (select_candidates)
+    idx = jnp.concatenate([x for x, _, _ in lists], axis=1)
+    pri = jnp.concatenate([p for _, p, _ in lists], axis=1)
+    runs = None
   pri = jnp.where(kmin_all[jnp.clip(idx, 0, n_k - 1)] <= qmax_all[:, None], pri, NEG)
-  block_idx, block_count = select_candidates(idx, pri, max_blocks, axis_names, len(lists))
+  block_idx, block_count = select_candidates(idx, pri, max_blocks, axis_names, runs)
   return pl.finish_plan(v, cands, block_idx, block_count, max_cols, aux)

@@ -142,7 +142,8 @@ PLANNER_KERNELS = (
 
 @pytest.mark.parametrize("name", NAMES)
 def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
-  """The planner with its Pallas kernels (interpret mode) gives the XLA paths' plan: the
+  """The planner as on a GPU (its Pallas kernels in interpret mode, candidate lists merged
+  rather than sorted) gives the CPU's plan (XLA, sorts): the
   top-k (index order; every row chunked, nK = 13 > 8), the block means (every selector
   of a side at once, rows gathered by the permutation), the last-query masses (no [R, L]
   probabilities written), the pooled scores (masked in the kernel, chunk maxima from the
@@ -153,9 +154,11 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
   pol = _policy(name, n, bq, bk)
   for setting, _, _ in PLANNER_KERNELS:
     monkeypatch.setattr(planning, setting, "xla")
+  monkeypatch.setattr(planning, "MERGE_LISTS", False)
   want = pol.plan(q, k, mod)
   for setting, _, _ in PLANNER_KERNELS:
     monkeypatch.setattr(planning, setting, "pallas")
+  monkeypatch.setattr(planning, "MERGE_LISTS", True)  # the GPU's merges instead of sorts
   monkeypatch.setattr(planning, "_KERNEL_ROW", 8)
   monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)
   got = pol.plan(q, k, mod)  # a new trace: the settings are part of plan's jit key
@@ -216,7 +219,9 @@ def test_last_query_mass_of_the_kernel_matches_xla(layout, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["TOPK_IMPL", "POOL_IMPL", "MASS_IMPL", "SCORE_IMPL"])
+@pytest.mark.parametrize(
+  "name", ["TOPK_IMPL", "POOL_IMPL", "MASS_IMPL", "SCORE_IMPL", "MERGE_LISTS"]
+)
 def test_kernel_impls_are_checked(name, monkeypatch):
   monkeypatch.setattr(planning, name, "sort")
   with pytest.raises(ValueError, match=name):
@@ -375,10 +380,11 @@ def test_count_sorted_matches_searchsorted(side):
 
 
 @pytest.mark.parametrize("name", ["vertical_slash", "q_boundary", "2d_boundary"])
-def test_compiled_plan_holds_no_large_constants(name):
+def test_compiled_plan_holds_no_large_constants(name, monkeypatch):
   """Batched binary searches must not leave XLA an index array to constant-fold (a vmapped
   jnp.searchsorted did: [B, heads, rows, m, 2] literals, 88 MB and 2 s of compile time
   in a 128k plan)."""
+  monkeypatch.setattr(planning, "MERGE_LISTS", True)  # (the GPU's merges)
   t = 4096
   q = jnp.ones((1, t, 4, 32), jnp.bfloat16)
   k = jnp.ones((1, t, 2, 32), jnp.bfloat16)
