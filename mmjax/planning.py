@@ -156,7 +156,7 @@ MASS_IMPL = None
 # H200 at 1M tokens the kernel took 11.5 ms where cuBLAS' dot and the maxima pass took
 # 4.7 + 3.8 (benchmarks/results/h200_2026-12-01/README.md).
 SCORE_IMPL = None
-# Candidate lists: True merges ascending lists by binary searches (`_merge_sorted`,
+# Candidate lists: True merges ascending lists by binary searches (`merge_rows`,
 # `planning_lists.merge_candidates`), False sorts each query block's row; None: merges on
 # a GPU (a row sort there cost 12 ms of a 1M-token plan), sorts elsewhere (on the CPU the
 # unrolled searches compiled 1.6x slower than the sorts and ran no faster). The same plan.
@@ -1018,25 +1018,22 @@ def count_sorted(rows, x, side):
   return lo
 
 
-def _merge_sorted(a, a_ok, b, b_ok):
-  """Rows of b [R, nB] (each ascending) merged with a [nA] (ascending, shared by the rows;
-  a_ok [R, nA]): (x [R, nA + nB] ascending, ok), a's entry first on ties. Each entry's
-  place is its index plus the count of the other list's entries before it (unrolled
-  binary searches), so no row is sorted."""
-  n_r, n_b = b.shape
-  n_a = a.shape[0]
-  # a[i] goes after the b entries below it; b[r, j] after the a entries at most it
-  at_a = jnp.arange(n_a) + count_sorted(b, jnp.broadcast_to(a, (n_r, n_a)), "left")
-  at_b = jnp.arange(n_b) + count_sorted(jnp.broadcast_to(a, (n_r, n_a)), b, "right")
+def merge_rows(a, a_val, b, b_val, val_fill):
+  """Rows of a [R, nA] and b [R, nB] (each ascending) merged into one ascending row, a's
+  entry first on ties, with a value carried along each entry: (x [R, nA + nB], values).
+  Each entry's place is its index plus the count of the other row's entries before it
+  (unrolled binary searches), instead of a sort."""
+  n_r, n_a = a.shape
+  n_b = b.shape[1]
+  at_a = jnp.arange(n_a) + count_sorted(b, a, "left")
+  at_b = jnp.arange(n_b) + count_sorted(a, b, "right")
   rows = jnp.arange(n_r)[:, None]
-  x = jnp.zeros((n_r, n_a + n_b), jnp.int32)
-  x = x.at[rows, at_a].set(jnp.broadcast_to(a, (n_r, n_a)), unique_indices=True)
-  x = x.at[rows, at_b].set(b, unique_indices=True)
-  ok = jnp.zeros((n_r, n_a + n_b), bool)
-  ok = (
-    ok.at[rows, at_a].set(a_ok, unique_indices=True).at[rows, at_b].set(b_ok, unique_indices=True)
-  )
-  return x, ok
+  out = []
+  for xa, xb, fill in ((a, b, BIG), (a_val, b_val, val_fill)):
+    x = jnp.full((n_r, n_a + n_b), fill, xa.dtype)
+    x = x.at[rows, at_a].set(xa, unique_indices=True).at[rows, at_b].set(xb, unique_indices=True)
+    out.append(x)
+  return tuple(out)
 
 
 def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
@@ -1062,7 +1059,8 @@ def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
     if merge_lists():
       order = jnp.argsort(own, axis=1)
       own, own_ok = jnp.take_along_axis(own, order, 1), jnp.take_along_axis(own_ok, order, 1)
-      cand, cand_ok = _merge_sorted(a, a_ok, own, own_ok)
+      shared = jnp.broadcast_to(a, (v.n_q, a.shape[0]))
+      cand, cand_ok = merge_rows(shared, a_ok, own, own_ok, False)
       runs = len(cands) + 1
     else:  # one sort per row (select_columns)
       cand = jnp.concatenate([jnp.broadcast_to(a, (v.n_q, a.shape[0])), own], axis=1)

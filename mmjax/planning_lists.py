@@ -145,24 +145,6 @@ def union_blocks(lo, hi, block_k, cap):
   return idx.astype(jnp.int32), slots[None, :] < ends[:, -1:]
 
 
-def _merge_rows(a, a_pri, b, b_pri):
-  """Two candidate lists with ascending rows ([R, nA], [R, nB]) merged into one ascending
-  list, a's entry first on ties: each entry's place is its index plus the count of the
-  other row's entries before it (unrolled binary searches), instead of a sort."""
-  n_r, n_a = a.shape
-  n_b = b.shape[1]
-
-  at_a = jnp.arange(n_a) + pl.count_sorted(b, a, "left")
-  at_b = jnp.arange(n_b) + pl.count_sorted(a, b, "right")
-  rows = jnp.arange(n_r)[:, None]
-  out = []
-  for xa, xb, fill in ((a, b, BIG), (a_pri, b_pri, NEG)):
-    x = jnp.full((n_r, n_a + n_b), fill, xa.dtype)
-    x = x.at[rows, at_a].set(xa, unique_indices=True).at[rows, at_b].set(xb, unique_indices=True)
-    out.append(x)
-  return tuple(out)
-
-
 def merge_candidates(lists):
   """Candidate lists [(idx [nQ, w], pri [nQ, w], ascending)] -> one list (idx, pri) whose
   rows are ascending (BIG where a list had no entry), for `select_candidates(runs=...)`.
@@ -178,7 +160,7 @@ def merge_candidates(lists):
     key = idx
     if not ascending:
       key, pri = jax.lax.sort((jnp.where(pri > NEG, idx, BIG), pri), dimension=1, num_keys=1)
-    out = (key, pri) if out is None else _merge_rows(*out, key, pri)
+    out = (key, pri) if out is None else pl.merge_rows(*out, key, pri, NEG)
   return out
 
 

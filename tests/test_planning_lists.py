@@ -354,7 +354,7 @@ def test_merged_column_lists_give_the_sorted_result():
   own = np.stack([np.append(rng.choice(others, 7, replace=False), int(a[3])) for _ in range(n_q)])
   own = jnp.sort(jnp.asarray(own, jnp.int32), axis=1)
   own_ok = jnp.asarray(rng.random((n_q, 8)) < 0.8)
-  x, ok = planning._merge_sorted(a, a_ok, own, own_ok)
+  x, ok = planning.merge_rows(jnp.broadcast_to(a, (n_q, a.shape[0])), a_ok, own, own_ok, False)
   assert bool(jnp.all(x[:, 1:] >= x[:, :-1]))
   blocks = jnp.sort(jnp.asarray(rng.integers(0, n_k, (n_q, 6)), jnp.int32), axis=1)
   count = jnp.asarray(rng.integers(0, 7, n_q), jnp.int32)
