@@ -180,12 +180,22 @@ def kernel_settings():
   )
 
 
-def _impl(name, value):
+def _on_gpu():
+  return jax.default_backend() == "gpu"
+
+
+def _interpret():
+  """The planner's Pallas kernels run compiled on a GPU, in interpret mode elsewhere."""
+  return not _on_gpu()
+
+
+def _impl(name, value, on_gpu="pallas"):
+  """A kernel setting's value: as set, or by default `on_gpu` on a GPU and XLA elsewhere."""
   if value not in (None, "pallas", "xla"):
     raise ValueError(f"planning.{name} must be None, 'pallas' or 'xla'; got {value!r}")
   if value is not None:
     return value
-  return "pallas" if jax.default_backend() == "gpu" else "xla"
+  return on_gpu if _on_gpu() else "xla"
 
 
 def topk_impl():
@@ -203,11 +213,11 @@ def mass_impl():
 def merge_lists():
   if MERGE_LISTS not in (None, True, False):
     raise ValueError(f"planning.MERGE_LISTS must be None, True or False; got {MERGE_LISTS!r}")
-  return jax.default_backend() == "gpu" if MERGE_LISTS is None else MERGE_LISTS
+  return _on_gpu() if MERGE_LISTS is None else MERGE_LISTS
 
 
 def score_impl():
-  return _impl("SCORE_IMPL", SCORE_IMPL) if SCORE_IMPL is not None else "xla"
+  return _impl("SCORE_IMPL", SCORE_IMPL, on_gpu="xla")
 
 
 def _row_top_k(x, k):
@@ -215,7 +225,7 @@ def _row_top_k(x, k):
   (values [R, k], int32 indices [R, k]) in value order (lax.top_k) or index order (the
   kernel, for R >= _KERNEL_MIN_ROWS)."""
   if topk_impl() == "pallas" and x.shape[0] >= _KERNEL_MIN_ROWS:
-    idx, vals = top_k_select(x, k, interpret=jax.default_backend() != "gpu")
+    idx, vals = top_k_select(x, k, interpret=_interpret())
     return vals, idx
   vals, idx = jax.lax.top_k(x, k)
   return vals, idx.astype(jnp.int32)
@@ -567,7 +577,7 @@ def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of):
     perm=v.k_perm,
     index=v.k_src.index(),
     tile=min(128, v.length & -v.length),
-    interpret=jax.default_backend() != "gpu",
+    interpret=_interpret(),
   )
 
 
@@ -652,7 +662,7 @@ def scored_matrix(v: HeadView, q_mod, k_mod, chunk=0):
       k_lim,
       scale=v.scale,
       chunk=chunk if chunk > 1 else 0,
-      interpret=jax.default_backend() != "gpu",
+      interpret=_interpret(),
     )
     return s, None, cmax, present
   s = jnp.einsum("ih,jh->ij", qp, kp) * v.scale  # [nQ, nK]
@@ -702,7 +712,7 @@ def pool_side(v: HeadView, side, sels):
       n_sel=len(sels),
       rows=perm,
       index=x.index(),
-      interpret=jax.default_backend() != "gpu",
+      interpret=_interpret(),
     )
   else:
     xv = v.q if side == "q" else v.k
@@ -900,10 +910,7 @@ def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols,
   ok = cand_ok & ~in_block_lists(block_idx, block_count, cand // v.block_k)
   ok &= v.k_pos[cand] <= qmax[:, None]
   if runs is not None:  # ascending: keep the first valid entry of each value, in order
-    first = ok
-    for d in range(1, runs):  # an earlier valid entry of the same value is d back
-      same = (cand[:, d:] == cand[:, :-d]) & ok[:, :-d]
-      first = first & ~jnp.pad(same, ((0, 0), (d, 0)))
+    first = first_of_runs(cand, ok, runs)
     srt = _compact_rows(jnp.where(first, cand, BIG), first, max_cols)
   else:
     srt = jnp.sort(jnp.where(ok, cand, BIG), axis=-1)
@@ -1018,6 +1025,17 @@ def count_sorted(rows, x, side):
   return lo
 
 
+def first_of_runs(x, valid, runs):
+  """[R, n] whether each entry is valid and the first valid one of its value, for rows of
+  x ascending in which a value fills at most `runs` adjacent entries (so an earlier
+  entry of the same value is at most runs - 1 back): neighbour comparisons, no sort."""
+  first = valid
+  for d in range(1, runs):
+    back = (x[:, d:] == x[:, :-d]) & valid[:, :-d]  # a valid entry of the same value d back
+    first = first & ~jnp.pad(back, ((0, 0), (d, 0)))
+  return first
+
+
 def merge_rows(a, a_val, b, b_val, val_fill):
   """Rows of a [R, nA] and b [R, nB] (each ascending) merged into one ascending row, a's
   entry first on ties, with a value carried along each entry: (x [R, nA + nB], values).
@@ -1051,24 +1069,20 @@ def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
     a, a_ok = vals[order].astype(jnp.int32), ok[:, order]
   else:
     a, a_ok = jnp.zeros((0,), jnp.int32), jnp.zeros((v.n_q, 0), bool)
+  cand, cand_ok = jnp.broadcast_to(a, (v.n_q, a.shape[0])), a_ok
   runs = max(1, len(cands))
   if not v.symmetric:
     # query-only permutation: each query block gets its own tokens as columns.
     qself = v.q_pos.reshape(v.n_q, v.block_q)
     own, own_ok = jnp.minimum(qself, v.length - 1), qself < v.seq_len
     if merge_lists():
-      order = jnp.argsort(own, axis=1)
-      own, own_ok = jnp.take_along_axis(own, order, 1), jnp.take_along_axis(own_ok, order, 1)
-      shared = jnp.broadcast_to(a, (v.n_q, a.shape[0]))
-      cand, cand_ok = merge_rows(shared, a_ok, own, own_ok, False)
+      own, own_ok = jax.lax.sort((own, own_ok), dimension=1, num_keys=1)
+      cand, cand_ok = merge_rows(cand, cand_ok, own, own_ok, False)
       runs = len(cands) + 1
     else:  # one sort per row (select_columns)
-      cand = jnp.concatenate([jnp.broadcast_to(a, (v.n_q, a.shape[0])), own], axis=1)
-      cand_ok = jnp.concatenate([a_ok, own_ok], axis=1)
+      cand = jnp.concatenate([cand, own], axis=1)
+      cand_ok = jnp.concatenate([cand_ok, own_ok], axis=1)
       runs = None
-  else:
-    cand = jnp.broadcast_to(a, (v.n_q, a.shape[0]))
-    cand_ok = a_ok
   col_idx, col_count = select_columns(cand, cand_ok, v, block_idx, block_count, max_cols, runs=runs)
   return dict(
     block_idx=block_idx,

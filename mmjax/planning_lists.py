@@ -182,11 +182,9 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
     )
   else:
     valid = pri > NEG
-    first, best = valid, jnp.where(valid, pri, NEG)
-    for d in range(1, runs):
-      # an earlier valid entry of the same block d back; a later one d ahead
-      back = (idx[:, d:] == idx[:, :-d]) & valid[:, :-d]
-      first = first & ~jnp.pad(back, ((0, 0), (d, 0)))
+    first = pl.first_of_runs(idx, valid, runs)
+    best = jnp.where(valid, pri, NEG)
+    for d in range(1, runs):  # the block's valid entries up to runs - 1 ahead
       ahead = jnp.where((idx[:, :-d] == idx[:, d:]) & valid[:, d:], pri[:, d:], NEG)
       best = jnp.maximum(best, jnp.pad(ahead, ((0, 0), (0, d)), constant_values=NEG))
     key = jnp.where(first, idx, BIG)
