@@ -151,17 +151,22 @@ POOL_IMPL = None
 # softmax p [R, L] written out, `slash_sums`), or None: the kernel on a GPU.
 MASS_IMPL = None
 # The pooled-block scores: "pallas" (pallas_kernels.pooled_scores: masked in the kernel,
-# with the chunk maxima of `top_k_entries` taken from the tile in registers) or "xla" (an
-# einsum; the mask and maxima are passes over it). None: XLA everywhere, for now: on an
-# H200 at 1M tokens the kernel took 11.5 ms where cuBLAS' dot and the maxima pass took
-# 4.7 + 3.8 (benchmarks/results/h200_2026-12-01/README.md).
+# the chunk maxima of `top_k_entries` taken from the tile in registers, tiles without an
+# allowed pair skipped) or "xla" (an einsum; the mask and maxima are passes over it).
+# None: the kernel on a GPU (benchmarks/results/h200_2026-12-01b: 1.2-1.8x faster than
+# cuBLAS' dot + XLA's maxima pass, with the top-k, at 1M tokens).
 SCORE_IMPL = None
 # Candidate lists: True merges ascending lists by binary searches (`merge_rows`,
 # `planning_lists.merge_candidates`), False sorts each query block's row; None: merges on
 # a GPU (a row sort there cost 12 ms of a 1M-token plan), sorts elsewhere (on the CPU the
 # unrolled searches compiled 1.6x slower than the sorts and ran no faster). The same plan.
 MERGE_LISTS = None
-_KERNEL_ROW = 4096  # rows up to this long go to the kernel whole, longer ones in chunks
+# The pooled_scores kernel's tile (query blocks, key blocks) and warps.
+SCORE_TILES = (64, 128, 4)
+# rows up to this long go to the Pallas top-k whole, longer ones in chunks (its time grows
+# with the row: on an H200, 28672 rows of 2048, k 32: 1.2 ms whole; chunked, see
+# benchmarks/results/h200_2026-12-01b)
+_KERNEL_ROW = 512
 # fewer rows (per vmapped call) stay on lax.top_k: the kernel's 32 dependent counting
 # passes are latency-bound there (28 rows of 16384, k 512: 0.44 ms vs 0.16 on an H200)
 _KERNEL_MIN_ROWS = 64
@@ -176,6 +181,7 @@ def kernel_settings():
     pool_impl(),
     mass_impl(),
     score_impl(),
+    SCORE_TILES,
     merge_lists(),
   )
 
@@ -217,7 +223,7 @@ def merge_lists():
 
 
 def score_impl():
-  return _impl("SCORE_IMPL", SCORE_IMPL, on_gpu="xla")
+  return _impl("SCORE_IMPL", SCORE_IMPL)
 
 
 def _row_top_k(x, k):
@@ -235,8 +241,8 @@ def topk_chunk(n, k):
   """The chunk C of `top_k_entries` for rows of n entries and top k (1: no chunks)."""
   k = min(k, n)
   c = 1 << max(0, round(math.log2(max(1.0, math.sqrt(n / max(k, 1))))))
-  if topk_impl() == "pallas":
-    c = 1 if n <= _KERNEL_ROW else max(c, -(-n // _KERNEL_ROW))
+  if topk_impl() == "pallas" and n <= _KERNEL_ROW:
+    c = 1  # (longer rows' chunk maxima may be chunked again: `_chunks_top_k`)
   return c
 
 
@@ -251,11 +257,13 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True,
   in index order, give the entries a top-k over the row gives. `valid` may be a function
   returning the mask, so that the mask is built inside the branch (fused into its first
   pass) rather than passed in as an [R, n] operand. C ~ sqrt(n / k) balances
-  the two. With the Pallas top-k, rows of at most `_KERNEL_ROW` go to it whole, and C is
-  at least n / _KERNEL_ROW (`topk_chunk`). Runs under a `lax.cond` like
+  the two. With the Pallas top-k, rows of at most `_KERNEL_ROW` go to it whole, and
+  longer rows of chunk maxima are chunked again (`_chunks_top_k`). Runs under a `lax.cond` like
   `_topk_threshold_mask` (predicate: `present`, some valid entry if None) unless
   `skip_empty` is False. `valid` None: the score is masked already (-inf); then
-  `chunk_max` [R, ceil(n / C)] may give the chunk maxima (pooled_scores' kernel).
+  `chunk_max` [R, ceil(n / C)] may give the chunk maxima (pooled_scores' kernel); then
+  the score is read only in chunks whose maximum is above -inf (the kernel leaves the
+  tiles without an allowed pair unwritten).
   """
   n_r, n = score.shape
   k = min(k, n)
@@ -281,10 +289,13 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True,
       vals, idx = _row_top_k(s, k)
       return idx, vals
     s = jnp.pad(s, ((0, 0), (0, n_c * c - n)), constant_values=NEG).reshape(n_r, n_c, c)
-    _, chunks = _row_top_k(s.max(-1) if cmax is None else cmax, kc)  # [R, kc]
+    cmax_top, chunks = _chunks_top_k(s.max(-1) if cmax is None else cmax, kc)  # [R, kc]
     if not kernel:  # the kernel's picks come in index order already
-      chunks = jnp.sort(chunks, axis=-1)
-    cand = jnp.take_along_axis(s, chunks[:, :, None], axis=1).reshape(n_r, kc * c)
+      chunks, cmax_top = jax.lax.sort((chunks, cmax_top), dimension=1, num_keys=1)
+    cand = jnp.take_along_axis(s, chunks[:, :, None], axis=1)  # [R, kc, C]
+    if cmax is not None:  # the kernel leaves chunks without an allowed pair unwritten
+      cand = jnp.where(cmax_top[:, :, None] > NEG, cand, NEG)
+    cand = cand.reshape(n_r, kc * c)
     vals, pos = _row_top_k(cand, k)
     idx = (chunks[:, :, None] * c + jnp.arange(c, dtype=jnp.int32)).reshape(n_r, kc * c)
     return jnp.take_along_axis(idx, pos, axis=1).astype(jnp.int32), vals
@@ -296,6 +307,17 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True,
     return run(score, valid, chunk_max)
   present = _any_over(valid if present is None else present, axis_names)
   return jax.lax.cond(present, run, empty, score, valid, chunk_max)
+
+
+def _chunks_top_k(m, k):
+  """The top k of the chunk maxima m [R, n_c] (values, indices), as `_row_top_k`; with the
+  Pallas top-k, rows longer than `_KERNEL_ROW` are chunked again (`top_k_entries`): its
+  cost grows with the row, and a few short rows beat one long one (1M tokens: maxima
+  of 1024 chunks -> 256 maxima of maxima, then 128 chunk maxima)."""
+  if topk_impl() == "pallas" and topk_chunk(m.shape[1], k) > 1:
+    idx, vals = top_k_entries(m, None, k, present=jnp.asarray(True), skip_empty=False)
+    return vals, idx
+  return _row_top_k(m, k)
 
 
 def _masked_mean(x, w, nb):
@@ -654,19 +676,30 @@ def scored_matrix(v: HeadView, q_mod, k_mod, chunk=0):
   q_lim = jnp.where(qany, qmax, -1).astype(jnp.int32)
   k_lim = jnp.where(kany, kmin, BIG).astype(jnp.int32)
   present = jnp.any(qany) & jnp.any(kany)
+  return (*pooled_score_matrix(qp, kp, q_lim, k_lim, v.scale, chunk), present)
+
+
+def pooled_score_matrix(qp, kp, q_lim, k_lim, scale, chunk=0):
+  """qp [nQ, H] . kp [nK, H] * scale, pair (i, j) allowed iff k_lim[j] <= q_lim[i]:
+  (s, valid, chunk maxima) as `scored_matrix` returns them, by `score_impl()`."""
   if score_impl() == "pallas":
+    block_m, block_n, warps = SCORE_TILES
     s, cmax = pooled_scores(
       qp,
       kp,
       q_lim,
       k_lim,
-      scale=v.scale,
+      scale=scale,
       chunk=chunk if chunk > 1 else 0,
+      fill=chunk <= 1,  # with chunks, top_k_entries reads only chunks with some pair
+      block_m=block_m,
+      block_n=max(block_n, chunk),
+      num_warps=warps,
       interpret=_interpret(),
     )
-    return s, None, cmax, present
-  s = jnp.einsum("ih,jh->ij", qp, kp) * v.scale  # [nQ, nK]
-  return s, lambda: k_lim[None, :] <= q_lim[:, None], None, present
+    return s, None, cmax
+  s = jnp.einsum("ih,jh->ij", qp, kp) * scale  # [nQ, nK]
+  return s, lambda: k_lim[None, :] <= q_lim[:, None], None
 
 
 def _pooled(v: HeadView, side, sel):

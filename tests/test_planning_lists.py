@@ -129,6 +129,38 @@ def test_top_k_entries_kernel_picks_the_same_set(n, k, kernel_row, pallas_topk, 
   )
 
 
+@pytest.mark.parametrize("kernel_topk", [False, True])
+def test_top_k_entries_reads_only_written_chunks(kernel_topk, monkeypatch):
+  """Pooled scores from the kernel with tiles skipped (fill=False: their scores unwritten,
+  their chunk maxima -inf): the same top-k as from the whole masked matrix, for rows with
+  fewer allowed pairs than k (unwritten chunks are picked there) and a band of query
+  blocks without any."""
+  from pallas_kernels.pooled_scores import pooled_scores
+
+  if kernel_topk:
+    monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
+    monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 1)
+  rng = np.random.default_rng(8)
+  monkeypatch.setattr(planning, "_KERNEL_ROW", 64)  # the kernel takes chunked rows
+  n_q, n_k, k = 64, 256, 40
+  chunk = planning.topk_chunk(n_k, k)
+  assert chunk > 1
+  qp = jnp.asarray(rng.standard_normal((n_q, 16)), jnp.float32)
+  kp = jnp.asarray(rng.standard_normal((n_k, 16)), jnp.float32)
+  q_lim = jnp.asarray(np.where((np.arange(n_q) // 8) == 3, -1, np.arange(n_q) * 4 + 3), jnp.int32)
+  k_lim = jnp.arange(n_k, dtype=jnp.int32)
+  kw = dict(scale=0.3, chunk=chunk, block_m=16, block_n=32, interpret=True)
+  s, cmax = pooled_scores(qp, kp, q_lim, k_lim, fill=False, **kw)
+  s_full, _ = pooled_scores(qp, kp, q_lim, k_lim, **kw)
+  present = jnp.asarray(True)
+  got = planning.top_k_entries(s, None, k, present=present, chunk_max=cmax)
+  want = planning.top_k_entries(s_full, None, k, present=present)
+  order_g, order_w = np.argsort(np.asarray(got[0]), 1), np.argsort(np.asarray(want[0]), 1)
+  for g, w in zip(got, want, strict=True):  # the same (index, value) sets
+    g = np.take_along_axis(np.asarray(g), order_g, 1)
+    np.testing.assert_array_equal(g, np.take_along_axis(np.asarray(w), order_w, 1))
+
+
 SCORED = ("block_sparse", "grid", "q_boundary", "2d_boundary", "mminference")
 ESTIMATED = ("vertical_slash", "grid", "q_boundary", "2d_boundary", "mminference")
 # each planner kernel: (its setting, the pallas_call's name, the policies that use it)

@@ -59,6 +59,20 @@ class PooledScoreTests:
   def test_full_f32_products(self):
     self.check(*inputs(3, 64, 64, 64), 16, tf32=False, block_m=32, block_n=32)
 
+  @pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 64)])
+  def test_tiles_without_pairs_skipped(self, block_m, block_n):
+    # fill=False: chunks with an allowed pair as with fill, the rest's maxima -inf (their
+    # scores are left unwritten and not compared)
+    qp, kp, q_lim, k_lim = inputs(11, 64, 128, 32)
+    q_lim = q_lim.at[16:40].set(-1)  # a band of query blocks without pairs
+    kw = dict(scale=0.2, chunk=16, block_m=block_m, block_n=block_n, interpret=self.interpret)
+    s_full, c_full = pooled_scores(qp, kp, q_lim, k_lim, **kw)
+    s, c = pooled_scores(qp, kp, q_lim, k_lim, fill=False, **kw)
+    np.testing.assert_array_equal(np.asarray(c), np.asarray(c_full))
+    live = np.repeat(np.isfinite(np.asarray(c)), 16, axis=1)[:, : s.shape[1]]
+    assert live.any() and (~live).any()
+    np.testing.assert_array_equal(np.asarray(s)[live], np.asarray(s_full)[live])
+
   def test_vmapped_over_heads(self):
     qps, kps, qls, kls = zip(*(inputs(20 + i, 64, 64, 32) for i in range(2)), strict=True)
     qp, kp, ql, kl = map(jnp.stack, (qps, kps, qls, kls))
@@ -89,6 +103,8 @@ class TestInterpret(PooledScoreTests):
       call(qp, kp, q_lim, k_lim, chunk=24)
     with pytest.raises(ValueError, match="k_lim must be int32"):
       call(qp, kp, q_lim, k_lim[:32])
+    with pytest.raises(ValueError, match="fill=False needs"):
+      call(qp, kp, q_lim, k_lim, fill=False)
 
 
 @pytest.mark.gpu

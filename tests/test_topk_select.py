@@ -42,6 +42,17 @@ class TopKTests:
     x = jnp.asarray(np.random.default_rng(3).standard_normal((19, 700)), jnp.float32)
     self.check(x, 50)
 
+  def test_rows_with_fewer_finite_entries_than_k(self):
+    # the search cannot stop early there (ties at -inf); a row of one value; a row whose
+    # top k are exact from the bounds (k groups, equal maxima)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    x[0, 5:] = -np.inf
+    x[1] = 2.5
+    x[2] = np.tile(np.arange(32, dtype=np.float32), 8)
+    self.check(jnp.asarray(x), 32)
+    self.check(jnp.asarray(x), 32, tile=64, block_rows=4)
+
   def test_rows_longer_than_a_tile(self):
     # re-read in tiles in every pass; the tie break and the slots run across tiles
     self.check(tied_rows(4, 6, 1000), 300, tile=128, block_rows=2)

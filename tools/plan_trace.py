@@ -140,8 +140,15 @@ def main():
     choices=["", "pallas", "xla"],
     help="the planner's per-row top-k (planning.TOPK_IMPL); default: the kernel on a GPU",
   )
+  ap.add_argument(
+    "--score",
+    default="",
+    choices=["", "pallas", "xla"],
+    help="the pooled scores (planning.SCORE_IMPL); default: the planner's",
+  )
   args = ap.parse_args()
   planning.TOPK_IMPL = args.topk or None
+  planning.SCORE_IMPL = args.score or None
   t, h = args.length, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)

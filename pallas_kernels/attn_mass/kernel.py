@@ -5,18 +5,21 @@ The planner's online estimates (vertical-slash lines, the grid stride) softmax t
 queries (R = last_q, 64) against all L keys and sum the probabilities p [R, L] down each
 key column and along each diagonal (rank offset). In XLA that wrote the [R, L] scores,
 read them twice for the softmax, wrote p and read it twice more (about 13 ms per
-estimate at 1M tokens for 28 heads on an H200). Here the scores stay in registers:
+estimate at 1M tokens for 28 heads on an H200). Here the scores stay in registers and p
+is written once:
 
   pass 1, one program per `tiles` tiles of `tile` keys (k rows gathered by the view's
     order, read in place from [B, L, N, H]), looping over its tiles:
       s = q k^T * scale, masked where not allowed            [R, tile]
       per row: running max m_p and sum of exp(s - m_p)       -> [n_programs, R] each
   combine (XLA, a few KB): m = max_p m_p, l = sum_p l_p exp(m_p - m)
-  pass 2, one program per tile (a loop over tiles, with its scattered stores, ran 40%
-    slower on an H200): the same s, p = exp(s - m) / l (0 where not allowed)
+  pass 2, one program per tile (a loop over tiles ran 40% slower on an H200): the same
+    s, p = exp(s - m) / l (0 where not allowed)
       column sums: sum_r p                                   -> col [tile]
-      diagonals: p[r, j] is stored at skew[r, base_r - j] (offsets past base_r get 0),
-      so that a column sum of skew [R, L] gives slash[o] = sum_r p[r, base_r - o]
+      p itself, stored whole (one contiguous store)          -> p [R, tile]
+  pass 3, one program per `diag_tile` diagonal offsets o: slash[o] = sum_r p[r, base_r - o]
+    (each row's entries gathered along the diagonals: contiguous runs; the first version
+    stored p skewed from pass 2 instead, scattered from the dot's register layout)
 
 A key j is allowed for row r iff key_lim[j] <= q_lim[r] (the caller folds causality,
 the key's modality and the row's validity into these two integer vectors).
@@ -32,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+DIAG_TILE = 128  # diagonal offsets per program of the third pass (a power of two)
 
 
 def _scores(q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, *, tile, scale):
@@ -85,14 +89,11 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place):
   l_ref[p, :] = l
 
 
-def _mass_kernel(*refs, tile, tiles, n_tiles, scale, length, n_rows, gather, in_place):
+def _mass_kernel(*refs, tile, tiles, n_tiles, scale, gather, in_place):
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
-  q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, base_ref, col_ref, skew_ref = rest
+  q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, col_ref, p_ref = rest
   first, count = _tile_range(tiles, n_tiles)
   m, inv = m_ref[...], inv_ref[...]
-  base = base_ref[...][:, None]
-  r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
-  spare = n_rows * length  # masked lanes point here (interpret mode writes them back)
 
   def body(i, carry):
     t = first + i
@@ -101,21 +102,23 @@ def _mass_kernel(*refs, tile, tiles, n_tiles, scale, length, n_rows, gather, in_
     )
     p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
     col_ref[pl.ds(t * tile, tile)] = jnp.sum(p, axis=0)
-    j = t * tile + jnp.arange(tile, dtype=jnp.int32)
-    off = base - j[None, :]  # p[r, j] is mass at diagonal offset base_r - j
-    ok = off >= 0
-    plgpu.store(skew_ref.at[jnp.where(ok, r * length + off, spare)], p, mask=ok)
-    # offsets past base_r get 0 (each written once over all tiles)
-    off0 = base + 1 + j[None, :]
-    ok0 = off0 < length
-    at0 = jnp.where(ok0, r * length + off0, spare)
-    plgpu.store(skew_ref.at[at0], jnp.zeros_like(p), mask=ok0)
+    p_ref[:, pl.ds(t * tile, tile)] = p
     return carry
 
   if tiles == 1:  # (straight-line code: inside a loop the stores ran 1.6x slower)
     body(0, None)
   else:
     jax.lax.fori_loop(0, count, body, jnp.int32(0))
+
+
+def _diag_kernel(p_ref, base_ref, slash_ref, *, diag_tile, length, n_rows):
+  """slash[o] = sum_r p[r, base_r - o] for this program's offsets o (p flat [R * L])."""
+  o = pl.program_id(0) * diag_tile + jnp.arange(diag_tile, dtype=jnp.int32)
+  j = base_ref[...][:, None] - o[None, :]  # [R, diag_tile]: key of row r at offset o
+  ok = j >= 0
+  r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
+  vals = plgpu.load(p_ref.at[jnp.where(ok, r * length + j, 0)], mask=ok, other=0.0)
+  slash_ref[pl.ds(pl.program_id(0) * diag_tile, diag_tile)] = jnp.sum(vals, axis=0)
 
 
 def attention_mass(
@@ -230,18 +233,29 @@ def _call(q, k, key_lim, q_lim, base, perm, index, *, scale, tile, tiles, num_wa
   l = jnp.sum(jnp.where(m_t == -jnp.inf, 0.0, l_t * jnp.exp(m_t - m_safe)), axis=0)
   inv = 1.0 / jnp.maximum(l, 1e-30)
 
-  args = head + [q, k, key_lim, q_lim, m_safe, inv, jnp.clip(base, -1, length - 1)]
-  col, skew = pl.pallas_call(
-    functools.partial(_mass_kernel, length=length, n_rows=n_rows, **dict(common, tiles=1)),
+  args = head + [q, k, key_lim, q_lim, m_safe, inv]
+  col, p = pl.pallas_call(
+    functools.partial(_mass_kernel, **dict(common, tiles=1)),
     grid=(n_tiles,),
     in_specs=[whole(a.shape) for a in args],
-    out_specs=[whole((length,)), whole((n_rows * length + 1,))],
-    out_shape=[  # + 1: the spare slot
+    out_specs=[whole((length,)), whole((n_rows, length))],
+    out_shape=[
       jax.ShapeDtypeStruct((length,), jnp.float32),
-      jax.ShapeDtypeStruct((n_rows * length + 1,), jnp.float32),
+      jax.ShapeDtypeStruct((n_rows, length), jnp.float32),
     ],
     compiler_params=params2,
     interpret=interpret,
     name="mmjax_attn_mass",
   )(*args)
-  return col, skew[:-1].reshape(n_rows, length).sum(0)
+  diag_tile = min(DIAG_TILE, length & -length)
+  slash = pl.pallas_call(
+    functools.partial(_diag_kernel, diag_tile=diag_tile, length=length, n_rows=n_rows),
+    grid=(length // diag_tile,),
+    in_specs=[whole((n_rows * length,)), whole((n_rows,))],
+    out_specs=whole((length,)),
+    out_shape=jax.ShapeDtypeStruct((length,), jnp.float32),
+    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+    interpret=interpret,
+    name="mmjax_attn_mass_diagonals",
+  )(p.reshape(-1), jnp.clip(base, -1, length - 1))
+  return col, slash

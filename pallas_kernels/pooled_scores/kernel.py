@@ -8,6 +8,9 @@ maxima (at 1M tokens, 28 heads: 4.7 + 3.8 ms per component on an H200); here the
 come from the tile in registers as S is written, and only the chosen chunks are read back.
 
 Algorithm, one program per [bm, bn] tile of S:
+  if no pair of the tile is allowed (max q_lim < min k_lim) and not `fill`:
+    store -inf as the tile's chunk maxima and leave its s unwritten  (the causal half of
+      an identity view, the other modalities' blocks of a grouped one)
   s = qp[i-tile] kp[j-tile]^T * scale                        [bm, bn] f32
   s = -inf where k_lim[j] > q_lim[i]                         (the caller's mask)
   store s; store max over each run of `chunk` columns        [bm, bn / chunk]
@@ -23,16 +26,26 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
-def _kernel(qp_ref, kp_ref, qlim_ref, klim_ref, s_ref, cmax_ref, *, scale, chunk, tf32):
+def _kernel(qp_ref, kp_ref, qlim_ref, klim_ref, s_ref, cmax_ref, *, scale, chunk, tf32, fill):
   bm, bn = s_ref.shape
-  qp = qp_ref[...]
-  kp = kp_ref[...]
-  s = plgpu.dot(qp, kp, trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
-  allowed = klim_ref[...][None, :] <= qlim_ref[...][:, None]
-  s = jnp.where(allowed, s, -jnp.inf)
-  s_ref[...] = s
-  if cmax_ref is not None:
-    cmax_ref[...] = jnp.max(s.reshape(bm, bn // chunk, chunk), axis=2)
+  q_lim, k_lim = qlim_ref[...], klim_ref[...]
+
+  def scores():
+    s = plgpu.dot(qp_ref[...], kp_ref[...], trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
+    s = jnp.where(k_lim[None, :] <= q_lim[:, None], s, -jnp.inf)
+    s_ref[...] = s
+    if cmax_ref is not None:
+      cmax_ref[...] = jnp.max(s.reshape(bm, bn // chunk, chunk), axis=2)
+
+  if fill:
+    scores()
+    return
+  some = jnp.max(q_lim) >= jnp.min(k_lim)
+  pl.when(some)(scores)
+
+  @pl.when(jnp.logical_not(some))
+  def _():
+    cmax_ref[...] = jnp.full(cmax_ref.shape, -jnp.inf, jnp.float32)
 
 
 def pooled_scores(
@@ -46,6 +59,7 @@ def pooled_scores(
   block_m: int = 64,
   block_n: int = 64,
   tf32: bool = True,
+  fill: bool = True,
   num_warps: int = 4,
   interpret: bool = False,
 ):
@@ -60,6 +74,9 @@ def pooled_scores(
     block_m, block_n: the tile (powers of two >= 16; at most the padded nQ / nK).
     tf32: the dot's inputs rounded to TF32 (the matrix units' f32 mode, as XLA's default
       f32 dot on a GPU); False: full f32 products.
+    fill: False (needs `chunk`): a tile without an allowed pair is skipped, its s left
+      unwritten (undefined) and its chunk maxima -inf; read s only in chunks whose maximum
+      is finite.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -78,6 +95,8 @@ def pooled_scores(
   block_n = max(min(block_n, max(16, 1 << (n_k - 1).bit_length())), chunk)
   if chunk and (chunk & (chunk - 1) or block_n % chunk):
     raise ValueError(f"chunk={chunk} must be a power of two dividing block_n={block_n}")
+  if not fill and not chunk:
+    raise ValueError("fill=False needs chunk maxima (chunk > 0) to tell the unwritten tiles")
   for name, arr, n in (("q_lim", q_lim, n_q), ("k_lim", k_lim, n_k)):
     if arr.shape != (n,) or arr.dtype != jnp.int32:
       raise ValueError(f"{name} must be int32 of shape ({n},); got {arr.dtype} {arr.shape}")
@@ -91,6 +110,7 @@ def pooled_scores(
     block_m=block_m,
     block_n=block_n,
     tf32=tf32,
+    fill=fill,
     num_warps=num_warps,
     interpret=interpret,
   )
@@ -98,9 +118,20 @@ def pooled_scores(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("scale", "chunk", "block_m", "block_n", "tf32", "num_warps", "interpret"),
+  static_argnames=(
+    "scale",
+    "chunk",
+    "block_m",
+    "block_n",
+    "tf32",
+    "fill",
+    "num_warps",
+    "interpret",
+  ),
 )
-def _call(qp, kp, q_lim, k_lim, *, scale, chunk, block_m, block_n, tf32, num_warps, interpret):
+def _call(
+  qp, kp, q_lim, k_lim, *, scale, chunk, block_m, block_n, tf32, fill, num_warps, interpret
+):
   (n_q0, h), n_k0 = qp.shape, kp.shape[0]
   # pad to whole tiles: padded rows / columns allow nothing
   n_q, n_k = -(-n_q0 // block_m) * block_m, -(-n_k0 // block_n) * block_n
@@ -113,7 +144,7 @@ def _call(qp, kp, q_lim, k_lim, *, scale, chunk, block_m, block_n, tf32, num_war
   if chunk:
     out_specs.append(pl.BlockSpec((block_m, block_n // chunk), lambda i, j: (i, j)))
     out_shape.append(jax.ShapeDtypeStruct((n_q, n_k // chunk), jnp.float32))
-  kernel = functools.partial(_kernel, scale=scale, chunk=chunk, tf32=tf32)
+  kernel = functools.partial(_kernel, scale=scale, chunk=chunk, tf32=tf32, fill=fill)
   if not chunk:
     kernel = functools.partial(_no_chunks, kernel)
   out = pl.pallas_call(

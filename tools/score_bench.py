@@ -1,0 +1,119 @@
+"""The planner's pooled-score top-k (scores, chunk maxima, the two top-k passes) with the
+scores from XLA (cuBLAS dot; mask and maxima as XLA passes) or from the pooled_scores
+kernel (tiles without an allowed pair skipped), and the top-k kernel's rows whole up to
+4096 or 512 entries (longer ones chunked), timed in the same run against the first.
+
+  python3 tools/score_bench.py --out $OUT/score_bench.json     # on the GPU
+
+Cases (28 heads vmapped, head_dim 128, limits as a causal identity view: query block i's
+last position, key block j's first): block_sparse at 1M (8192 x 16384 blocks, top 32) and
+128k, grid's top 8 at 1M, and a 2D-boundary-like component at 1M whose query and key
+blocks of the modality are two bands. `same`: the fraction of rows whose picked set is
+the baseline's (TF32 products in both; near-ties may break differently).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mmjax import bench, planning
+from tools.plan_trace import kernel_times
+
+HEADS = 28
+# name: (nQ, nK, top k, query-block band, key-block band) (bands as fractions; None: all)
+CASES = {
+  "block_sparse_1m": (8192, 16384, 32, None, None),
+  "grid_1m": (8192, 16384, 8, None, None),
+  "component_1m": (8192, 16384, 32, (0.3, 0.7), (0.1, 0.5)),
+  "block_sparse_128k": (1024, 2048, 32, None, None),
+}
+# (scores, the kernel's tile, planning._KERNEL_ROW); the first is the baseline: XLA's
+# scores, rows up to 4096 to the top-k kernel whole (the planner before 2026-12-01b)
+VARIANTS = (
+  ("xla", None, 4096),
+  ("pallas", (64, 128, 4), 4096),
+  ("xla", None, 512),
+  ("pallas", (64, 128, 4), 512),
+  ("pallas", (64, 64, 4), 512),
+)
+
+
+def inputs(n_q, n_k, qband, kband, seed=0):
+  rng = np.random.default_rng(seed)
+  qp = jnp.asarray(rng.standard_normal((HEADS, n_q, 128)) * 0.3, jnp.float32)
+  kp = jnp.asarray(rng.standard_normal((HEADS, n_k, 128)) * 0.3, jnp.float32)
+  q_lim = (np.arange(n_q) + 1) * 128 - 1
+  k_lim = np.arange(n_k) * 64
+  if qband:
+    i = np.arange(n_q) / n_q
+    q_lim = np.where((i >= qband[0]) & (i < qband[1]), q_lim, -1)
+  if kband:
+    j = np.arange(n_k) / n_k
+    k_lim = np.where((j >= kband[0]) & (j < kband[1]), k_lim, 2**30)
+  lims = (jnp.asarray(q_lim, jnp.int32), jnp.asarray(k_lim, jnp.int32))
+  return qp, kp, *lims
+
+
+def picker(n_k, k):
+  chunk = planning.topk_chunk(n_k, k)
+
+  def one(qp, kp, q_lim, k_lim):
+    s, valid, cmax = planning.pooled_score_matrix(qp, kp, q_lim, k_lim, 0.088, chunk)
+    idx, _ = planning.top_k_entries(
+      s, valid, k, present=jnp.asarray(True), chunk_max=cmax, skip_empty=False
+    )
+    return jnp.sort(idx, axis=1)
+
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))
+
+
+def top_ops(fn, x, n=5):
+  """The n costliest ops of one profiled call (us), printed and returned."""
+  times, total = kernel_times(fn, *x)
+  top = sorted(times.items(), key=lambda kv: -kv[1])[:n]
+  print("    " + ", ".join(f"{op} {us:.0f}us" for op, us in top) + f" (total {total:.0f}us)")
+  return top
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="")
+  ap.add_argument("--cases", default=",".join(CASES))
+  args = ap.parse_args()
+  rows = []
+  for name in args.cases.split(","):
+    n_q, n_k, k, qband, kband = CASES[name]
+    x = inputs(n_q, n_k, qband, kband)
+    want, t_base = None, None
+    for impl, tiles, kernel_row in VARIANTS:
+      planning.SCORE_IMPL, planning._KERNEL_ROW = impl, kernel_row
+      planning.SCORE_TILES = tiles or planning.SCORE_TILES
+      f = picker(n_k, k)
+      got = np.asarray(f(*x))
+      want = got if want is None else want
+      same = float(np.mean(np.all(got == want, axis=2)))
+      t = bench.timeit(f, *x, warmup=2, iters=10)
+      t_base = t_base or t
+      chunk = planning.topk_chunk(n_k, k)
+      print(
+        f"{name} {impl} {tiles} rows<={kernel_row} (chunk {chunk}): {t:.3f} ms, "
+        f"{t_base / t:.2f}x, same rows {same:.5f}",
+        flush=True,
+      )
+      row = dict(case=name, impl=impl, tiles=tiles, kernel_row=kernel_row, chunk=chunk)
+      rows.append(dict(row, ms=t, ratio=t_base / t, same=same, ops=top_ops(f, x)))
+  if args.out:
+    report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows)
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
