@@ -147,14 +147,15 @@ TOPK_IMPL = None
 # the f32 sums.
 POOL_IMPL = None
 # The last-query estimates' column and diagonal sums: "pallas" (pallas_kernels.attn_mass:
-# the scores stay in registers, two passes over the keys read in place), "xla" (the
-# softmax p [R, L] written out, `slash_sums`), or None: the kernel on a GPU.
+# the scores stay in registers, two passes over the keys read in place, p written once
+# and its diagonals summed by a third), "xla" (scores and softmax in XLA, `slash_sums`),
+# or None: the kernel on a GPU (2.1x faster at 1M: h200_2026-12-01b/mass_bench.json).
 MASS_IMPL = None
 # The pooled-block scores: "pallas" (pallas_kernels.pooled_scores: masked in the kernel,
 # the chunk maxima of `top_k_entries` taken from the tile in registers, tiles without an
 # allowed pair skipped) or "xla" (an einsum; the mask and maxima are passes over it).
-# None: the kernel on a GPU (benchmarks/results/h200_2026-12-01b: 1.2-1.8x faster than
-# cuBLAS' dot + XLA's maxima pass, with the top-k, at 1M tokens).
+# None: the kernel on a GPU (benchmarks/results/h200_2026-12-01b/score_bench.json: with
+# the same top-k, 1.15-1.67x faster than cuBLAS' dot + XLA's maxima pass at 1M tokens).
 SCORE_IMPL = None
 # Candidate lists: True merges ascending lists by binary searches (`merge_rows`,
 # `planning_lists.merge_candidates`), False sorts each query block's row; None: merges on
@@ -164,8 +165,8 @@ MERGE_LISTS = None
 # The pooled_scores kernel's tile (query blocks, key blocks) and warps.
 SCORE_TILES = (64, 128, 4)
 # rows up to this long go to the Pallas top-k whole, longer ones in chunks (its time grows
-# with the row: on an H200, 28672 rows of 2048, k 32: 1.2 ms whole; chunked, see
-# benchmarks/results/h200_2026-12-01b)
+# with the row; on an H200 a pooled-score top-k of 28 heads with rows up to 512 instead of
+# 4096 ran 1.17x faster at 1M and 1.91x at 128k: h200_2026-12-01b/score_bench.json)
 _KERNEL_ROW = 512
 # fewer rows (per vmapped call) stay on lax.top_k: the kernel's 32 dependent counting
 # passes are latency-bound there (28 rows of 16384, k 512: 0.44 ms vs 0.16 on an H200)
