@@ -55,6 +55,15 @@ def timeit(fn, *args, warmup: int = 2, iters: int = 10) -> float:
   return statistics.median(times)
 
 
+def write_report(path: str, rows: list) -> None:
+  """A tool's results as JSON at `path` (nothing if empty): the rows, the device, jax's
+  version and the run's manifest (git commit, versions, command)."""
+  if not path:
+    return
+  report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows)
+  runinfo.write_atomic(path, json.dumps(report | dict(manifest=runinfo.manifest()), indent=2))
+
+
 def dense_baseline(impl: str | None):
   @jax.jit
   def f(q, k, v):

@@ -9,7 +9,6 @@ from the XLA path's masses (each row's mass sums to 1).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -82,10 +81,7 @@ def main():
       dict(length=length, kernel_ms=t_ours, xla_ms=t_ref, ratio=t_ref / t_ours, max_err=err)
       | dict(kernel_ops_ms=passes)
     )
-  if args.out:
-    report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+  bench.write_report(args.out, rows)
 
 
 if __name__ == "__main__":

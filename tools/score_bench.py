@@ -13,7 +13,6 @@ the baseline's (TF32 products in both; near-ties may break differently).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -109,10 +108,7 @@ def main():
       )
       row = dict(case=name, impl=impl, tiles=tiles, kernel_row=kernel_row, chunk=chunk)
       rows.append(dict(row, ms=t, ratio=t_base / t, same=same, ops=top_ops(f, x)))
-  if args.out:
-    report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+  bench.write_report(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Shapes (rows, n, k): the chunk maxima and candidates of a 1M-token block_sparse 
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
@@ -56,10 +55,7 @@ def main():
       f"{t_ref / t_ours:.1f}x, same entries: {same}",
       flush=True,
     )
-  if args.out:
-    report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, rows=rows_out)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2)
+  bench.write_report(args.out, rows_out)
 
 
 if __name__ == "__main__":
