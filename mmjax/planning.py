@@ -711,19 +711,54 @@ def _pooled(v: HeadView, side, sel):
   return v.pooled[side, sel]
 
 
+def _scored_selectors(components, side):
+  """The selectors of one side that the scored components (block_sparse, grid) pool."""
+  sels = []
+  for comp in components:
+    sel = comp.q_mod if side == "q" else comp.k_mod
+    if comp.pattern.name in ("block_sparse", "grid") and sel not in sels:
+      sels.append(sel)
+  return sels
+
+
+def _pool_sels(v: HeadView, side, sels):
+  for i in range(0, len(sels), MAX_SELECTIONS):
+    pool_side(v, side, sels[i : i + MAX_SELECTIONS])
+
+
 def pool_all(v: HeadView, components):
   """Fills v.pooled with every (side, selector) the scored components (block_sparse,
   grid) of `components` use: one pooling per side, before any branch (a mean computed
   inside a `lax.cond` branch would stay there, out of reach of the other branches)."""
-  need = {"q": [], "k": []}
-  for comp in components:
-    if comp.pattern.name in ("block_sparse", "grid"):
-      for side, sel in (("q", comp.q_mod), ("k", comp.k_mod)):
-        if sel not in need[side] and (side, sel) not in v.pooled:
-          need[side].append(sel)
-  for side, sels in need.items():
-    for i in range(0, len(sels), MAX_SELECTIONS):
-      pool_side(v, side, sels[i : i + MAX_SELECTIONS])
+  for side in ("q", "k"):
+    todo = [s for s in _scored_selectors(components, side) if (side, s) not in v.pooled]
+    _pool_sels(v, side, todo)
+
+
+def shared_k_selectors(layout, components):
+  """The key-side selectors whose pooled means are the same for every query head of a kv
+  head (the key view does not depend on the head: no grid-permuted group), or ()."""
+  return () if layout.grid_groups else tuple(_scored_selectors(components, "k"))
+
+
+def shared_k_pools(layout, components, k, mod, *, seq_len, block_q, block_k, scale):
+  """The pooled keys of one (batch, kv head) for `shared_k_selectors`: {selector: (means
+  [nK, H] f32, any [nK])}, for `plan_view` to reuse in each of its query heads (pooled
+  per query head, a kv head's keys were read once per head of its group)."""
+  sels = list(shared_k_selectors(layout, components))
+  kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
+  v = build_view(layout, (), k, k, mod, **kw)  # (the query side is not read)
+  _pool_sels(v, "k", sels)
+  return {sel: v.pooled["k", sel] for sel in sels}
+
+
+def plan_view(layout, components, q, k, mod, k_pooled=None, **kw):
+  """A planner's view of one (batch, head) with its pooled means filled (`pool_all`);
+  `k_pooled`: the head's kv head's `shared_k_pools`, if computed. Returns (view, aux)."""
+  v, aux = head_view(layout, q, k, mod, **kw)
+  v.pooled.update({("k", sel): val for sel, val in (k_pooled or {}).items()})
+  pool_all(v, components)
+  return v, aux
 
 
 def pool_side(v: HeadView, side, sels):
@@ -1143,17 +1178,17 @@ def head_plan(
   max_blocks,
   max_cols,
   axis_names=(),
+  k_pooled=None,
 ):
   """The reference planner: plan of one (batch, head) from dense [nQ, nK] priorities.
 
   q, k: [L, H]; mod: [L]. Returns a dict of arrays. axis_names: the names of the axes
-  this function is vmapped over, if any (see `select_blocks`). `planning_lists.head_plan`
-  builds the same plan from per-block candidate lists.
+  this function is vmapped over, if any (see `select_blocks`). k_pooled: the kv head's
+  `shared_k_pools`, or None. `planning_lists.head_plan` builds the same plan from
+  per-block candidate lists.
   """
-  v, aux = head_view(
-    layout, q, k, mod, seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale
-  )
-  pool_all(v, components)
+  kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
+  v, aux = plan_view(layout, components, q, k, mod, k_pooled, **kw)
   # component priorities, merged by max on the pairs each one owns.
   causal = v.causal_possible()
   pri = jnp.full((v.n_q, v.n_k), NEG)

@@ -131,7 +131,8 @@ class Policy:
       modality = jnp.zeros((b, t), jnp.int32)
     # the planner's kernel settings are part of the jit key: a plan traced with one is
     # not reused after they change (tests switch them)
-    return _plan_jit(self, q, k, modality.astype(jnp.int32), planner, planning.kernel_settings())
+    key = (*planning.kernel_settings(), SHARE_K_POOLS)
+    return _plan_jit(self, q, k, modality.astype(jnp.int32), planner, key)
 
   def full_budget(self, seq_len: int) -> Policy:
     """The same policy with budgets large enough to reproduce dense attention."""
@@ -143,6 +144,9 @@ PLANNERS = {"lists": planning_lists.head_plan, "dense": planning.head_plan}
 
 # the names of the (batch, head) axes the per-head planner is vmapped over
 _PLAN_AXES = ("plan_batch", "plan_head")
+# Pool a kv head's keys once for all its query heads where the key view is the same for
+# each (`planning.shared_k_selectors`); tests turn it off to compare. The same plans.
+SHARE_K_POOLS = True
 
 
 def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=None):
@@ -161,7 +165,27 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
   scale = 1.0 / math.sqrt(h)
   group = n // kh
 
-  def run(spec, b_id, q_id, kv_id, mod):
+  view_kw = dict(seq_len=t, block_q=policy.block_q, block_k=policy.block_k, scale=scale)
+  b_ids = jnp.arange(b, dtype=jnp.int32)
+
+  def k_pools(spec):
+    # the pooled keys of each (batch, kv head), when every query head of a kv head would
+    # pool the same ones: computed once here, not once per query head
+    if (
+      group == 1
+      or not SHARE_K_POOLS
+      or not planning.shared_k_selectors(spec.layout(), spec.components())
+    ):
+      return None
+
+    def one(b_id, kv_id, mod):
+      src = planning.HeadSource(k, b_id, kv_id)
+      return planning.shared_k_pools(spec.layout(), spec.components(), src, mod, **view_kw)
+
+    kv_ids = jnp.arange(kh, dtype=jnp.int32)
+    return jax.vmap(jax.vmap(one, (None, 0, None)), (0, None, 0))(b_ids, kv_ids, modality)
+
+  def run(spec, pools, b_id, q_id, kv_id, mod):
     # each head is cut to its own policy's bounds (so an mminference head's plan does not
     # depend on the other heads of its table), then padded to the plan's (MB, MC).
     # q and k stay whole: the head's rows are read in place (planning.HeadSource).
@@ -171,13 +195,11 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
       planning.HeadSource(q, b_id, q_id),
       planning.HeadSource(k, b_id, kv_id),
       mod,
-      seq_len=t,
-      block_q=policy.block_q,
-      block_k=policy.block_k,
-      scale=scale,
       max_blocks=min(spec.max_blocks(n_k), n_k),
       max_cols=min(spec.max_cols(), length),
       axis_names=_PLAN_AXES,
+      k_pooled=jax.tree_util.tree_map(lambda x: x[b_id, kv_id], pools),
+      **view_kw,
     )
     for key, size in (("block_idx", mb), ("col_idx", mc)):
       extra = size - out[key].shape[-1]
@@ -196,7 +218,11 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
   for spec, heads in by_spec.items():
     heads_arr = np.asarray(heads)
     f = jax.vmap(
-      jax.vmap(functools.partial(run, spec), in_axes=(None, 0, 0, None), axis_name=_PLAN_AXES[1]),
+      jax.vmap(
+        functools.partial(run, spec, k_pools(spec)),
+        in_axes=(None, 0, 0, None),
+        axis_name=_PLAN_AXES[1],
+      ),
       (0, None, None, 0),
       axis_name=_PLAN_AXES[0],
     )

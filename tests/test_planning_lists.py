@@ -202,6 +202,31 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
     assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
 
 
+@pytest.mark.parametrize("name", SCORED)
+def test_keys_pooled_once_per_kv_head_give_the_same_plan(name, monkeypatch):
+  """With GQA (4 query heads per kv head here) the keys are pooled once per kv head where
+  the key view is the same for each head of a group (no grid-permuted group): the same
+  plan as pooled per query head."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  assert n // kh > 1
+  # (a length no other test plans: the jitted planner is traced anew, so the calls count)
+  q, k, _, mod = helpers.random_inputs(26, b, t - 3, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  calls = []
+  shared = planning.shared_k_pools
+  monkeypatch.setattr(
+    planning, "shared_k_pools", lambda *a, **kw: calls.append(1) or shared(*a, **kw)
+  )
+  got = pol.plan(q, k, mod)
+  specs = pol.head_policies(n) if name == "mminference" else (pol,)
+  uses = any(planning.shared_k_selectors(p.layout(), p.components()) for p in specs)
+  assert bool(calls) == uses
+  # (grid's key view, and a 2D boundary with a grid-permuted group, depend on the head)
+  assert uses or name in ("grid", "2d_boundary")
+  monkeypatch.setattr(P, "SHARE_K_POOLS", False)
+  assert_same_plan(got, pol.plan(q, k, mod))
+
+
 def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
   """The kernel's pooled means of a grid-permuted, modality-grouped view (both sides,
   two selectors each) against the XLA path's."""
