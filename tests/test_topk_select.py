@@ -43,8 +43,8 @@ class TopKTests:
     self.check(x, 50)
 
   def test_rows_with_fewer_finite_entries_than_k(self):
-    # the search cannot stop early there (ties at -inf); a row of one value; a row whose
-    # top k are exact from the bounds (k groups, equal maxima)
+    # ties at -inf below the finite entries; a row of one value; a row of 8 copies of 32
+    # values (the top 32: the 8 copies of each of the 4 largest)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((8, 256)).astype(np.float32)
     x[0, 5:] = -np.inf

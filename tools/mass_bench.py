@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmjax import bench, planning
 from pallas_kernels.attn_mass import attention_mass
-from tools.plan_trace import kernel_times
+from tools.plan_trace import top_kernels
 
 HEADS, KV_HEADS, ROWS, H = 28, 4, 64, 128
 
@@ -70,8 +70,7 @@ def main():
     err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ours(*x), ref(*x), strict=True))
     t_ours = bench.timeit(ours, *x, warmup=2, iters=10)
     t_ref = bench.timeit(ref, *x, warmup=2, iters=10)
-    times, _ = kernel_times(ours, *x)
-    passes = {op: us / 1e3 for op, us in sorted(times.items(), key=lambda kv: -kv[1])[:5]}
+    passes = {op: us / 1e3 for op, us in top_kernels(ours, *x)}
     print(
       f"L={length}: kernel {t_ours:.3f} ms, xla {t_ref:.3f} ms, {t_ref / t_ours:.2f}x, "
       f"max_err {err:.2e}; " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes.items()),

@@ -99,6 +99,12 @@ def kernel_times(fn, *args) -> tuple[dict[str, float], float]:
   return dict(times), sum(times.values())
 
 
+def top_kernels(fn, *args, n=5) -> list[tuple[str, float]]:
+  """The n costliest HLO ops (us) of one profiled call of jitted `fn`."""
+  times, _ = kernel_times(fn, *args)
+  return sorted(times.items(), key=lambda kv: -kv[1])[:n]
+
+
 def same_plans(a, b) -> bool:
   """Whether two plans are equal (block lists compared up to their counts: the slots
   past a count are unspecified)."""

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmjax import bench, planning
-from tools.plan_trace import kernel_times
+from tools.plan_trace import top_kernels
 
 HEADS = 28
 # name: (nQ, nK, top k, query-block band, key-block band) (bands as fractions; None: all)
@@ -75,9 +75,8 @@ def picker(n_k, k):
 
 def top_ops(fn, x, n=5):
   """The n costliest ops of one profiled call (us), printed and returned."""
-  times, total = kernel_times(fn, *x)
-  top = sorted(times.items(), key=lambda kv: -kv[1])[:n]
-  print("    " + ", ".join(f"{op} {us:.0f}us" for op, us in top) + f" (total {total:.0f}us)")
+  top = top_kernels(fn, *x, n=n)
+  print("    " + ", ".join(f"{op} {us:.0f}us" for op, us in top))
   return top
 
 
