@@ -38,6 +38,7 @@ import numpy as np
 
 from pallas_kernels.attn_mass import attention_mass
 from pallas_kernels.block_pool import MAX_SELECTIONS, block_mean
+from pallas_kernels.col_select import select_columns as col_select
 from pallas_kernels.pooled_scores import pooled_scores
 from pallas_kernels.topk_select import top_k_select
 
@@ -162,6 +163,16 @@ SCORE_IMPL = None
 # a GPU (a row sort there cost 12 ms of a 1M-token plan), sorts elsewhere (on the CPU the
 # unrolled searches compiled 1.6x slower than the sorts and ran no faster). The same plan.
 MERGE_LISTS = None
+# Each query block's columns: "pallas" (pallas_kernels.col_select: one program per query
+# block over the head's shared column list, binary searches in its key blocks, no [nQ, V]
+# array written) or "xla" (the merges, searches and compactions of `select_columns` as
+# XLA passes); None: the kernel on a GPU.
+COLS_IMPL = None
+# The col_select kernel's (candidates per loop step, warps): one warp per query block,
+# 128 candidates a step (tools/cols_bench.py on an H200 at 1M tokens, against 64 and 4
+# warps: 1.50x on vertical_slash's shape, 2.32x on q_boundary's;
+# h200_2026-12-01c/cols_bench.json).
+COLS_TILES = (128, 1)
 # The pooled_scores kernel's tile (query blocks, key blocks) and warps.
 SCORE_TILES = (64, 128, 4)
 # rows up to this long go to the Pallas top-k whole, longer ones in chunks (its time grows
@@ -184,6 +195,8 @@ def kernel_settings():
     score_impl(),
     SCORE_TILES,
     merge_lists(),
+    cols_impl(),
+    COLS_TILES,
   )
 
 
@@ -225,6 +238,10 @@ def merge_lists():
 
 def score_impl():
   return _impl("SCORE_IMPL", SCORE_IMPL)
+
+
+def cols_impl():
+  return _impl("COLS_IMPL", COLS_IMPL)
 
 
 def _row_top_k(x, k):
@@ -1128,9 +1145,19 @@ def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
 
   cands: list of (cols [V], valid [V], query blocks [nQ]) of the components' vertical
   lines (`vertical_candidates`). Their union is sorted once per head, not per query
-  block; a query-only view's own tokens (a short list per query block) are merged in.
-  Each value is then in at most `len(cands) + 1` adjacent entries of a row.
+  block. With `cols_impl()` "pallas" one kernel takes each query block's columns from
+  that list (`pallas_kernels.col_select`); in XLA a query-only view's own tokens (a
+  short list per query block) are merged in, each value then in at most
+  `len(cands) + 1` adjacent entries of a row, and `select_columns` keeps them.
   """
+  plan = dict(
+    block_idx=block_idx, block_count=block_count, q_perm=v.q_perm, k_perm=v.k_perm, aux=aux
+  )
+  if cols_impl() == "pallas" and max_cols > 0:
+    plan["col_idx"], plan["col_count"] = _columns_by_kernel(
+      v, cands, block_idx, block_count, max_cols
+    )
+    return plan
   if cands:
     vals = jnp.concatenate([c for c, _, _ in cands])
     ok = jnp.concatenate([rows[:, None] & c_ok[None, :] for _, c_ok, rows in cands], axis=1)
@@ -1152,15 +1179,49 @@ def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
       cand = jnp.concatenate([cand, own], axis=1)
       cand_ok = jnp.concatenate([cand_ok, own_ok], axis=1)
       runs = None
-  col_idx, col_count = select_columns(cand, cand_ok, v, block_idx, block_count, max_cols, runs=runs)
-  return dict(
-    block_idx=block_idx,
-    block_count=block_count,
-    col_idx=col_idx,
-    col_count=col_count,
-    q_perm=v.q_perm,
-    k_perm=v.k_perm,
-    aux=aux,
+  plan["col_idx"], plan["col_count"] = select_columns(
+    cand, cand_ok, v, block_idx, block_count, max_cols, runs=runs
+  )
+  return plan
+
+
+def _columns_by_kernel(v: HeadView, cands, block_idx, block_count, max_cols):
+  """`finish_plan`'s columns by the col_select kernel: the components' columns as one
+  ascending list whose entries carry their component as a bit, offered to the query
+  blocks each component serves; a query-only view's own tokens per query block."""
+  if len(cands) > 31:
+    raise ValueError(f"at most 31 components with vertical lines per head, got {len(cands)}")
+  z = jnp.zeros((0,), jnp.int32)
+  vals = jnp.concatenate([z] + [c.astype(jnp.int32) for c, _, _ in cands])
+  bits = jnp.concatenate(
+    [z] + [jnp.where(ok, 1 << i, 0).astype(jnp.int32) for i, (_, ok, _) in enumerate(cands)]
+  )
+  row_bits = jnp.zeros((v.n_q,), jnp.int32)
+  for i, (_, _, rows) in enumerate(cands):
+    row_bits |= jnp.where(rows, 1 << i, 0).astype(jnp.int32)
+  order = jnp.argsort(vals, stable=True)
+  cand, bits = vals[order], bits[order]
+  cand_lim = v.k_pos[jnp.clip(cand, 0, v.length - 1)].astype(jnp.int32)
+  _, qmax, _ = _block_min_max(v.q_pos, v.q_ok(None), v.n_q)
+  own = {}
+  if not v.symmetric:  # query-only permutation: each query block gets its own tokens
+    qself = v.q_pos.reshape(v.n_q, v.block_q)
+    mine = jnp.minimum(qself, v.length - 1).astype(jnp.int32)
+    own = dict(own=mine, own_ok=qself < v.seq_len, own_lim=v.k_pos[mine].astype(jnp.int32))
+  return col_select(
+    cand,
+    bits,
+    cand_lim,
+    row_bits,
+    qmax.astype(jnp.int32),
+    block_idx.astype(jnp.int32),
+    block_count.astype(jnp.int32),
+    block_k=v.block_k,
+    max_cols=max_cols,
+    chunk=COLS_TILES[0],
+    num_warps=COLS_TILES[1],
+    interpret=_interpret(),
+    **own,
   )
 
 

@@ -169,6 +169,9 @@ PLANNER_KERNELS = (
   ("POOL_IMPL", "mmjax_block_mean", SCORED),
   ("MASS_IMPL", "mmjax_attn_mass", ESTIMATED),
   ("SCORE_IMPL", "mmjax_pooled_scores", SCORED),
+  # (q_boundary's query blocks take their own tokens as columns; the mminference table
+  # of these tests has no head with columns)
+  ("COLS_IMPL", "mmjax_col_select", ("vertical_slash", "q_boundary", "2d_boundary")),
 )
 
 
@@ -179,7 +182,8 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
   top-k (index order; every row chunked, nK = 13 > 8), the block means (every selector
   of a side at once, rows gathered by the permutation), the last-query masses (no [R, L]
   probabilities written), the pooled scores (masked in the kernel, chunk maxima from the
-  tile). Random inputs: no near-ties that the order of the f32 sums could break
+  tile), the columns (one kernel per query block over the shared column list). Random
+  inputs: no near-ties that the order of the f32 sums could break
   differently. Each kernel is traced exactly by the policies that use it."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
   q, k, _, mod = helpers.random_inputs(25, b, t, n, kh, h, dtype, modk)
@@ -277,7 +281,7 @@ def test_last_query_mass_of_the_kernel_matches_xla(layout, monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "name", ["TOPK_IMPL", "POOL_IMPL", "MASS_IMPL", "SCORE_IMPL", "MERGE_LISTS"]
+  "name", ["TOPK_IMPL", "POOL_IMPL", "MASS_IMPL", "SCORE_IMPL", "COLS_IMPL", "MERGE_LISTS"]
 )
 def test_kernel_impls_are_checked(name, monkeypatch):
   monkeypatch.setattr(planning, name, "sort")

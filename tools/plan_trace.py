@@ -105,6 +105,12 @@ def top_kernels(fn, *args, n=5) -> list[tuple[str, float]]:
   return sorted(times.items(), key=lambda kv: -kv[1])[:n]
 
 
+def temp_gib(compiled) -> float:
+  """A compiled program's temporary buffers (XLA's memory plan), GiB; -1 if unknown."""
+  mem = compiled.memory_analysis()
+  return getattr(mem, "temp_size_in_bytes", -(2**30)) / 2**30 if mem is not None else -1.0
+
+
 def same_plans(a, b) -> bool:
   """Whether two plans are equal (block lists compared up to their counts: the slots
   past a count are unspecified)."""
@@ -175,7 +181,9 @@ def main():
       pol = P.get(name, block_q=128, block_k=64, heads_per_step=hps)
     fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m, planner=args.planner))
     ms = bench.timeit(fn, q, k, mod, warmup=1, iters=3)
-    hlo = fn.lower(q, k, mod).compile().as_text()
+    compiled = fn.lower(q, k, mod).compile()
+    hlo = compiled.as_text()
+    temp = temp_gib(compiled)
     src = op_sources(hlo)
     if args.hlo_dir:
       os.makedirs(args.hlo_dir, exist_ok=True)
@@ -186,13 +194,25 @@ def main():
     for op, us in times.items():
       by_src[src.get(op, op)] += us
     top = by_src.most_common(args.top)
-    print(f"\n{name}: plan {ms:.2f} ms wall, {total / 1e3:.2f} ms in ops", flush=True)
+    print(
+      f"\n{name}: plan {ms:.2f} ms wall, {total / 1e3:.2f} ms in ops, {temp:.2f} GiB temp",
+      flush=True,
+    )
     for where, us in top:
       print(f"  {us / 1e3:9.2f} ms {100 * us / max(total, 1e-9):5.1f}%  {where}")
-    report[name] = {"wall_ms": ms, "ops_ms": total / 1e3, "top": [[w, us / 1e3] for w, us in top]}
+    report[name] = {
+      "wall_ms": ms,
+      "ops_ms": total / 1e3,
+      "temp_gib": temp,
+      "top": [[w, us / 1e3] for w, us in top],
+    }
     if args.check:
       other = "dense" if args.planner == "lists" else "lists"
-      ref = jax.jit(lambda q, k, m, pol=pol, o=other: pol.plan(q, k, m, planner=o))(q, k, mod)
+      ref_fn = jax.jit(lambda q, k, m, pol=pol, o=other: pol.plan(q, k, m, planner=o))
+      ref_temp = temp_gib(ref_fn.lower(q, k, mod).compile())
+      print(f"  the {other} planner's temp: {ref_temp:.2f} GiB", flush=True)
+      report[name][f"{other}_temp_gib"] = ref_temp
+      ref = ref_fn(q, k, mod)
       report[name][f"same_as_{other}"] = same = same_plans(fn(q, k, mod), ref)
       del ref
       print(f"  plan identical to the {other} planner's: {same}")
