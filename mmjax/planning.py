@@ -152,6 +152,11 @@ POOL_IMPL = None
 # and its diagonals summed by a third), "xla" (scores and softmax in XLA, `slash_sums`),
 # or None: the kernel on a GPU (2.1x faster at 1M: h200_2026-12-01b/mass_bench.json).
 MASS_IMPL = None
+# The last-query estimates of a policy's query heads as one attn_mass call with the heads
+# innermost in its grid (`heads_inner`: a kv head's key tile read once for its query
+# heads), rather than vmap's usual batching (the heads outermost: each head sweeps all
+# the keys). The same values. Off until measured on a GPU (tools/mass_bench.py).
+MASS_HEADS_INNER = False
 # The pooled-block scores: "pallas" (pallas_kernels.pooled_scores: masked in the kernel,
 # the chunk maxima of `top_k_entries` taken from the tile in registers, tiles without an
 # allowed pair skipped) or "xla" (an einsum; the mask and maxima are passes over it).
@@ -197,6 +202,7 @@ def kernel_settings():
     merge_lists(),
     cols_impl(),
     COLS_TILES,
+    bool(MASS_HEADS_INNER),
   )
 
 
@@ -617,6 +623,7 @@ def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of):
     perm=v.k_perm,
     index=v.k_src.index(),
     tile=min(128, v.length & -v.length),
+    heads_inner=bool(MASS_HEADS_INNER),
     interpret=_interpret(),
   )
 

@@ -2,6 +2,8 @@
 holds the checks; `TestInterpret` runs them on the CPU in interpret mode, `TestGPU`
 compiled on a GPU (pytest --gpu -m gpu)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +91,83 @@ class MassTests:
       )
       np.testing.assert_allclose(np.asarray(col[i]), np.asarray(rc), rtol=2e-5, atol=1e-6)
       np.testing.assert_allclose(np.asarray(slash[i]), np.asarray(rs), rtol=2e-5, atol=1e-6)
+
+  @pytest.mark.parametrize("gather", [True, False])
+  def test_heads_inner_under_vmap(self, gather):
+    """heads_inner: vmapped over 4 query heads of 2 kv heads (one call, heads first in the
+    grid), inside a vmap over 2 batch rows as the planner calls it, some arguments per
+    head and some shared: each head's masses as computed alone."""
+    n_rows, length, h = 16, 256, 32
+    q, k, key_lim, q_lim, base, perm = inputs(9, n_rows, length, h, gather=gather)
+    rng = np.random.default_rng(9)
+    k4 = jnp.asarray(rng.standard_normal((2, length, 2, h)), jnp.bfloat16)  # [B, L, K, H]
+    qs = jnp.asarray(rng.standard_normal((2, 4, n_rows, h)) * 2, jnp.bfloat16)  # [B, N, R, H]
+    q_lims = jnp.stack([q_lim, jnp.roll(q_lim, 3), q_lim - 5, q_lim])  # per head
+    kv = jnp.asarray([0, 0, 1, 1], jnp.int32)
+
+    def head(qh, b, kv_id, ql, heads_inner):
+      index = jnp.stack([b, kv_id])
+      return attention_mass(
+        qh,
+        k4,
+        key_lim,
+        ql,
+        base,
+        scale=0.3,
+        perm=perm,
+        index=index,
+        heads_inner=heads_inner,
+        interpret=self.interpret,
+      )
+
+    per_b = lambda hi: jax.vmap(  # noqa: E731
+      lambda qb, b: jax.vmap(lambda qh, kv_id, ql: head(qh, b, kv_id, ql, hi))(qb, kv, q_lims)
+    )
+    b_ids = jnp.arange(2, dtype=jnp.int32)
+    got = per_b(True)(qs, b_ids)
+    # one call for the 4 heads: its kernel reads the heads' (batch, kv head) indices
+    # [4, 2] itself (vmap's batching gives each program an index [2])
+    jaxpr = str(jax.make_jaxpr(per_b(True))(qs, b_ids))
+    sig = re.search(r"let mmjax_attn_mass_stats = \{ lambda ; a:Ref<\w+>(\{[^}]*\})", jaxpr)
+    assert sig and sig.group(1) == "{i32[4,2]}", sig and sig.group(1)
+    for b in range(2):
+      for n in range(4):
+        want = attention_mass_reference(
+          qs[b, n],
+          k4,
+          key_lim,
+          q_lims[n],
+          base,
+          scale=0.3,
+          perm=perm,
+          index=jnp.asarray([b, int(kv[n])], jnp.int32),
+        )
+        for g, w in zip(got, want, strict=True):
+          np.testing.assert_allclose(np.asarray(g[b, n]), np.asarray(w), rtol=2e-5, atol=1e-6)
+    for g, w in zip(got, per_b(False)(qs, b_ids), strict=True):  # the usual batching
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
+
+  def test_heads_inner_with_keys_per_head(self):
+    # every head its own keys: vmap's usual batching, the same values
+    q, k, key_lim, q_lim, base, perm = inputs(10, 16, 128, 32)
+    ks = jnp.stack([k, -k, k * 0.5])
+    got = jax.vmap(
+      lambda kk: attention_mass(
+        q,
+        kk,
+        key_lim,
+        q_lim,
+        base,
+        scale=0.3,
+        perm=perm,
+        heads_inner=True,
+        interpret=self.interpret,
+      )
+    )(ks)
+    for i in range(3):
+      want = attention_mass_reference(q, ks[i], key_lim, q_lim, base, scale=0.3, perm=perm)
+      for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g[i]), np.asarray(w), rtol=2e-5, atol=1e-6)
 
 
 class TestInterpret(MassTests):

@@ -231,6 +231,24 @@ def test_keys_pooled_once_per_kv_head_give_the_same_plan(name, monkeypatch):
   assert_same_plan(got, pol.plan(q, k, mod))
 
 
+@pytest.mark.parametrize("name", ["vertical_slash", "grid", "2d_boundary"])
+def test_estimates_with_the_heads_innermost_give_the_same_plan(name, monkeypatch):
+  """planning.MASS_HEADS_INNER: the last-query estimates of the vmapped query heads as one
+  attn_mass call (heads first in its grid; grid's key order differs per head) give the
+  plan of vmap's usual batching."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(27, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "MASS_IMPL", "pallas")
+  want = pol.plan(q, k, mod)
+  heads_index = f"{{i32[{n},2]}}"  # a kernel reading all the heads' (batch, kv) indices
+  assert heads_index not in str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  monkeypatch.setattr(planning, "MASS_HEADS_INNER", True)
+  got = pol.plan(q, k, mod)
+  assert heads_index in str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  assert_same_plan(got, want)
+
+
 def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
   """The kernel's pooled means of a grid-permuted, modality-grouped view (both sides,
   two selectors each) against the XLA path's."""

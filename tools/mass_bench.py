@@ -5,7 +5,9 @@ same run, for 28 heads (4 kv heads, read in place) at 128k and 1M tokens.
   XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 tools/mass_bench.py --out $OUT/m.json
 
 The kernel's passes are listed by their profiled time; `max_err`: the largest difference
-from the XLA path's masses (each row's mass sums to 1).
+from the XLA path's masses (each row's mass sums to 1). "heads inner": the kernel with
+`heads_inner=True` (one call for the 28 heads, a key tile's programs of every head
+together), against the kernel under vmap's usual batching.
 """
 
 import argparse
@@ -34,12 +36,20 @@ def inputs(length, seed=0):
   return q, k, key_lim, q_lim
 
 
-def kernel_fn(scale):
+def kernel_fn(scale, heads_inner=False):
   def one(qh, h, k, key_lim, q_lim):
     index = jnp.stack([jnp.int32(0), h // (HEADS // KV_HEADS)])
     interpret = jax.default_backend() != "gpu"
     return attention_mass(
-      qh, k, key_lim, q_lim, q_lim, scale=scale, index=index, interpret=interpret
+      qh,
+      k,
+      key_lim,
+      q_lim,
+      q_lim,
+      scale=scale,
+      index=index,
+      heads_inner=heads_inner,
+      interpret=interpret,
     )
 
   return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
@@ -70,15 +80,28 @@ def main():
     err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ours(*x), ref(*x), strict=True))
     t_ours = bench.timeit(ours, *x, warmup=2, iters=10)
     t_ref = bench.timeit(ref, *x, warmup=2, iters=10)
+    inner = kernel_fn(H**-0.5, heads_inner=True)
+    err_inner = max(
+      float(jnp.max(jnp.abs(a - b))) for a, b in zip(inner(*x), ours(*x), strict=True)
+    )
+    t_inner = bench.timeit(inner, *x, warmup=2, iters=10)
     passes = {op: us / 1e3 for op, us in top_kernels(ours, *x)}
+    passes_inner = {op: us / 1e3 for op, us in top_kernels(inner, *x)}
     print(
       f"L={length}: kernel {t_ours:.3f} ms, xla {t_ref:.3f} ms, {t_ref / t_ours:.2f}x, "
       f"max_err {err:.2e}; " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes.items()),
       flush=True,
     )
+    print(
+      f"  heads inner: {t_inner:.3f} ms, {t_ours / t_inner:.2f}x the kernel, "
+      f"max diff {err_inner:.2e}; "
+      + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes_inner.items()),
+      flush=True,
+    )
     rows.append(
       dict(length=length, kernel_ms=t_ours, xla_ms=t_ref, ratio=t_ref / t_ours, max_err=err)
-      | dict(kernel_ops_ms=passes)
+      | dict(kernel_ops_ms=passes, heads_inner_ms=t_inner, heads_inner_ops_ms=passes_inner)
+      | dict(heads_inner_vs_kernel=t_ours / t_inner, heads_inner_max_diff=err_inner)
     )
   bench.write_report(args.out, rows)
 

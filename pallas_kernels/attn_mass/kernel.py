@@ -38,18 +38,43 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DIAG_TILE = 128  # diagonal offsets per program of the third pass (a power of two)
 
 
-def _scores(q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, *, tile, scale):
+class _Heads:
+  """Where a call batched over heads keeps each head's slice: `names` are the refs with a
+  leading head axis, read at this program's head `h` (None: an unbatched call)."""
+
+  def __init__(self, names=frozenset(), h=None):
+    self.names, self.h = names, h
+
+  def get(self, name, ref, *idx):
+    if self.h is not None and name in self.names:
+      return ref[(self.h, *idx)]
+    return ref[idx] if idx else ref[...]
+
+  def set(self, name, ref, idx, val):
+    if self.h is not None and name in self.names:
+      ref[(self.h, *idx)] = val
+    else:
+      ref[idx] = val
+
+
+def _program(axis, heads):
+  """The program id along the kernel's own grid axis (after the head axis, if any)."""
+  return pl.program_id(axis + (heads.h is not None))
+
+
+def _scores(q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, *, tile, scale):
   """The masked scores of key tile t: (s [R, tile] f32, -inf where not allowed; allowed)."""
   sl = pl.ds(t * tile, tile)
-  rows = perm_ref[sl] if perm_ref is not None else sl
+  rows = heads.get("perm", perm_ref, sl) if perm_ref is not None else sl
   if index_ref is not None:  # k [B, L, N, H]: the (batch, head) slice, read in place
-    k = k_ref[index_ref[0], rows, index_ref[1], :]
+    b, n = heads.get("index", index_ref, 0), heads.get("index", index_ref, 1)
+    k = k_ref[b, rows, n, :]
   else:
     k = k_ref[rows, :]
-  q = q_ref[...]
+  q = heads.get("q", q_ref)
   tf32 = q.dtype != jnp.float32  # f32 inputs get f32 dots
   s = plgpu.dot(q, k, trans_b=True, allow_tf32=tf32) * scale  # [R, tile]
-  allowed = klim_ref[sl][None, :] <= qlim_ref[...][:, None]
+  allowed = heads.get("key_lim", klim_ref, sl)[None, :] <= heads.get("q_lim", qlim_ref)[:, None]
   return jnp.where(allowed, s, -jnp.inf), allowed
 
 
@@ -60,22 +85,41 @@ def _split(refs, gather, in_place):
   return index_ref, perm_ref, refs
 
 
-def _tile_range(tiles, n_tiles):
+def _tile_range(tiles, n_tiles, heads):
   """(first tile, number of tiles) of this program."""
-  first = pl.program_id(0) * tiles
+  first = _program(0, heads) * tiles
   return first, jnp.minimum(tiles, n_tiles - first)
 
 
-def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place):
+def _with_heads(kernel, per_head):
+  """kernel(*refs, heads=...): a batched call's head is its grid's first axis."""
+
+  def wrapped(*refs, **kw):
+    heads = _Heads(per_head, pl.program_id(0)) if per_head else _Heads()
+    return kernel(*refs, heads=heads, **kw)
+
+  return wrapped
+
+
+def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, heads):
   index_ref, perm_ref, (q_ref, k_ref, klim_ref, qlim_ref, m_ref, l_ref) = _split(
     refs, gather, in_place
   )
-  first, count = _tile_range(tiles, n_tiles)
+  first, count = _tile_range(tiles, n_tiles, heads)
 
   def body(i, carry):  # online max and sum over this program's tiles
     m, l = carry
     s, allowed = _scores(
-      q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, first + i, tile=tile, scale=scale
+      q_ref,
+      k_ref,
+      klim_ref,
+      qlim_ref,
+      index_ref,
+      perm_ref,
+      first + i,
+      heads,
+      tile=tile,
+      scale=scale,
     )
     m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [R], -inf where nothing is allowed yet
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -84,24 +128,24 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place):
 
   init = (jnp.full((n_rows,), -jnp.inf, jnp.float32), jnp.zeros((n_rows,), jnp.float32))
   m, l = jax.lax.fori_loop(0, count, body, init)
-  p = pl.program_id(0)
-  m_ref[p, :] = m
-  l_ref[p, :] = l
+  p = _program(0, heads)
+  heads.set("out", m_ref, (p, slice(None)), m)
+  heads.set("out", l_ref, (p, slice(None)), l)
 
 
-def _mass_kernel(*refs, tile, scale, gather, in_place):
+def _mass_kernel(*refs, tile, scale, gather, in_place, heads):
   """One key tile per program, as straight-line code (a loop over tiles, with the stores
   inside it, ran 1.4-1.6x slower on an H200)."""
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
   q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, col_ref, p_ref = rest
-  t = pl.program_id(0)
-  m, inv = m_ref[...], inv_ref[...]
+  t = _program(0, heads)
+  m, inv = heads.get("out", m_ref), heads.get("out", inv_ref)
   s, allowed = _scores(
-    q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, tile=tile, scale=scale
+    q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, tile=tile, scale=scale
   )
   p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
-  col_ref[pl.ds(t * tile, tile)] = jnp.sum(p, axis=0)
-  p_ref[:, pl.ds(t * tile, tile)] = p
+  heads.set("out", col_ref, (pl.ds(t * tile, tile),), jnp.sum(p, axis=0))
+  heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), p)
 
 
 def _diag_kernel(p_ref, base_ref, slash_ref, *, diag_tile, length, n_rows):
@@ -127,6 +171,7 @@ def attention_mass(
   tile: int = 128,
   tiles: int = 8,
   num_warps: int = 4,
+  heads_inner: bool = False,
   interpret: bool = False,
 ):
   """Column and diagonal sums of the softmax of a few query rows against all keys.
@@ -143,6 +188,10 @@ def attention_mass(
     index: int32 [2] (batch, head) of a 4-D k.
     tile: keys per step (a power of two >= 16 dividing L); tiles: steps per program of
       the first pass.
+    heads_inner: under vmap (over query heads), one call whose grid runs every head's
+      programs of a key tile together (heads innermost), so heads that share keys (GQA)
+      read each tile from memory once; without it vmap puts the heads outermost. The
+      same values either way.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -178,75 +227,134 @@ def attention_mass(
       raise ValueError(f"{name} must be int32 of shape ({n},); got {arr.dtype} {arr.shape}")
   if perm is not None and (perm.shape != (length,) or perm.dtype != jnp.int32):
     raise ValueError(f"perm must be int32 of shape ({length},); got {perm.dtype} {perm.shape}")
-  return _call(
-    q,
-    k,
-    key_lim,
-    q_lim,
-    base,
-    perm,
-    index,
+  static = dict(
     scale=float(scale),
     tile=tile,
     tiles=max(1, int(tiles)),
     num_warps=num_warps,
     interpret=interpret,
   )
+  if not heads_inner:
+    return _call(q, k, key_lim, q_lim, base, perm, index, **static)
+  fn = _heads_inner(perm is not None, index is not None, tuple(sorted(static.items())))
+  extra = ([perm] if perm is not None else []) + ([index] if index is not None else [])
+  return fn(q, k, key_lim, q_lim, base, *extra)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "tile", "tiles", "num_warps", "interpret"))
-def _call(q, k, key_lim, q_lim, base, perm, index, *, scale, tile, tiles, num_warps, interpret):
-  n_rows = q.shape[0]
-  length = key_lim.shape[0]
+_ARGS = ("q", "k", "key_lim", "q_lim", "base", "perm", "index")
+
+
+def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **static):
+  """The three passes. per_head: the names of the arguments with a leading head axis of
+  n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
+  scale, tile, tiles = static["scale"], static["tile"], static["tiles"]
+  num_warps, interpret = static["num_warps"], static["interpret"]
+  lead = (n_heads,) if per_head else ()
+  n_rows = q.shape[-2]
+  length = key_lim.shape[-1]
   n_tiles = length // tile
   n_progs = -(-n_tiles // tiles)
   gather, in_place = perm is not None, index is not None
   head = ([index] if in_place else []) + ([perm] if gather else [])
-  whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+  names = frozenset(per_head) | ({"out"} if per_head else set())
+
+  def whole(shape):
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+  def kernel(fn, **kw):
+    return _with_heads(functools.partial(fn, **kw), names if per_head else frozenset())
+
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=3)
   params2 = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
   common = dict(tile=tile, scale=scale, gather=gather, in_place=in_place)
 
   args = head + [q, k, key_lim, q_lim]
+  stats = lead + (n_progs, n_rows)
   m_t, l_t = pl.pallas_call(
-    functools.partial(_stats_kernel, n_rows=n_rows, tiles=tiles, n_tiles=n_tiles, **common),
-    grid=(n_progs,),
+    kernel(_stats_kernel, n_rows=n_rows, tiles=tiles, n_tiles=n_tiles, **common),
+    grid=lead + (n_progs,),
     in_specs=[whole(a.shape) for a in args],
-    out_specs=[whole((n_progs, n_rows))] * 2,
-    out_shape=[jax.ShapeDtypeStruct((n_progs, n_rows), jnp.float32)] * 2,
+    out_specs=[whole(stats)] * 2,
+    out_shape=[jax.ShapeDtypeStruct(stats, jnp.float32)] * 2,
     compiler_params=params,
     interpret=interpret,
     name="mmjax_attn_mass_stats",
   )(*args)
   # the row statistics: m = max over tiles, l = sum of the tiles' sums rescaled to m
-  m = jnp.max(m_t, axis=0)
+  m = jnp.max(m_t, axis=-2)
   m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-  l = jnp.sum(jnp.where(m_t == -jnp.inf, 0.0, l_t * jnp.exp(m_t - m_safe)), axis=0)
+  l = jnp.sum(jnp.where(m_t == -jnp.inf, 0.0, l_t * jnp.exp(m_t - m_safe[..., None, :])), axis=-2)
   inv = 1.0 / jnp.maximum(l, 1e-30)
 
   args = head + [q, k, key_lim, q_lim, m_safe, inv]
   col, p = pl.pallas_call(
-    functools.partial(_mass_kernel, **common),
-    grid=(n_tiles,),
+    kernel(_mass_kernel, **common),
+    grid=lead + (n_tiles,),
     in_specs=[whole(a.shape) for a in args],
-    out_specs=[whole((length,)), whole((n_rows, length))],
+    out_specs=[whole(lead + (length,)), whole(lead + (n_rows, length))],
     out_shape=[
-      jax.ShapeDtypeStruct((length,), jnp.float32),
-      jax.ShapeDtypeStruct((n_rows, length), jnp.float32),
+      jax.ShapeDtypeStruct(lead + (length,), jnp.float32),
+      jax.ShapeDtypeStruct(lead + (n_rows, length), jnp.float32),
     ],
     compiler_params=params2,
     interpret=interpret,
     name="mmjax_attn_mass",
   )(*args)
   diag_tile = min(DIAG_TILE, length & -length)
-  slash = pl.pallas_call(
-    functools.partial(_diag_kernel, diag_tile=diag_tile, length=length, n_rows=n_rows),
-    grid=(length // diag_tile,),
-    in_specs=[whole((n_rows * length,)), whole((n_rows,))],
-    out_specs=whole((length,)),
-    out_shape=jax.ShapeDtypeStruct((length,), jnp.float32),
-    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-    interpret=interpret,
-    name="mmjax_attn_mass_diagonals",
-  )(p.reshape(-1), jnp.clip(base, -1, length - 1))
+
+  def diagonals(p, base):
+    return pl.pallas_call(
+      functools.partial(_diag_kernel, diag_tile=diag_tile, length=length, n_rows=n_rows),
+      grid=(length // diag_tile,),
+      in_specs=[whole((n_rows * length,)), whole((n_rows,))],
+      out_specs=whole((length,)),
+      out_shape=jax.ShapeDtypeStruct((length,), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="mmjax_attn_mass_diagonals",
+    )(p.reshape(-1), jnp.clip(base, -1, length - 1))
+
+  if per_head:
+    slash = jax.vmap(diagonals, (0, 0 if "base" in per_head else None))(p, base)
+  else:
+    slash = diagonals(p, base)
   return col, slash
+
+
+_STATIC = ("scale", "tile", "tiles", "num_warps", "interpret")
+_call = jax.jit(
+  functools.partial(_passes, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
+)
+
+
+@functools.cache
+def _heads_inner(gather, in_place, static):
+  """The call for one head, batched by vmap into one call whose grid has the heads first
+  (innermost): the programs of one key tile for every head run together, so the query
+  heads of a kv head read its key tile once from memory (the L2 cache serves the others),
+  instead of each head sweeping all the keys in turn (vmap's usual batching puts the head
+  axis outermost)."""
+  static = dict(static)
+
+  def split(args):
+    args = list(args)
+    index = args.pop() if in_place else None
+    perm = args.pop() if gather else None
+    return (*args, perm, index)
+
+  @jax.custom_batching.custom_vmap
+  def one(*args):
+    return _call(*split(args), **static)
+
+  @one.def_vmap
+  def batched(axis_size, in_batched, *args):
+    flags = dict(zip(_ARGS, split(in_batched), strict=True))
+    per_head = frozenset(n for n, b in flags.items() if b)
+    if flags["k"]:  # every head its own keys: nothing to share, vmap's usual batching
+      axes = [0 if b else None for b in in_batched]
+      plain = jax.vmap(lambda *a: _call(*split(a), **static), in_axes=axes)
+      return plain(*args), (True, True)
+    out = _passes(*split(args), per_head=per_head, n_heads=axis_size, **static)
+    return out, (True, True)
+
+  return one
