@@ -241,17 +241,9 @@ def select_columns(
     raise ValueError(f"block_k={block_k} and max_cols={max_cols} must be >= 1")
   if chunk < 1 or chunk & (chunk - 1):
     raise ValueError(f"chunk={chunk} must be a power of two")
+  arrays = (cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok)
   return _call(
-    cand,
-    cand_bits,
-    cand_lim,
-    row_bits,
-    row_lim,
-    blocks,
-    block_count,
-    own,
-    own_ok,
-    own_lim,
+    (*arrays, own_lim),
     block_k=int(block_k),
     max_cols=int(max_cols),
     chunk=int(chunk),
@@ -263,24 +255,8 @@ def select_columns(
 @functools.partial(
   jax.jit, static_argnames=("block_k", "max_cols", "chunk", "num_warps", "interpret")
 )
-def _call(
-  cand,
-  cand_bits,
-  cand_lim,
-  row_bits,
-  row_lim,
-  blocks,
-  block_count,
-  own,
-  own_ok,
-  own_lim,
-  *,
-  block_k,
-  max_cols,
-  chunk,
-  num_warps,
-  interpret,
-):
+def _call(arrays, *, block_k, max_cols, chunk, num_warps, interpret):
+  cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok, own_lim = arrays
   n_rows, n_blocks = blocks.shape
   # the list padded to whole chunks (at least one) by keys no row is offered
   n_cand = max(chunk, -(-cand.shape[0] // chunk) * chunk)
