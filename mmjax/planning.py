@@ -1176,8 +1176,7 @@ def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
   runs = max(1, len(cands))
   if not v.symmetric:
     # query-only permutation: each query block gets its own tokens as columns.
-    qself = v.q_pos.reshape(v.n_q, v.block_q)
-    own, own_ok = jnp.minimum(qself, v.length - 1), qself < v.seq_len
+    own, own_ok = _own_tokens(v)
     if merge_lists():
       own, own_ok = jax.lax.sort((own, own_ok), dimension=1, num_keys=1)
       cand, cand_ok = merge_rows(cand, cand_ok, own, own_ok, False)
@@ -1190,6 +1189,13 @@ def finish_plan(v: HeadView, cands, block_idx, block_count, max_cols, aux):
     cand, cand_ok, v, block_idx, block_count, max_cols, runs=runs
   )
   return plan
+
+
+def _own_tokens(v: HeadView):
+  """A query-only view's own tokens per query block as key indices (keys keep the
+  original order): ([nQ, block_q] int32, real [nQ, block_q]); padding is clipped."""
+  qself = v.q_pos.reshape(v.n_q, v.block_q)
+  return jnp.minimum(qself, v.length - 1).astype(jnp.int32), qself < v.seq_len
 
 
 def _columns_by_kernel(v: HeadView, cands, block_idx, block_count, max_cols):
@@ -1212,9 +1218,8 @@ def _columns_by_kernel(v: HeadView, cands, block_idx, block_count, max_cols):
   _, qmax, _ = _block_min_max(v.q_pos, v.q_ok(None), v.n_q)
   own = {}
   if not v.symmetric:  # query-only permutation: each query block gets its own tokens
-    qself = v.q_pos.reshape(v.n_q, v.block_q)
-    mine = jnp.minimum(qself, v.length - 1).astype(jnp.int32)
-    own = dict(own=mine, own_ok=qself < v.seq_len, own_lim=v.k_pos[mine].astype(jnp.int32))
+    mine, mine_ok = _own_tokens(v)
+    own = dict(own=mine, own_ok=mine_ok, own_lim=v.k_pos[mine].astype(jnp.int32))
   return col_select(
     cand,
     bits,

@@ -144,7 +144,8 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, heads):
     q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, tile=tile, scale=scale
   )
   p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
-  heads.set("out", col_ref, (pl.ds(t * tile, tile),), jnp.sum(p, axis=0))
+  col = jnp.sum(p, axis=0)
+  heads.set("out", col_ref, (pl.ds(t * tile, tile),), col)
   heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), p)
 
 
@@ -262,7 +263,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
   def kernel(fn, **kw):
-    return _with_heads(functools.partial(fn, **kw), names if per_head else frozenset())
+    return _with_heads(functools.partial(fn, **kw), names)
 
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=3)
   params2 = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
