@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib.metadata
 import json
 import os
@@ -94,3 +95,54 @@ def xla_flags_with_device_count(flags: str, count: int) -> str:
   child process that needs `count` CPU devices)."""
   flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags)
   return " ".join([*flags.split(), f"--xla_force_host_platform_device_count={count}"])
+
+
+# ----------------------------------------------------------------------------------------
+# compiled programs held by a long-lived process
+# ----------------------------------------------------------------------------------------
+# Every executable XLA's CPU backend compiles keeps its code in memory mappings of its own
+# (a few per small program, hundreds for a model's prefill), and jax's caches keep every
+# executable alive. Linux caps a process's mappings (vm.max_map_count, 65530 by default);
+# at the cap the next compile aborts the process (SIGABRT, no message). A process that
+# compiles many programs (a sweep's items, a test session) drops jax's caches now and then.
+MAX_MAP_FRACTION = 0.5
+
+
+def memory_map_count() -> int | None:
+  """How many memory mappings this process holds (None where /proc is missing)."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
+
+
+def max_map_count() -> int:
+  """The kernel's cap on a process's mappings (65530 where it cannot be read)."""
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      return int(f.read())
+  except (OSError, ValueError):
+    return 65530
+
+
+def release_compiled(fraction: float = MAX_MAP_FRACTION, force: bool = False) -> bool:
+  """Drops jax's compiled programs when this process's mappings pass `fraction` of the cap.
+
+  Args:
+    fraction: the share of `max_map_count()` above which the caches are dropped.
+    force: drop them whatever the count.
+
+  Returns:
+    Whether the caches were dropped. Results do not change: a program dropped here is
+    compiled again, to the same code, when next called.
+  """
+  if not 0 < fraction <= 1:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+  if not force:
+    n = memory_map_count()
+    if n is None or n < fraction * max_map_count():
+      return False
+  jax.clear_caches()
+  gc.collect()
+  return True

@@ -516,6 +516,7 @@ def run(
     done = {"name": name, "overrides": _plain(items[i])}
     runinfo.write_atomic(os.path.join(path, DONE), json.dumps(done) + "\n")
     ran.append(name)
+    runinfo.release_compiled()  # a long sweep compiles many programs (see runinfo)
     if log is not None:
       log(
         f"item {name} done in {time.perf_counter() - start:.1f} s "

@@ -1,10 +1,23 @@
 """Shared pytest setup. Importing mmjax first sets the XLA flags it needs (see
 mmjax/_xla_flags.py) before any test starts a jax backend."""
 
-import jax
-import pytest
+import os
+import sys
 
-import mmjax  # noqa: F401
+# The tests compile thousands of small programs and run most of them once or twice, so
+# XLA's compile time is most of the suite's: `jax_disable_most_optimizations` (LLVM at
+# level 0) takes about a quarter off it. Tests that run large programs (marked
+# `xla_optimized`) compile with the optimizations. Child processes the tests start get it
+# through the environment. MMJAX_TEST_XLA_OPT=1, or a GPU run (--gpu), keeps the defaults.
+OPTIMIZE = bool(os.environ.get("MMJAX_TEST_XLA_OPT")) or "--gpu" in sys.argv
+if not OPTIMIZE:
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import mmjax  # noqa: E402, F401
+from mmjax import runinfo  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -21,3 +34,32 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """A test marked `xla_optimized` (its setup too: module fixtures) compiles optimized."""
+  if OPTIMIZE or item.get_closest_marker("xla_optimized") is None:
+    return (yield)
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    return (yield)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_per_module():
+  """A worker runs hundreds of tests; each compiled program holds memory mappings until
+  jax's caches drop it, and at the kernel's cap (vm.max_map_count) the next compile aborts
+  the worker. So the caches go after every module, and after any test that leaves the
+  process above half the cap (see runinfo.release_compiled)."""
+  yield
+  runinfo.release_compiled(force=True)
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_when_high():
+  yield
+  runinfo.release_compiled()

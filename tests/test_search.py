@@ -89,6 +89,7 @@ def test_table_loads_as_mminference_and_plans(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized  # T = 6656: the programs' run time dominates
 def test_search_recovers_planted_patterns():
   """Two seeds x six planted heads at the default layout: >= 90% get their own pattern."""
   layout = synthetic.VideoLayout()

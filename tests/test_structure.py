@@ -11,6 +11,8 @@ from mmjax import ablation, synthetic
 from mmjax import policies as P
 from tests import helpers
 
+pytestmark = pytest.mark.xla_optimized  # T = 6656: the programs' run time dominates
+
 
 @pytest.fixture(scope="module")
 def batch():

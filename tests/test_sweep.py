@@ -11,12 +11,13 @@ import sys
 import threading
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 from absl import flags
 
 from configs import sweep_block_size, sweep_budget
-from mmjax import plotting, report, sweep
+from mmjax import plotting, report, runinfo, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_CONFIGS = {"sweep_budget": sweep_budget, "sweep_block_size": sweep_block_size}
@@ -190,6 +191,28 @@ def test_interrupted_sweep_resumes_and_runs_each_item_once(tmp_path):
   res = sweep.run(_base(), ITEMS, wd, progress=False, runners=_fake_runners(calls))
   assert res.ran == [] and len(calls) == len(names) + 1
   assert open(res.summary).read() == summary
+
+
+@pytest.mark.skipif(runinfo.memory_map_count() is None, reason="needs /proc/self/maps")
+def test_compiled_programs_are_dropped_above_the_mapping_cap(tmp_path, monkeypatch):
+  """Compiled programs hold memory mappings until jax's caches drop them; a long sweep
+  drops them between items once the process nears the kernel's cap."""
+  with pytest.raises(ValueError, match="fraction"):
+    runinfo.release_compiled(fraction=0)
+  runinfo.release_compiled(force=True)
+  base = runinfo.memory_map_count()
+  fns = [jax.jit(lambda x, i=i: jnp.cumsum(x) * i) for i in range(40)]
+  for i, f in enumerate(fns):
+    f(jnp.arange(8 + i, dtype=jnp.float32)).block_until_ready()
+  held = runinfo.memory_map_count()
+  assert held > base + 40, (base, held)
+  assert not runinfo.release_compiled(fraction=1.0)  # far below the cap: kept
+  assert runinfo.memory_map_count() >= held - 5
+  # a sweep item that leaves the process above the cap's fraction drops them
+  monkeypatch.setattr(runinfo, "max_map_count", lambda: held)
+  calls = []
+  sweep.run(_base(), ITEMS[:1], str(tmp_path), progress=False, runners=_fake_runners(calls))
+  assert runinfo.memory_map_count() < held - 40
 
 
 def test_shards_partition_the_items(tmp_path):
