@@ -107,8 +107,8 @@ def top_kernels(fn, *args, n=5) -> list[tuple[str, float]]:
 
 def temp_gib(compiled) -> float:
   """A compiled program's temporary buffers (XLA's memory plan), GiB; -1 if unknown."""
-  mem = compiled.memory_analysis()
-  return getattr(mem, "temp_size_in_bytes", -(2**30)) / 2**30 if mem is not None else -1.0
+  temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", None)
+  return -1.0 if temp is None else temp / 2**30
 
 
 def same_plans(a, b) -> bool:

@@ -180,8 +180,8 @@ def select_columns(
   own=None,
   own_ok=None,
   own_lim=None,
-  chunk: int = 64,
-  num_warps: int = 4,
+  chunk: int = 128,
+  num_warps: int = 1,
   interpret: bool = False,
 ):
   """Per row, the distinct keys it takes from a shared candidate list and its own tokens,
@@ -199,7 +199,9 @@ def select_columns(
     block_k: keys per block; max_cols: the output's width.
     own, own_ok, own_lim: [R, U] (U a power of two) int32, bool, int32, or None: each
       row's own keys (distinct where own_ok), taken when own_ok and own_lim <= row_lim.
-    chunk: candidates per loop step (a power of two); interpret: Pallas interpret mode.
+    chunk: candidates per loop step (a power of two); num_warps: per program (128 and 1
+      were the fastest measured on an H200: tools/cols_bench.py); interpret: Pallas
+      interpret mode.
 
   Returns:
     (cols [R, max_cols] int32: the row's allowed, uncovered keys (offered candidates and
