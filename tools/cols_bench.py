@@ -6,7 +6,9 @@ against the planner's setting (`planning.COLS_TILES`) of the same run.
 
 Shapes: "vertical_slash" (512 shared columns, lists of up to 387 key blocks) and
 "q_boundary" (two patterns' 1024 columns, 809 blocks, each query block's 128 own tokens,
-covered by its blocks as in the planner's plans).
+covered by its blocks as in the planner's plans); "q_boundary_no_own" and
+"vertical_slash_own" swap the own tokens, to tell which of the two costs. `--shapes`
+picks some.
 """
 
 import argparse
@@ -24,7 +26,13 @@ from mmjax import bench, planning
 from pallas_kernels.col_select import select_columns
 
 HEADS, BQ, BK = 28, 128, 64
-SHAPES = {"vertical_slash": (512, 387, 0), "q_boundary": (1024, 809, BQ)}
+SHAPES = {
+  "vertical_slash": (512, 387, 0),
+  "q_boundary": (1024, 809, BQ),
+  # which of q_boundary's differences costs: its own tokens, or twice the candidates
+  "q_boundary_no_own": (1024, 809, 0),
+  "vertical_slash_own": (512, 387, BQ),
+}
 
 
 def inputs(length, n_cand, n_blocks, n_own, seed=0):
@@ -63,10 +71,15 @@ def main():
   ap.add_argument("--length", type=int, default=1048576)
   ap.add_argument("--chunks", default="32,64,128")
   ap.add_argument("--warps", default="1,2,4")
+  ap.add_argument("--shapes", default=",".join(SHAPES))
   args = ap.parse_args()
+  bad = sorted(set(args.shapes.split(",")) - set(SHAPES))
+  if bad:
+    raise ValueError(f"--shapes: unknown {bad}; known: {list(SHAPES)}")
   interpret = jax.default_backend() != "gpu"
   rows = []
-  for shape, (n_cand, n_blocks, n_own) in SHAPES.items():
+  for shape in args.shapes.split(","):
+    n_cand, n_blocks, n_own = SHAPES[shape]
     a, kw = inputs(args.length, n_cand, n_blocks, n_own)
     heads = lambda x: jnp.broadcast_to(x, (HEADS, *x.shape))  # noqa: E731
     a, kw = [heads(x) for x in a], {k: heads(v) for k, v in kw.items()}
