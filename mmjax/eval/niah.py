@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from mmjax import runinfo
 from mmjax.models import processing
 from mmjax.models.generate import generate
 from mmjax.models.qwen2_5_vl import Qwen2_5_VL
@@ -153,6 +154,7 @@ def run(
         "seconds": round(time.perf_counter() - t0, 3),
       }
     )
+    runinfo.release_compiled()  # a large grid compiles many programs (see runinfo)
   if workdir:
     write(rows, workdir)
   return rows
