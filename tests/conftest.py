@@ -1,15 +1,23 @@
 """Shared pytest setup. Importing mmjax first sets the XLA flags it needs (see
 mmjax/_xla_flags.py) before any test starts a jax backend."""
 
+import importlib.metadata
 import os
 import sys
+
 
 # The tests compile thousands of small programs and run most of them once or twice, so
 # XLA's compile time is most of the suite's: `jax_disable_most_optimizations` (LLVM at
 # level 0) takes about a quarter off it. Tests that run large programs (marked
 # `xla_optimized`) compile with the optimizations. Child processes the tests start get it
-# through the environment. MMJAX_TEST_XLA_OPT=1, or a GPU run (--gpu), keeps the defaults.
-OPTIMIZE = bool(os.environ.get("MMJAX_TEST_XLA_OPT")) or "--gpu" in sys.argv
+# through the environment. MMJAX_TEST_XLA_OPT=1, or jax with a CUDA plugin (the GPU
+# machine), keeps the defaults.
+def _cuda_plugin() -> bool:
+  names = (d.metadata.get("Name") or "" for d in importlib.metadata.distributions())
+  return any(n.lower().replace("_", "-").startswith("jax-cuda") for n in names)
+
+
+OPTIMIZE = bool(os.environ.get("MMJAX_TEST_XLA_OPT")) or "--gpu" in sys.argv or _cuda_plugin()
 if not OPTIMIZE:
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
