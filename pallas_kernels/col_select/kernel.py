@@ -243,9 +243,8 @@ def select_columns(
     raise ValueError(f"block_k={block_k} and max_cols={max_cols} must be >= 1")
   if chunk < 1 or chunk & (chunk - 1):
     raise ValueError(f"chunk={chunk} must be a power of two")
-  arrays = (cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok)
   return _call(
-    (*arrays, own_lim),
+    (cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok, own_lim),
     block_k=int(block_k),
     max_cols=int(max_cols),
     chunk=int(chunk),
