@@ -50,9 +50,15 @@ def inputs(seed, n_rows=48, length=512, n_comp=3, per_comp=40, n_blocks=12, bloc
 class ColTests:
   interpret: bool
 
-  def check(self, args, kw, block_k, max_cols, chunk=16):
+  def check(self, args, kw, block_k, max_cols, chunk=16, split_own=True):
     got = select_columns(
-      *args, block_k=block_k, max_cols=max_cols, chunk=chunk, interpret=self.interpret, **kw
+      *args,
+      block_k=block_k,
+      max_cols=max_cols,
+      chunk=chunk,
+      split_own=split_own,
+      interpret=self.interpret,
+      **kw,
     )
     want = select_columns_reference(*args, block_k=block_k, max_cols=max_cols, **kw)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
@@ -63,19 +69,20 @@ class ColTests:
     assert (np.diff(np.asarray(args[0])) == 0).any()
     return np.asarray(got[0]), count
 
-  @pytest.mark.parametrize("own", [0, 16])
-  def test_matches_reference(self, own):
+  @pytest.mark.parametrize("own,split_own", [(0, True), (16, True), (16, False)])
+  def test_matches_reference(self, own, split_own):
     args, kw, bk = inputs(3 + own, own=own)
-    cols, count = self.check(args, kw, bk, max_cols=160)
+    cols, count = self.check(args, kw, bk, max_cols=160, split_own=split_own)
     assert count.max() < 160  # nothing cut here
-    if own:  # own tokens made it into the rows
-      mine = np.asarray(kw["own"])
-      assert any(np.isin(mine[r], cols[r, : count[r]]).any() for r in range(len(count)))
+    if own:  # rows that keep own tokens (the loop placing them) and rows that keep none
+      alone = select_columns_reference(*args, block_k=bk, max_cols=160)
+      keeps = (np.asarray(alone[1]) != count) & (np.asarray(alone[1]) > 0)
+      assert keeps.any() and (~keeps & (count > 0)).any()
 
-  @pytest.mark.parametrize("own", [0, 16])
-  def test_rows_cut_at_max_cols(self, own):
+  @pytest.mark.parametrize("own,split_own", [(0, True), (16, True), (16, False)])
+  def test_rows_cut_at_max_cols(self, own, split_own):
     args, kw, bk = inputs(11 + own, own=own)
-    _, count = self.check(args, kw, bk, max_cols=20)
+    _, count = self.check(args, kw, bk, max_cols=20, split_own=split_own)
     assert (count == 20).any()
 
   def test_list_not_a_whole_number_of_chunks(self):

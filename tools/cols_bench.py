@@ -1,6 +1,7 @@
 """The col_select kernel on the planner's shapes at 1M tokens (28 heads of 8192 query
 blocks of 128, key blocks of 64), chunk and warp variants timed in one run; the ratios are
-against the planner's setting (`planning.COLS_TILES`) of the same run.
+against the planner's setting (`planning.COLS_TILES`, the first `--split_own`) of the same
+run.
 
   python3 tools/cols_bench.py --out $OUT/cols_bench.json
 
@@ -72,6 +73,9 @@ def main():
   ap.add_argument("--chunks", default="32,64,128")
   ap.add_argument("--warps", default="1,2,4")
   ap.add_argument("--shapes", default=",".join(SHAPES))
+  ap.add_argument(
+    "--split_own", default="1,0", help="select_columns' split_own values (shapes with own tokens)"
+  )
   args = ap.parse_args()
   bad = sorted(set(args.shapes.split(",")) - set(SHAPES))
   if bad:
@@ -85,20 +89,35 @@ def main():
     a, kw = [heads(x) for x in a], {k: heads(v) for k, v in kw.items()}
     max_cols = n_cand + n_own
     base = None
-    variants = itertools.product(map(int, args.chunks.split(",")), map(int, args.warps.split(",")))
-    default = planning.COLS_TILES
-    for chunk, warps in [default, *[v for v in variants if v != default]]:
+    splits = [bool(int(x)) for x in args.split_own.split(",")] if n_own else [True]
+    variants = itertools.product(
+      map(int, args.chunks.split(",")), map(int, args.warps.split(",")), splits
+    )
+    default = (*planning.COLS_TILES, splits[0])
+    for chunk, warps, split in [default, *[v for v in variants if v != default]]:
       fn = jax.jit(
         jax.vmap(
-          lambda a, kw, c=chunk, w=warps, mc=max_cols: select_columns(
-            *a, block_k=BK, max_cols=mc, chunk=c, num_warps=w, interpret=interpret, **kw
+          lambda a, kw, c=chunk, w=warps, s=split, mc=max_cols: select_columns(
+            *a,
+            block_k=BK,
+            max_cols=mc,
+            chunk=c,
+            num_warps=w,
+            split_own=s,
+            interpret=interpret,
+            **kw,
           )
         )
       )
       ms = bench.timeit(fn, a, kw, warmup=2, iters=10)
       base = base or ms
-      print(f"{shape} chunk {chunk} warps {warps}: {ms:.3f} ms, {base / ms:.2f}x", flush=True)
-      rows.append(dict(shape=shape, chunk=chunk, warps=warps, ms=ms, vs_default=base / ms))
+      print(
+        f"{shape} chunk {chunk} warps {warps} split_own {split}: {ms:.3f} ms, {base / ms:.2f}x",
+        flush=True,
+      )
+      rows.append(
+        dict(shape=shape, chunk=chunk, warps=warps, split_own=split, ms=ms, vs_default=base / ms)
+      )
   bench.write_report(args.out, rows)
 
 

@@ -160,11 +160,12 @@ def main():
   )
   ap.add_argument(
     "--mass_heads_inner",
-    action="store_true",
-    help="the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
+    type=int,
+    default=1,
+    help="1: the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
   )
   args = ap.parse_args()
-  planning.MASS_HEADS_INNER = args.mass_heads_inner
+  planning.MASS_HEADS_INNER = bool(args.mass_heads_inner)
   planning.TOPK_IMPL = args.topk or None
   planning.SCORE_IMPL = args.score or None
   t, h = args.length, 128

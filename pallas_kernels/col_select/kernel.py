@@ -52,7 +52,7 @@ def _count_below(ref, base, n, n_max, x, mask):
   return lo
 
 
-def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk):
+def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk, split_own):
   (cand_ref, bits_ref, prev_ref, run_ref, lim_ref, rbits_ref, rlim_ref) = refs[:7]
   blocks_ref, bcount_ref = refs[7:9]
   rest = refs[9:]
@@ -97,7 +97,7 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
   else:
     own = kept_own = n_kept_own = None
 
-  def body(c, carry):
+  def body(c, carry, with_own):
     total, below_own = carry
     sl = pl.ds(c * chunk, chunk)
     a = cand_ref[sl]
@@ -105,21 +105,21 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
     kept &= ~covered(a, kept)
     k_i = jnp.where(kept, 1, 0).astype(jnp.int32)
     slot = total + jnp.cumsum(k_i) - k_i
-    if n_own:
-      # [U, C]: kept own tokens below each candidate, kept candidates below each own
-      # token; skipped in rows that keep no own token (the common case: a local window
-      # or the nearest diagonals cover a query block's own tokens)
+    if with_own:
+      # [U, C]: kept own tokens below each candidate, kept candidates below each own token
       def own_terms(_):
         below_a = jnp.where(kept_own[:, None] & (own[:, None] < a[None, :]), 1, 0)
         below_o = jnp.where(kept[None, :] & (a[None, :] < own[:, None]), 1, 0)
-        return jnp.sum(below_a, axis=0).astype(jnp.int32), jnp.sum(below_o, axis=1).astype(
-          jnp.int32
-        )
+        return jnp.sum(below_a, 0).astype(jnp.int32), jnp.sum(below_o, 1).astype(jnp.int32)
 
-      def no_terms(_):
-        return jnp.zeros((chunk,), jnp.int32), jnp.zeros((n_own,), jnp.int32)
+      if with_own == "cond":  # skipped in rows that keep no own token
 
-      add_slot, add_below = jax.lax.cond(n_kept_own > 0, own_terms, no_terms, None)
+        def no_terms(_):
+          return jnp.zeros((chunk,), jnp.int32), jnp.zeros((n_own,), jnp.int32)
+
+        add_slot, add_below = jax.lax.cond(n_kept_own > 0, own_terms, no_terms, None)
+      else:
+        add_slot, add_below = own_terms(None)
       slot += add_slot
       below_own += add_below
     put = kept & (slot < max_cols)
@@ -127,7 +127,20 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
     return total + jnp.sum(k_i), below_own
 
   below0 = jnp.zeros((n_own,), jnp.int32) if n_own else jnp.int32(0)
-  total, below_own = jax.lax.fori_loop(0, n_cand // chunk, body, (jnp.int32(0), below0))
+
+  def loop(with_own):
+    step = functools.partial(body, with_own=with_own)
+    return lambda _: jax.lax.fori_loop(0, n_cand // chunk, step, (jnp.int32(0), below0))
+
+  if not n_own:
+    total, below_own = loop(False)(None)
+  elif split_own:
+    # two loops: the [U, C] terms only in rows that keep an own token (the common case
+    # keeps none: a local window or the nearest diagonals cover a query block's own
+    # tokens); the loop without them holds no [U, C] array
+    total, below_own = jax.lax.cond(n_kept_own > 0, loop(True), loop(False), None)
+  else:  # one loop, the terms under a condition inside it
+    total, below_own = loop("cond")(None)
   if n_own:
 
     @pl.when(n_kept_own > 0)
@@ -182,6 +195,7 @@ def select_columns(
   own_lim=None,
   chunk: int = 128,
   num_warps: int = 1,
+  split_own: bool = True,
   interpret: bool = False,
 ):
   """Per row, the distinct keys it takes from a shared candidate list and its own tokens,
@@ -200,7 +214,9 @@ def select_columns(
     own, own_ok, own_lim: [R, U] (U a power of two) int32, bool, int32, or None: each
       row's own keys (distinct where own_ok), taken when own_ok and own_lim <= row_lim.
     chunk: candidates per loop step (a power of two); num_warps: per program (128 and 1
-      were the fastest measured on an H200: tools/cols_bench.py); interpret: Pallas
+      were the fastest measured on an H200: tools/cols_bench.py); split_own: with own
+      tokens, a second copy of the loop that places them, run only by rows keeping one
+      (False: one loop, their terms under a condition in each step); interpret: Pallas
       interpret mode.
 
   Returns:
@@ -249,14 +265,16 @@ def select_columns(
     max_cols=int(max_cols),
     chunk=int(chunk),
     num_warps=num_warps,
+    split_own=bool(split_own),
     interpret=interpret,
   )
 
 
 @functools.partial(
-  jax.jit, static_argnames=("block_k", "max_cols", "chunk", "num_warps", "interpret")
+  jax.jit,
+  static_argnames=("block_k", "max_cols", "chunk", "num_warps", "split_own", "interpret"),
 )
-def _call(arrays, *, block_k, max_cols, chunk, num_warps, interpret):
+def _call(arrays, *, block_k, max_cols, chunk, num_warps, split_own, interpret):
   cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok, own_lim = arrays
   n_rows, n_blocks = blocks.shape
   # the list padded to whole chunks (at least one) by keys no row is offered
@@ -286,6 +304,7 @@ def _call(arrays, *, block_k, max_cols, chunk, num_warps, interpret):
       n_own=n_own,
       block_k=block_k,
       zero_chunk=min(128, 1 << (max_cols - 1).bit_length()),
+      split_own=split_own,
     ),
     grid=(n_rows,),
     in_specs=[whole(a.shape) for a in args],
