@@ -155,8 +155,8 @@ MASS_IMPL = None
 # The last-query estimates of a policy's query heads as one attn_mass call with the heads
 # innermost in its grid (`heads_inner`: a kv head's key tile read once for its query
 # heads), rather than vmap's usual batching (the heads outermost: each head sweeps all
-# the keys). The same values (max diff 0); on an H200 1.09x faster at 128k, 1.07x at 1M
-# (tools/mass_bench.py, h200_2026-12-01d/mass_bench.json).
+# the keys). The same values (max diff 0); on an H200 1.06-1.09x faster at 128k,
+# 1.06-1.07x at 1M (tools/mass_bench.py, h200_2026-12-01d/mass_bench_*.json).
 MASS_HEADS_INNER = True
 # The pooled-block scores: "pallas" (pallas_kernels.pooled_scores: masked in the kernel,
 # the chunk maxima of `top_k_entries` taken from the tile in registers, tiles without an
@@ -604,59 +604,29 @@ def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of):
   Returns (col [L]: mass per key, view order; slash [L]: mass per offset o >= 0). With
   the Pallas kernel (`mass_impl`) the probabilities are never written out.
   """
-  ((col, slash),) = last_query_masses(v, k_mod, [(q_mod, last_q, use_mod, base_of)])
-  return col, slash
-
-
-def last_query_masses(v: HeadView, k_mod, estimates):
-  """`last_query_mass` of several query sets against the same keys (k_mod): estimates is
-  a list of (q_mod, last_q, use_mod, base_of). With the Pallas kernel the sets go through
-  one call (`attention_mass(groups=...)`: the keys read once for all; groups of a power
-  of two sets). Returns a list of (col [L], slash [L]), one per estimate."""
+  rows, row_ok = _last_rows(v, q_mod, last_q, use_mod)
+  base = base_of(rows).astype(jnp.int32)
   kok = v.k_ok(k_mod)
-  picked = []
-  for q_mod, last_q, use_mod, base_of in estimates:
-    rows, row_ok = _last_rows(v, q_mod, last_q, use_mod)
-    picked.append((rows, row_ok, base_of(rows).astype(jnp.int32)))
   if mass_impl() == "xla":
-    out = []
-    for rows, row_ok, base in picked:
-      p = _rows_probs(v, rows, row_ok, kok)
-      out.append((p.sum(0), slash_sums(p, base, v.length)))
-    return out
-  # the kernel's rows per set: a power of 2 (at least 16), sets padded with barred rows
-  n_set = max(16, 1 << (max(r.shape[0] for r, _, _ in picked) - 1).bit_length())
-  out = []
-  while len(out) < len(picked):
-    n_left = len(picked) - len(out)
-    groups = 1 << (n_left.bit_length() - 1)  # the largest power of two that fits
-    part = picked[len(out) : len(out) + groups]
-    q_rows, q_lim, bases = [], [], []
-    for rows, row_ok, base in part:
-      n_pad = n_set - rows.shape[0]
-      q_rows.append(jnp.pad(v.q_src.rows(v.q_pos[rows]), ((0, n_pad), (0, 0))))
-      lim = jnp.where(row_ok, v.q_pos[rows], -1).astype(jnp.int32)
-      q_lim.append(jnp.pad(lim, (0, n_pad), constant_values=-1))
-      bases.append(jnp.pad(base, (0, n_pad), constant_values=-1))
-    col, slash = attention_mass(
-      jnp.concatenate(q_rows),
-      v.k_src.x,
-      jnp.where(kok, v.k_pos, BIG),
-      jnp.concatenate(q_lim),
-      jnp.concatenate(bases),
-      scale=v.scale,
-      perm=v.k_perm,
-      index=v.k_src.index(),
-      tile=min(128, v.length & -v.length),
-      groups=groups,
-      heads_inner=bool(MASS_HEADS_INNER),
-      interpret=_interpret(),
-    )
-    if groups == 1:
-      out.append((col, slash))
-    else:
-      out += [(col[g], slash[g]) for g in range(groups)]
-  return out
+    p = _rows_probs(v, rows, row_ok, kok)
+    return p.sum(0), slash_sums(p, base, v.length)
+  n_r = rows.shape[0]
+  n_pad = max(16, 1 << (n_r - 1).bit_length()) - n_r  # the kernel's rows: a power of 2
+  q_rows = jnp.pad(v.q_src.rows(v.q_pos[rows]), ((0, n_pad), (0, 0)))
+  q_lim = jnp.pad(jnp.where(row_ok, v.q_pos[rows], -1), (0, n_pad), constant_values=-1)
+  return attention_mass(
+    q_rows,
+    v.k_src.x,
+    jnp.where(kok, v.k_pos, BIG),
+    q_lim.astype(jnp.int32),
+    jnp.pad(base, (0, n_pad), constant_values=-1),
+    scale=v.scale,
+    perm=v.k_perm,
+    index=v.k_src.index(),
+    tile=min(128, v.length & -v.length),
+    heads_inner=bool(MASS_HEADS_INNER),
+    interpret=_interpret(),
+  )
 
 
 def slash_sums(p, base, length):
@@ -852,7 +822,7 @@ def _scored(v, q_mod, k_mod, top_k, axis_names=()):
   return jnp.where(keep, 1.0 + jax.nn.sigmoid(s), NEG)
 
 
-def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=(), estimate=None):
+def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()):
   """Returns (priority [nQ, nK], column candidates [V] view indices, column valid [V])."""
   no_cols = (jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
   if kind == "dense":
@@ -869,45 +839,16 @@ def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()
     scored = _scored(v, q_mod, k_mod, pat.top_k_blocks, axis_names)
     return jnp.maximum(pri, scored), *no_cols
   if kind == "vertical_slash":
-    return _vertical_slash(pat, v, q_mod, k_mod, estimate)
+    return _vertical_slash(pat, v, q_mod, k_mod)
   raise ValueError(f"unknown pattern kind {kind!r}")
-
-
-def vs_estimates(v: HeadView, components):
-  """The online vertical-slash estimates of the vertical-slash components: {index in
-  components: `vs_estimate`'s tuple}. Components with the same keys (k_mod) share one
-  `last_query_masses` call."""
-  by_keys = []  # (k_mod, [component indices])
-  for i, comp in enumerate(components):
-    if comp.pattern.name != "vertical_slash":
-      continue
-    for k_mod, members in by_keys:
-      if k_mod == comp.k_mod:
-        members.append(i)
-        break
-    else:
-      by_keys.append((comp.k_mod, [i]))
-  out = {}
-  for k_mod, members in by_keys:
-    start, _ = v.key_span(k_mod)
-    base_of = lambda rows, start=start: v.q_rank[rows] + start  # noqa: E731
-    sets = [(components[i].q_mod, components[i].pattern.last_q, True, base_of) for i in members]
-    for i, (col, sl) in zip(members, last_query_masses(v, k_mod, sets), strict=True):
-      out[i] = _vs_pick(components[i].pattern, v, components[i].k_mod, col, sl)
-  return out
 
 
 def vs_estimate(pat, v: HeadView, q_mod, k_mod):
   """The online vertical-slash estimate: (columns [V] view indices, valid [V], slash rank
   offsets [S], valid [S])."""
+  length = v.length
   start, _ = v.key_span(k_mod)
   col, sl = last_query_mass(v, q_mod, k_mod, pat.last_q, True, lambda rows: v.q_rank[rows] + start)
-  return _vs_pick(pat, v, k_mod, col, sl)
-
-
-def _vs_pick(pat, v: HeadView, k_mod, col, sl):
-  """The columns and slashes an estimate's masses pick (`vs_estimate`)."""
-  length = v.length
   kok = v.k_ok(k_mod)
   # vertical: column mass; the first `keep_first` keys of the group are always kept.
   vert = jnp.where(kok, col, NEG)
@@ -927,11 +868,9 @@ def _top_k_1d(x, k):
   return vals[0], idx[0]
 
 
-def _vertical_slash(pat, v: HeadView, q_mod, k_mod, estimate=None):
+def _vertical_slash(pat, v: HeadView, q_mod, k_mod):
   length = v.length
-  if estimate is None:
-    estimate = vs_estimate(pat, v, q_mod, k_mod)
-  cols, cols_ok, offs, offs_ok = estimate
+  cols, cols_ok, offs, offs_ok = vs_estimate(pat, v, q_mod, k_mod)
   ind = jnp.zeros((length + 1,), jnp.int32).at[offs].add(offs_ok.astype(jnp.int32))
   csum = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(ind)])
   # a slash at offset o crosses block (i, j) iff o in [qmin_i - kmax_j, qmax_i - kmin_j].
@@ -1328,11 +1267,10 @@ def head_plan(
   causal = v.causal_possible()
   pri = jnp.full((v.n_q, v.n_k), NEG)
   cands = []
-  estimates = vs_estimates(v, components)
-  for i, comp in enumerate(components):
+  for comp in components:
     kind = comp.pattern.name
     cp, cols, cols_ok = pattern_priority(
-      kind, comp.pattern, v, comp.q_mod, comp.k_mod, causal, axis_names, estimates.get(i)
+      kind, comp.pattern, v, comp.q_mod, comp.k_mod, causal, axis_names
     )
     pri = jnp.maximum(pri, cp)
     if cols.shape[0]:

@@ -239,8 +239,7 @@ def head_plan(
   iv = _Intervals()
   lists = []  # (idx [nQ, w], pri [nQ, w], ascending)
   cands = []  # vertical columns
-  estimates = pl.vs_estimates(v, components)
-  for i, comp in enumerate(components):
+  for comp in components:
     kind, pat, qm, km = comp.pattern.name, comp.pattern, comp.q_mod, comp.k_mod
     if kind == "dense":
       _dense(iv, lists, v, qm, km)
@@ -254,7 +253,7 @@ def head_plan(
       _local(iv, v, qm, km, pat.band_tokens)
       lists.append(_scored(v, qm, km, pat.top_k_blocks, axis_names))
     elif kind == "vertical_slash":
-      cols, cols_ok, offs, offs_ok = estimates[i]
+      cols, cols_ok, offs, offs_ok = pl.vs_estimate(pat, v, qm, km)
       _slashes(iv, v, qm, km, offs, offs_ok)
       cands.append(pl.vertical_candidates(v, qm, cols, cols_ok))
     else:

@@ -147,47 +147,6 @@ class MassTests:
     for g, w in zip(got, per_b(False)(qs, b_ids), strict=True):  # the usual batching
       np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-7)
 
-  @pytest.mark.parametrize("groups, heads_inner", [(2, False), (4, False), (2, True)])
-  def test_groups_of_rows(self, groups, heads_inner):
-    """groups: G sets of consecutive rows in one call, each set's masses apart, as each
-    set computes them alone (here under vmap over 2 query heads of one kv head)."""
-    n_rows, length, h = 64, 512, 32
-    q, k, key_lim, q_lim, base, perm = inputs(12 + groups, n_rows, length, h, consecutive=False)
-    qs = jnp.stack([q, jnp.roll(q, 1, 0) * 0.5])
-    call = lambda qh, ql, bs, g: attention_mass(  # noqa: E731
-      qh,
-      k,
-      key_lim,
-      ql,
-      bs,
-      scale=0.3,
-      perm=perm,
-      groups=g,
-      heads_inner=heads_inner,
-      interpret=self.interpret,
-    )
-    col, slash = jax.jit(jax.vmap(lambda qh: call(qh, q_lim, base, groups)))(qs)
-    assert col.shape == slash.shape == (2, groups, length)
-    n = n_rows // groups
-    for i in range(2):
-      want = attention_mass_reference(
-        qs[i], k, key_lim, q_lim, base, scale=0.3, perm=perm, groups=groups
-      )
-      np.testing.assert_allclose(np.asarray(col[i]), np.asarray(want[0]), rtol=2e-5, atol=1e-6)
-      np.testing.assert_allclose(np.asarray(slash[i]), np.asarray(want[1]), rtol=2e-5, atol=1e-6)
-      for g in range(groups):  # one set's rows alone (padded with barred rows to 16)
-        rows = slice(g * n, (g + 1) * n)
-        pad = max(16, n) - n
-        alone = call(
-          jnp.pad(qs[i, rows], ((0, pad), (0, 0))),
-          jnp.pad(q_lim[rows], (0, pad), constant_values=-1),
-          jnp.pad(base[rows], (0, pad), constant_values=-1),
-          1,
-        )
-        np.testing.assert_allclose(np.asarray(col[i, g]), np.asarray(alone[0]), rtol=1e-5)
-        np.testing.assert_allclose(np.asarray(slash[i, g]), np.asarray(alone[1]), rtol=1e-5)
-        assert float(alone[0].sum()) > 1  # not vacuous: the set has allowed rows
-
   def test_heads_inner_with_keys_per_head(self):
     # every head its own keys: vmap's usual batching, the same values
     q, k, key_lim, q_lim, base, perm = inputs(10, 16, 128, 32)
@@ -229,8 +188,6 @@ class TestInterpret(MassTests):
       call(q, k, key_lim[:64], q_lim, base)
     with pytest.raises(ValueError, match="perm must be int32"):
       call(q, k, key_lim, q_lim, base, perm=perm[:64])
-    with pytest.raises(ValueError, match="groups=3 must be a power of two"):
-      call(q, k, key_lim, q_lim, base, groups=3)
     with pytest.raises(ValueError, match="head dims differ"):
       call(q, k[:, :16], key_lim, q_lim, base)
 

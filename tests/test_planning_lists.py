@@ -251,33 +251,6 @@ def test_estimates_with_the_heads_innermost_give_the_same_plan(monkeypatch):
   assert_same_plan(got, want)
 
 
-def test_estimates_sharing_their_keys_go_through_one_call(monkeypatch):
-  """A Q boundary whose three query modalities (the default's has no tokens here) each
-  estimate vertical and slash lines against every key: the kernel computes the sets in
-  calls of a power of two sets (2 + 1), the last_q 16 and 24 sets padded to 32 rows, and
-  the plan is the XLA path's (one softmax per set) and the reference planner's."""
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(28, b, t, n, kh, h, dtype, modk)
-  vs = helpers.small_policies(bq, bk)["vertical_slash"]
-  vs24 = dataclasses.replace(vs, last_q=24, slash_size=9)
-  pol = P.get("q_boundary", patterns={0: vs, 1: vs24}, default=vs, block_q=bq, block_k=bk)
-  monkeypatch.setattr(planning, "MASS_IMPL", "xla")
-  want = pol.plan(q, k, mod)
-  calls = []
-  kernel = planning.attention_mass
-
-  def counted(q_rows, *a, groups=1, **kw):
-    calls.append((q_rows.shape[0], groups))
-    return kernel(q_rows, *a, groups=groups, **kw)
-
-  monkeypatch.setattr(planning, "attention_mass", counted)
-  monkeypatch.setattr(planning, "MASS_IMPL", "pallas")
-  got = pol.plan(q, k, mod)
-  assert sorted(set(calls)) == [(32, 1), (64, 2)], calls
-  assert_same_plan(got, want)
-  assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
-
-
 def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
   """The kernel's pooled means of a grid-permuted, modality-grouped view (both sides,
   two selectors each) against the XLA path's."""

@@ -7,9 +7,7 @@ same run, for 28 heads (4 kv heads, read in place) at 128k and 1M tokens.
 The kernel's passes are listed by their profiled time; `max_err`: the largest difference
 from the XLA path's masses (each row's mass sums to 1). "heads inner": the kernel with
 `heads_inner=True` (one call for the 28 heads, a key tile's programs of every head
-together), against the kernel under vmap's usual batching. "two sets of rows": two
-estimates against the same keys (a Q boundary's) in one call (`groups=2`) against two
-calls.
+together), against the kernel under vmap's usual batching.
 """
 
 import argparse
@@ -38,7 +36,7 @@ def inputs(length, seed=0):
   return q, k, key_lim, q_lim
 
 
-def kernel_fn(scale, heads_inner=False, groups=1):
+def kernel_fn(scale, heads_inner=False):
   def one(qh, h, k, key_lim, q_lim):
     index = jnp.stack([jnp.int32(0), h // (HEADS // KV_HEADS)])
     interpret = jax.default_backend() != "gpu"
@@ -51,7 +49,6 @@ def kernel_fn(scale, heads_inner=False, groups=1):
       scale=scale,
       index=index,
       heads_inner=heads_inner,
-      groups=groups,
       interpret=interpret,
     )
 
@@ -101,31 +98,8 @@ def main():
       + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes_inner.items()),
       flush=True,
     )
-    # two sets of rows against the same keys (Q boundary's estimates): one call with
-    # groups=2 against two calls (heads inner both)
-    x2 = (jnp.concatenate([q, q[:, ::-1] * 0.5], axis=1), heads, k, key_lim)
-    x2 += (jnp.concatenate([q_lim, q_lim - ROWS]),)
-    grouped = kernel_fn(H**-0.5, heads_inner=True, groups=2)
-
-    def separate(q2, h, k, key_lim, q_lim2, inner=inner):
-      a = inner(q2[:, :ROWS], h, k, key_lim, q_lim2[:ROWS])
-      b = inner(q2[:, ROWS:], h, k, key_lim, q_lim2[ROWS:])
-      return tuple(jnp.stack([x, y], axis=1) for x, y in zip(a, b, strict=True))
-
-    separate = jax.jit(separate)
-    err_two = max(
-      float(jnp.max(jnp.abs(a - b))) for a, b in zip(grouped(*x2), separate(*x2), strict=True)
-    )
-    t_two = bench.timeit(grouped, *x2, warmup=2, iters=10)
-    t_sep = bench.timeit(separate, *x2, warmup=2, iters=10)
-    print(
-      f"  two sets of rows: one call (groups=2) {t_two:.3f} ms, two calls {t_sep:.3f} ms, "
-      f"{t_sep / t_two:.2f}x, max diff {err_two:.2e}",
-      flush=True,
-    )
     rows.append(
       dict(length=length, kernel_ms=t_ours, xla_ms=t_ref, ratio=t_ref / t_ours, max_err=err)
-      | dict(two_sets_one_call_ms=t_two, two_sets_two_calls_ms=t_sep, two_sets_max_diff=err_two)
       | dict(kernel_ops_ms=passes, heads_inner_ms=t_inner, heads_inner_ops_ms=passes_inner)
       | dict(heads_inner_vs_kernel=t_ours / t_inner, heads_inner_max_diff=err_inner)
     )

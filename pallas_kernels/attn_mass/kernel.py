@@ -133,7 +133,7 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, 
   heads.set("out", l_ref, (p, slice(None)), l)
 
 
-def _mass_kernel(*refs, tile, scale, gather, in_place, groups, heads):
+def _mass_kernel(*refs, tile, scale, gather, in_place, heads):
   """One key tile per program, as straight-line code (a loop over tiles, with the stores
   inside it, ran 1.4-1.6x slower on an H200)."""
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
@@ -144,26 +144,19 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, groups, heads):
     q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, tile=tile, scale=scale
   )
   p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
-  keys = pl.ds(t * tile, tile)
-  if groups == 1:
-    heads.set("out", col_ref, (0, keys), jnp.sum(p, axis=0))
-  else:  # each group's rows (consecutive, R / groups of them) summed apart
-    group = jnp.arange(p.shape[0], dtype=jnp.int32) // (p.shape[0] // groups)
-    for g in range(groups):
-      heads.set("out", col_ref, (g, keys), jnp.sum(jnp.where(group[:, None] == g, p, 0.0), 0))
-  heads.set("out", p_ref, (slice(None), keys), p)
+  col = jnp.sum(p, axis=0)
+  heads.set("out", col_ref, (pl.ds(t * tile, tile),), col)
+  heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), p)
 
 
 def _diag_kernel(p_ref, base_ref, slash_ref, *, diag_tile, length, n_rows):
-  """slash[g, o] = sum_r p[r, base_r - o] over group g's rows (R / groups consecutive
-  ones), for this program's group g and offsets o (p flat [R * L])."""
-  g, i = pl.program_id(0), pl.program_id(1)
-  o = i * diag_tile + jnp.arange(diag_tile, dtype=jnp.int32)
-  r = g * n_rows + jnp.arange(n_rows, dtype=jnp.int32)
-  j = base_ref[pl.ds(g * n_rows, n_rows)][:, None] - o[None, :]  # [R/G, diag_tile]: keys
+  """slash[o] = sum_r p[r, base_r - o] for this program's offsets o (p flat [R * L])."""
+  o = pl.program_id(0) * diag_tile + jnp.arange(diag_tile, dtype=jnp.int32)
+  j = base_ref[...][:, None] - o[None, :]  # [R, diag_tile]: key of row r at offset o
   ok = j >= 0
-  vals = plgpu.load(p_ref.at[jnp.where(ok, r[:, None] * length + j, 0)], mask=ok, other=0.0)
-  slash_ref[g, pl.ds(i * diag_tile, diag_tile)] = jnp.sum(vals, axis=0)
+  r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
+  vals = plgpu.load(p_ref.at[jnp.where(ok, r * length + j, 0)], mask=ok, other=0.0)
+  slash_ref[pl.ds(pl.program_id(0) * diag_tile, diag_tile)] = jnp.sum(vals, axis=0)
 
 
 def attention_mass(
@@ -179,7 +172,6 @@ def attention_mass(
   tile: int = 128,
   tiles: int = 8,
   num_warps: int = 4,
-  groups: int = 1,
   heads_inner: bool = False,
   interpret: bool = False,
 ):
@@ -197,8 +189,6 @@ def attention_mass(
     index: int32 [2] (batch, head) of a 4-D k.
     tile: keys per step (a power of two >= 16 dividing L); tiles: steps per program of
       the first pass.
-    groups: G, a power of two dividing R: the rows are G sets of R / G consecutive ones
-      (estimates that share their keys, one read of the keys for all), summed apart.
     heads_inner: under vmap (over query heads), one call whose grid runs every head's
       programs of a key tile together (heads innermost), so heads that share keys (GQA)
       read each tile from memory once; without it vmap puts the heads outermost. The
@@ -207,8 +197,7 @@ def attention_mass(
 
   Returns:
     (col [L] f32: sum_r p[r, j], slash [L] f32: sum_r p[r, base[r] - o] over rows with
-    base[r] - o >= 0), p the row-wise softmax over allowed keys (rows with none: 0); with
-    groups > 1 each [G, L], group g's rows only.
+    base[r] - o >= 0), p the row-wise softmax over allowed keys (rows with none: 0).
   """
   if q.ndim != 2:
     raise ValueError(f"q must be [R, H]; got shape {q.shape}")
@@ -220,8 +209,6 @@ def attention_mass(
       f"q and k must share one of {[str(jnp.dtype(d)) for d in SUPPORTED_DTYPES]}; "
       f"got {q.dtype}, {k.dtype}"
     )
-  if groups < 1 or groups & (groups - 1) or n_rows % groups:
-    raise ValueError(f"groups={groups} must be a power of two dividing R={n_rows}")
   if k.ndim == 4:
     if index is None or index.shape != (2,) or index.dtype != jnp.int32:
       raise ValueError("a 4-D k [B, L, N, H] needs index: int32 (batch, head) [2]")
@@ -246,7 +233,6 @@ def attention_mass(
     tile=tile,
     tiles=max(1, int(tiles)),
     num_warps=num_warps,
-    groups=int(groups),
     interpret=interpret,
   )
   if not heads_inner:
@@ -263,7 +249,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
   """The three passes. per_head: the names of the arguments with a leading head axis of
   n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
   scale, tile, tiles = static["scale"], static["tile"], static["tiles"]
-  num_warps, interpret, groups = static["num_warps"], static["interpret"], static["groups"]
+  num_warps, interpret = static["num_warps"], static["interpret"]
   lead = (n_heads,) if per_head else ()
   n_rows = q.shape[-2]
   length = key_lim.shape[-1]
@@ -303,12 +289,12 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
 
   args = head + [q, k, key_lim, q_lim, m_safe, inv]
   col, p = pl.pallas_call(
-    kernel(_mass_kernel, groups=groups, **common),
+    kernel(_mass_kernel, **common),
     grid=lead + (n_tiles,),
     in_specs=[whole(a.shape) for a in args],
-    out_specs=[whole(lead + (groups, length)), whole(lead + (n_rows, length))],
+    out_specs=[whole(lead + (length,)), whole(lead + (n_rows, length))],
     out_shape=[
-      jax.ShapeDtypeStruct(lead + (groups, length), jnp.float32),
+      jax.ShapeDtypeStruct(lead + (length,), jnp.float32),
       jax.ShapeDtypeStruct(lead + (n_rows, length), jnp.float32),
     ],
     compiler_params=params2,
@@ -319,11 +305,11 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
 
   def diagonals(p, base):
     return pl.pallas_call(
-      functools.partial(_diag_kernel, diag_tile=diag_tile, length=length, n_rows=n_rows // groups),
-      grid=(groups, length // diag_tile),
+      functools.partial(_diag_kernel, diag_tile=diag_tile, length=length, n_rows=n_rows),
+      grid=(length // diag_tile,),
       in_specs=[whole((n_rows * length,)), whole((n_rows,))],
-      out_specs=whole((groups, length)),
-      out_shape=jax.ShapeDtypeStruct((groups, length), jnp.float32),
+      out_specs=whole((length,)),
+      out_shape=jax.ShapeDtypeStruct((length,), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="mmjax_attn_mass_diagonals",
@@ -333,12 +319,10 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
     slash = jax.vmap(diagonals, (0, 0 if "base" in per_head else None))(p, base)
   else:
     slash = diagonals(p, base)
-  if groups == 1:
-    return col[..., 0, :], slash[..., 0, :]
   return col, slash
 
 
-_STATIC = ("scale", "tile", "tiles", "num_warps", "groups", "interpret")
+_STATIC = ("scale", "tile", "tiles", "num_warps", "interpret")
 _call = jax.jit(
   functools.partial(_passes, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
 )

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 
 
-def attention_mass_reference(q, k, key_lim, q_lim, base, *, scale, perm=None, index=None, groups=1):
-  """(col [L], slash [L]) as `attn_mass.attention_mass` defines them (each [G, L] with
-  groups G > 1), from the dense softmax p [R, L] in f32."""
+def attention_mass_reference(q, k, key_lim, q_lim, base, *, scale, perm=None, index=None):
+  """(col [L], slash [L]) as `attn_mass.attention_mass` defines them, from the dense
+  softmax p [R, L] in f32."""
   if index is not None:
     k = k[index[0], :, index[1]]
   if perm is not None:
@@ -24,7 +24,4 @@ def attention_mass_reference(q, k, key_lim, q_lim, base, *, scale, perm=None, in
   o = jnp.arange(length)
   j = base[:, None] - o[None, :]
   slash = jnp.where(j >= 0, jnp.take_along_axis(p, jnp.clip(j, 0, length - 1), axis=1), 0.0)
-  if groups == 1:
-    return p.sum(0), slash.sum(0)
-  n = q.shape[0] // groups
-  return p.reshape(groups, n, length).sum(1), slash.reshape(groups, n, length).sum(1)
+  return p.sum(0), slash.sum(0)
