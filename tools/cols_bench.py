@@ -1,7 +1,7 @@
 """The col_select kernel on the planner's shapes at 1M tokens (28 heads of 8192 query
 blocks of 128, key blocks of 64), chunk and warp variants timed in one run; the ratios are
-against the planner's setting (`planning.COLS_TILES`, the first `--split_own`) of the same
-run.
+against the planner's setting (`planning.COLS_TILES`, the first of `--own_modes`) of the
+same run.
 
   python3 tools/cols_bench.py --out $OUT/cols_bench.json
 
@@ -74,7 +74,9 @@ def main():
   ap.add_argument("--warps", default="1,2,4")
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument(
-    "--split_own", default="1,0", help="select_columns' split_own values (shapes with own tokens)"
+    "--own_modes",
+    default="loops,calls,cond",
+    help="select_columns' own_mode values (shapes with own tokens); the first is the base",
   )
   args = ap.parse_args()
   bad = sorted(set(args.shapes.split(",")) - set(SHAPES))
@@ -89,7 +91,7 @@ def main():
     a, kw = [heads(x) for x in a], {k: heads(v) for k, v in kw.items()}
     max_cols = n_cand + n_own
     base = None
-    splits = [bool(int(x)) for x in args.split_own.split(",")] if n_own else [True]
+    splits = args.own_modes.split(",") if n_own else ["loops"]
     variants = itertools.product(
       map(int, args.chunks.split(",")), map(int, args.warps.split(",")), splits
     )
@@ -103,7 +105,7 @@ def main():
             max_cols=mc,
             chunk=c,
             num_warps=w,
-            split_own=s,
+            own_mode=s,
             interpret=interpret,
             **kw,
           )
@@ -112,11 +114,11 @@ def main():
       ms = bench.timeit(fn, a, kw, warmup=2, iters=10)
       base = base or ms
       print(
-        f"{shape} chunk {chunk} warps {warps} split_own {split}: {ms:.3f} ms, {base / ms:.2f}x",
+        f"{shape} chunk {chunk} warps {warps} own_mode {split}: {ms:.3f} ms, {base / ms:.2f}x",
         flush=True,
       )
       rows.append(
-        dict(shape=shape, chunk=chunk, warps=warps, split_own=split, ms=ms, vs_default=base / ms)
+        dict(shape=shape, chunk=chunk, warps=warps, own_mode=split, ms=ms, vs_default=base / ms)
       )
   bench.write_report(args.out, rows)
 

@@ -22,6 +22,13 @@ q_boundary plan at 1M tokens for 28 heads on an H200. Here one program takes one
   kept own tokens stored at their slots (their rank among themselves by [U, U]
     comparisons: they need not be sorted); the slots from the count to max_cols set to 0
 
+Few rows keep an own token (a local window or the nearest diagonals cover a query
+block's own tokens), but a kernel whose code holds the [U, C] arrays gets few programs
+per SM for every row (its registers), and the searches are latency-bound. So by default
+(`own_mode="calls"`) a first kernel does the rows that keep none and marks the others,
+and a second kernel does those into the same buffers (2.05x on q_boundary's shape at 1M
+on an H200: benchmarks/results/h200_2026-12-01d).
+
 Keys equal in the list must have equal cand_lim (it is a property of the key), so being
 causal and not covered is the same for every copy of a key.
 """
@@ -37,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 _PAD = np.int32(np.iinfo(np.int32).max)  # the key of the list's padding entries
+_OWN_MODES = ("cond", "loops", "calls")
 
 
 def _count_below(ref, base, n, n_max, x, mask):
@@ -52,12 +60,24 @@ def _count_below(ref, base, n, n_max, x, mask):
   return lo
 
 
-def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk, split_own):
+def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk, phase):
+  """One row (query block) per program. phase: "all" (every row; with own tokens, their
+  terms in a loop step only where the row keeps one: `_OWN_MODES` "cond"), "loops" (two
+  copies of the loop, the one with the terms only for rows keeping one), "light" (the
+  rows keeping no own token; the others' count of kept own tokens goes to `flag`),
+  "heavy" (the rows `flag` marks; the outputs are the light call's, aliased)."""
   (cand_ref, bits_ref, prev_ref, run_ref, lim_ref, rbits_ref, rlim_ref) = refs[:7]
   blocks_ref, bcount_ref = refs[7:9]
-  rest = refs[9:]
+  rest = list(refs[9:])
+  own_ref = own_ok_ref = own_lim_ref = flag_in = flag_out = None
   if n_own:
-    own_ref, own_ok_ref, own_lim_ref, cols_ref, count_ref = rest
+    own_ref, own_ok_ref, own_lim_ref = rest[:3]
+    rest = rest[3:]
+  if phase == "heavy":  # the flags, then the light call's outputs (aliased to ours)
+    flag_in = rest[0]
+    rest = rest[3:]
+  if phase == "light":
+    cols_ref, count_ref, flag_out = rest
   else:
     cols_ref, count_ref = rest
   i = pl.program_id(0)
@@ -82,7 +102,7 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
     at = plgpu.load(blocks_ref.at[b_base + jnp.minimum(lo, n_blocks - 1)], mask=mask, other=-1)
     return (lo < nb) & (at == kb)
 
-  if n_own:
+  def own_tokens():  # (own [U], kept [U], how many are kept)
     sl = pl.ds(i * n_own, n_own)
     own = own_ref[sl]
     ok = (own_ok_ref[sl] != 0) & (own_lim_ref[sl] <= rl)
@@ -93,11 +113,9 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
     same = plgpu.load(cand_ref.at[at], mask=ok, other=-1) == own
     offered = (plgpu.load(run_ref.at[at], mask=ok, other=0) & rb) != 0
     kept_own = ok & ~(same & offered)
-    n_kept_own = jnp.sum(jnp.where(kept_own, 1, 0))
-  else:
-    own = kept_own = n_kept_own = None
+    return own, kept_own, jnp.sum(jnp.where(kept_own, 1, 0))
 
-  def body(c, carry, with_own):
+  def body(c, carry, own_terms):
     total, below_own = carry
     sl = pl.ds(c * chunk, chunk)
     a = cand_ref[sl]
@@ -105,61 +123,72 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
     kept &= ~covered(a, kept)
     k_i = jnp.where(kept, 1, 0).astype(jnp.int32)
     slot = total + jnp.cumsum(k_i) - k_i
-    if with_own:
+    if own_terms is not None:
+      own, kept_own, n_kept_own, cond = own_terms
+
       # [U, C]: kept own tokens below each candidate, kept candidates below each own token
-      def own_terms(_):
+      def terms(_):
         below_a = jnp.where(kept_own[:, None] & (own[:, None] < a[None, :]), 1, 0)
         below_o = jnp.where(kept[None, :] & (a[None, :] < own[:, None]), 1, 0)
         return jnp.sum(below_a, 0).astype(jnp.int32), jnp.sum(below_o, 1).astype(jnp.int32)
 
-      if with_own == "cond":  # skipped in rows that keep no own token
+      if cond:  # skipped in rows that keep no own token
 
         def no_terms(_):
           return jnp.zeros((chunk,), jnp.int32), jnp.zeros((n_own,), jnp.int32)
 
-        add_slot, add_below = jax.lax.cond(n_kept_own > 0, own_terms, no_terms, None)
+        add_slot, add_below = jax.lax.cond(n_kept_own > 0, terms, no_terms, None)
       else:
-        add_slot, add_below = own_terms(None)
+        add_slot, add_below = terms(None)
       slot += add_slot
       below_own += add_below
     put = kept & (slot < max_cols)
     plgpu.store(cols_ref.at[slots(slot, put)], a, mask=put)
     return total + jnp.sum(k_i), below_own
 
-  below0 = jnp.zeros((n_own,), jnp.int32) if n_own else jnp.int32(0)
+  def run(own_terms):
+    """The loop over the list, then the row's own tokens, count and trailing zeros."""
+    below0 = jnp.zeros((n_own,), jnp.int32) if own_terms else jnp.int32(0)
+    step = functools.partial(body, own_terms=own_terms)
+    total, below_own = jax.lax.fori_loop(0, n_cand // chunk, step, (jnp.int32(0), below0))
+    if own_terms:
+      own, kept_own, n_kept_own, _ = own_terms
 
-  def loop(with_own):
-    step = functools.partial(body, with_own=with_own)
-    return lambda _: jax.lax.fori_loop(0, n_cand // chunk, step, (jnp.int32(0), below0))
+      @pl.when(n_kept_own > 0)
+      def _():
+        # [U, U]: kept own tokens below each one (the kept ones are distinct)
+        below = jnp.where(kept_own[None, :] & (own[None, :] < own[:, None]), 1, 0)
+        slot = jnp.sum(below, axis=1).astype(jnp.int32) + below_own
+        put = kept_own & (slot < max_cols)
+        plgpu.store(cols_ref.at[slots(slot, put)], own, mask=put)
+
+      total += n_kept_own.astype(jnp.int32)
+    count = jnp.minimum(total, max_cols)
+    # the slots past the count (the stores above filled exactly the ones before it)
+    for z in range(-(-max_cols // zero_chunk)):
+      j = z * zero_chunk + jnp.arange(zero_chunk, dtype=jnp.int32)
+      zeros = jnp.zeros((zero_chunk,), jnp.int32)
+      put = (j < max_cols) & (j >= count)
+      plgpu.store(cols_ref.at[slots(j, put)], zeros, mask=put)
+    count_ref[pl.ds(i, 1)] = jnp.full((1,), count, jnp.int32)
 
   if not n_own:
-    total, below_own = loop(False)(None)
-  elif split_own:
-    # two loops: the [U, C] terms only in rows that keep an own token (the common case
-    # keeps none: a local window or the nearest diagonals cover a query block's own
-    # tokens); the loop without them holds no [U, C] array
-    total, below_own = jax.lax.cond(n_kept_own > 0, loop(True), loop(False), None)
-  else:  # one loop, the terms under a condition inside it
-    total, below_own = loop("cond")(None)
-  if n_own:
+    run(None)
+  elif phase == "all":
+    run((*own_tokens(), True))
+  elif phase == "loops":
+    own, kept_own, n_kept_own = own_tokens()
+    pl.when(n_kept_own > 0)(lambda: run((own, kept_own, n_kept_own, False)))
+    pl.when(n_kept_own == 0)(lambda: run(None))
+  elif phase == "light":
+    _, _, n_kept_own = own_tokens()
+    flag_out[pl.ds(i, 1)] = jnp.full((1,), n_kept_own, jnp.int32)
+    pl.when(n_kept_own == 0)(lambda: run(None))
+  else:  # heavy
 
-    @pl.when(n_kept_own > 0)
+    @pl.when(flag_in[i] > 0)
     def _():
-      # [U, U]: kept own tokens below each one (the kept ones are distinct)
-      below = jnp.where(kept_own[None, :] & (own[None, :] < own[:, None]), 1, 0)
-      slot = jnp.sum(below, axis=1).astype(jnp.int32) + below_own
-      put = kept_own & (slot < max_cols)
-      plgpu.store(cols_ref.at[slots(slot, put)], own, mask=put)
-
-    total += n_kept_own.astype(jnp.int32)
-  count = jnp.minimum(total, max_cols)
-  # the slots past the count (the stores above filled exactly the ones before it)
-  for z in range(-(-max_cols // zero_chunk)):
-    j = z * zero_chunk + jnp.arange(zero_chunk, dtype=jnp.int32)
-    zeros = jnp.zeros((zero_chunk,), jnp.int32)
-    put = (j < max_cols) & (j >= count)
-    plgpu.store(cols_ref.at[slots(j, put)], zeros, mask=put)
-  count_ref[pl.ds(i, 1)] = jnp.full((1,), count, jnp.int32)
+      run((*own_tokens(), False))
 
 
 def _run_bits(cand, bits):
@@ -195,7 +224,7 @@ def select_columns(
   own_lim=None,
   chunk: int = 128,
   num_warps: int = 1,
-  split_own: bool = True,
+  own_mode: str = "calls",
   interpret: bool = False,
 ):
   """Per row, the distinct keys it takes from a shared candidate list and its own tokens,
@@ -214,10 +243,13 @@ def select_columns(
     own, own_ok, own_lim: [R, U] (U a power of two) int32, bool, int32, or None: each
       row's own keys (distinct where own_ok), taken when own_ok and own_lim <= row_lim.
     chunk: candidates per loop step (a power of two); num_warps: per program (128 and 1
-      were the fastest measured on an H200: tools/cols_bench.py); split_own: with own
-      tokens, a second copy of the loop that places them, run only by rows keeping one
-      (False: one loop, their terms under a condition in each step); interpret: Pallas
-      interpret mode.
+      were the fastest measured on an H200: tools/cols_bench.py).
+    own_mode: how rows that keep an own token (few: a local window or the nearest
+      diagonals cover a query block's own tokens) place them, one of `_OWN_MODES`:
+      "cond" (one loop, the [U, C] terms under a condition in each step), "loops" (a
+      second copy of the loop with the terms, run only by those rows), "calls" (a second
+      kernel for those rows, so the first, for all others, holds no [U, C] array).
+    interpret: Pallas interpret mode.
 
   Returns:
     (cols [R, max_cols] int32: the row's allowed, uncovered keys (offered candidates and
@@ -259,22 +291,24 @@ def select_columns(
     raise ValueError(f"block_k={block_k} and max_cols={max_cols} must be >= 1")
   if chunk < 1 or chunk & (chunk - 1):
     raise ValueError(f"chunk={chunk} must be a power of two")
+  if own_mode not in _OWN_MODES:
+    raise ValueError(f"own_mode={own_mode!r} must be one of {_OWN_MODES}")
   return _call(
     (cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok, own_lim),
     block_k=int(block_k),
     max_cols=int(max_cols),
     chunk=int(chunk),
     num_warps=num_warps,
-    split_own=bool(split_own),
+    own_mode=own_mode,
     interpret=interpret,
   )
 
 
 @functools.partial(
   jax.jit,
-  static_argnames=("block_k", "max_cols", "chunk", "num_warps", "split_own", "interpret"),
+  static_argnames=("block_k", "max_cols", "chunk", "num_warps", "own_mode", "interpret"),
 )
-def _call(arrays, *, block_k, max_cols, chunk, num_warps, split_own, interpret):
+def _call(arrays, *, block_k, max_cols, chunk, num_warps, own_mode, interpret):
   cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok, own_lim = arrays
   n_rows, n_blocks = blocks.shape
   # the list padded to whole chunks (at least one) by keys no row is offered
@@ -294,8 +328,13 @@ def _call(arrays, *, block_k, max_cols, chunk, num_warps, split_own, interpret):
     n_own = own.shape[1]
     args += [own.reshape(-1), own_ok.reshape(-1).astype(jnp.int32), own_lim.reshape(-1)]
   whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
-  cols_flat, count = pl.pallas_call(
-    functools.partial(
+  out_shape = [
+    jax.ShapeDtypeStruct((n_rows * (max_cols + 1),), jnp.int32),
+    jax.ShapeDtypeStruct((n_rows,), jnp.int32),
+  ]
+
+  def call(phase, args, outs, aliases=None):
+    kernel = functools.partial(
       _kernel,
       n_cand=n_cand,
       chunk=chunk,
@@ -304,17 +343,28 @@ def _call(arrays, *, block_k, max_cols, chunk, num_warps, split_own, interpret):
       n_own=n_own,
       block_k=block_k,
       zero_chunk=min(128, 1 << (max_cols - 1).bit_length()),
-      split_own=split_own,
-    ),
-    grid=(n_rows,),
-    in_specs=[whole(a.shape) for a in args],
-    out_specs=[whole((n_rows * (max_cols + 1),)), whole((n_rows,))],
-    out_shape=[
-      jax.ShapeDtypeStruct((n_rows * (max_cols + 1),), jnp.int32),
-      jax.ShapeDtypeStruct((n_rows,), jnp.int32),
-    ],
-    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-    interpret=interpret,
-    name="mmjax_col_select",
-  )(*args)
+      phase=phase,
+    )
+    return pl.pallas_call(
+      kernel,
+      grid=(n_rows,),
+      in_specs=[whole(a.shape) for a in args],
+      out_specs=[whole(o.shape) for o in outs],
+      out_shape=outs,
+      input_output_aliases=aliases or {},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name=f"mmjax_col_select_{phase}",
+    )(*args)
+
+  if not n_own or own_mode == "cond":
+    cols_flat, count = call("all", args, out_shape)
+  elif own_mode == "loops":
+    cols_flat, count = call("loops", args, out_shape)
+  else:  # the rows keeping no own token, then (into the same buffers) the others
+    flag = jax.ShapeDtypeStruct((n_rows,), jnp.int32)
+    cols_flat, count, kept = call("light", args, [*out_shape, flag])
+    heavy_args = [*args, kept, cols_flat, count]
+    aliases = {len(args) + 1: 0, len(args) + 2: 1}
+    cols_flat, count = call("heavy", heavy_args, out_shape, aliases)
   return cols_flat.reshape(n_rows, max_cols + 1)[:, :max_cols], count
