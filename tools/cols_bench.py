@@ -1,7 +1,6 @@
 """The col_select kernel on the planner's shapes at 1M tokens (28 heads of 8192 query
 blocks of 128, key blocks of 64), chunk and warp variants timed in one run; the ratios are
-against the planner's setting (`planning.COLS_TILES`, the first of `--own_modes`) of the
-same run.
+against the planner's setting (`planning.COLS_TILES`, `COLS_OWN_MODE`) of the same run.
 
   python3 tools/cols_bench.py --out $OUT/cols_bench.json
 
@@ -25,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmjax import bench, planning
 from pallas_kernels.col_select import select_columns
+from pallas_kernels.col_select.kernel import _OWN_MODES
 
 HEADS, BQ, BK = 28, 128, 64
 SHAPES = {
@@ -75,8 +75,8 @@ def main():
   ap.add_argument("--shapes", default=",".join(SHAPES))
   ap.add_argument(
     "--own_modes",
-    default="loops,calls,cond",
-    help="select_columns' own_mode values (shapes with own tokens); the first is the base",
+    default=",".join(sorted(_OWN_MODES, key=lambda m: m != planning.COLS_OWN_MODE)),
+    help="select_columns' own_mode values (shapes with own tokens); the base: the planner's",
   )
   args = ap.parse_args()
   bad = sorted(set(args.shapes.split(",")) - set(SHAPES))
@@ -91,21 +91,21 @@ def main():
     a, kw = [heads(x) for x in a], {k: heads(v) for k, v in kw.items()}
     max_cols = n_cand + n_own
     base = None
-    splits = args.own_modes.split(",") if n_own else ["loops"]
+    modes = args.own_modes.split(",") if n_own else [planning.COLS_OWN_MODE]
     variants = itertools.product(
-      map(int, args.chunks.split(",")), map(int, args.warps.split(",")), splits
+      map(int, args.chunks.split(",")), map(int, args.warps.split(",")), modes
     )
-    default = (*planning.COLS_TILES, splits[0])
-    for chunk, warps, split in [default, *[v for v in variants if v != default]]:
+    default = (*planning.COLS_TILES, planning.COLS_OWN_MODE)
+    for chunk, warps, mode in [default, *[v for v in variants if v != default]]:
       fn = jax.jit(
         jax.vmap(
-          lambda a, kw, c=chunk, w=warps, s=split, mc=max_cols: select_columns(
+          lambda a, kw, c=chunk, w=warps, m=mode, mc=max_cols: select_columns(
             *a,
             block_k=BK,
             max_cols=mc,
             chunk=c,
             num_warps=w,
-            own_mode=s,
+            own_mode=m,
             interpret=interpret,
             **kw,
           )
@@ -114,11 +114,11 @@ def main():
       ms = bench.timeit(fn, a, kw, warmup=2, iters=10)
       base = base or ms
       print(
-        f"{shape} chunk {chunk} warps {warps} own_mode {split}: {ms:.3f} ms, {base / ms:.2f}x",
+        f"{shape} chunk {chunk} warps {warps} own_mode {mode}: {ms:.3f} ms, {base / ms:.2f}x",
         flush=True,
       )
       rows.append(
-        dict(shape=shape, chunk=chunk, warps=warps, own_mode=split, ms=ms, vs_default=base / ms)
+        dict(shape=shape, chunk=chunk, warps=warps, own_mode=mode, ms=ms, vs_default=base / ms)
       )
   bench.write_report(args.out, rows)
 
