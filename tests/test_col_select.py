@@ -51,7 +51,7 @@ def inputs(seed, n_rows=48, length=512, n_comp=3, per_comp=40, n_blocks=12, bloc
 class ColTests:
   interpret: bool
 
-  def check(self, args, kw, block_k, max_cols, chunk=16, own_mode="loops"):
+  def check(self, args, kw, block_k, max_cols, chunk=16, own_mode="calls"):
     got = select_columns(
       *args,
       block_k=block_k,
@@ -70,7 +70,7 @@ class ColTests:
     assert (np.diff(np.asarray(args[0])) == 0).any()
     return np.asarray(got[0]), count
 
-  @pytest.mark.parametrize("own,own_mode", [(0, "loops"), *((16, m) for m in OWN_MODES)])
+  @pytest.mark.parametrize("own,own_mode", [(0, "calls"), *((16, m) for m in OWN_MODES)])
   def test_matches_reference(self, own, own_mode):
     args, kw, bk = inputs(3 + own, own=own)
     cols, count = self.check(args, kw, bk, max_cols=160, own_mode=own_mode)
@@ -80,7 +80,7 @@ class ColTests:
       keeps = (np.asarray(alone[1]) != count) & (np.asarray(alone[1]) > 0)
       assert keeps.any() and (~keeps & (count > 0)).any()
 
-  @pytest.mark.parametrize("own,own_mode", [(0, "loops"), *((16, m) for m in OWN_MODES)])
+  @pytest.mark.parametrize("own,own_mode", [(0, "calls"), *((16, m) for m in OWN_MODES)])
   def test_rows_cut_at_max_cols(self, own, own_mode):
     args, kw, bk = inputs(11 + own, own=own)
     _, count = self.check(args, kw, bk, max_cols=20, own_mode=own_mode)
