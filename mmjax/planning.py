@@ -179,12 +179,6 @@ COLS_IMPL = None
 # warps: 1.50x on vertical_slash's shape, 2.32x on q_boundary's;
 # h200_2026-12-01c/cols_bench.json).
 COLS_TILES = (128, 1)
-# How col_select places the own tokens of the rows that keep some (`own_mode`): "calls",
-# a second kernel for those rows, so that the kernel for the others holds no [U, C] array
-# in its registers (2.05x on q_boundary's shape at 1M on an H200 against a second loop
-# in the same kernel, 1.89x with vertical_slash's list: tools/cols_bench.py,
-# h200_2026-12-01d/cols_bench_own_modes.json).
-COLS_OWN_MODE = "calls"
 # The pooled_scores kernel's tile (query blocks, key blocks) and warps.
 SCORE_TILES = (64, 128, 4)
 # rows up to this long go to the Pallas top-k whole, longer ones in chunks (its time grows
@@ -209,7 +203,6 @@ def kernel_settings():
     merge_lists(),
     cols_impl(),
     COLS_TILES,
-    COLS_OWN_MODE,
     bool(MASS_HEADS_INNER),
   )
 
@@ -1240,7 +1233,6 @@ def _columns_by_kernel(v: HeadView, cands, block_idx, block_count, max_cols):
     max_cols=max_cols,
     chunk=COLS_TILES[0],
     num_warps=COLS_TILES[1],
-    own_mode=COLS_OWN_MODE,
     interpret=_interpret(),
     **own,
   )

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels.col_select import select_columns, select_columns_reference
-from pallas_kernels.col_select.kernel import _OWN_MODES as OWN_MODES
 
 
 def inputs(seed, n_rows=48, length=512, n_comp=3, per_comp=40, n_blocks=12, block_k=16, own=16):
@@ -51,15 +50,9 @@ def inputs(seed, n_rows=48, length=512, n_comp=3, per_comp=40, n_blocks=12, bloc
 class ColTests:
   interpret: bool
 
-  def check(self, args, kw, block_k, max_cols, chunk=16, own_mode="calls"):
+  def check(self, args, kw, block_k, max_cols, chunk=16):
     got = select_columns(
-      *args,
-      block_k=block_k,
-      max_cols=max_cols,
-      chunk=chunk,
-      own_mode=own_mode,
-      interpret=self.interpret,
-      **kw,
+      *args, block_k=block_k, max_cols=max_cols, chunk=chunk, interpret=self.interpret, **kw
     )
     want = select_columns_reference(*args, block_k=block_k, max_cols=max_cols, **kw)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
@@ -70,20 +63,20 @@ class ColTests:
     assert (np.diff(np.asarray(args[0])) == 0).any()
     return np.asarray(got[0]), count
 
-  @pytest.mark.parametrize("own,own_mode", [(0, "calls"), *((16, m) for m in OWN_MODES)])
-  def test_matches_reference(self, own, own_mode):
+  @pytest.mark.parametrize("own", [0, 16])
+  def test_matches_reference(self, own):
     args, kw, bk = inputs(3 + own, own=own)
-    cols, count = self.check(args, kw, bk, max_cols=160, own_mode=own_mode)
+    cols, count = self.check(args, kw, bk, max_cols=160)
     assert count.max() < 160  # nothing cut here
-    if own:  # rows that keep own tokens (the loop placing them) and rows that keep none
+    if own:  # rows that keep own tokens (the second kernel's) and rows that keep none
       alone = select_columns_reference(*args, block_k=bk, max_cols=160)
-      keeps = (np.asarray(alone[1]) != count) & (np.asarray(alone[1]) > 0)
+      keeps = np.asarray(alone[1]) != count
       assert keeps.any() and (~keeps & (count > 0)).any()
 
-  @pytest.mark.parametrize("own,own_mode", [(0, "calls"), *((16, m) for m in OWN_MODES)])
-  def test_rows_cut_at_max_cols(self, own, own_mode):
+  @pytest.mark.parametrize("own", [0, 16])
+  def test_rows_cut_at_max_cols(self, own):
     args, kw, bk = inputs(11 + own, own=own)
-    _, count = self.check(args, kw, bk, max_cols=20, own_mode=own_mode)
+    _, count = self.check(args, kw, bk, max_cols=20)
     assert (count == 20).any()
 
   def test_list_not_a_whole_number_of_chunks(self):
@@ -100,21 +93,14 @@ class ColTests:
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     assert np.asarray(want[1]).max() > 10
 
-  @pytest.mark.parametrize("own_mode", OWN_MODES)
-  def test_vmapped_over_heads(self, own_mode):
+  def test_vmapped_over_heads(self):
     (a0, kw0, bk), (a1, kw1, _) = inputs(7, own=16), inputs(8, own=16)
     stack = lambda x, y: jnp.stack([x, y])  # noqa: E731
     args = jax.tree_util.tree_map(stack, a0, a1)
     kw = jax.tree_util.tree_map(stack, kw0, kw1)
     got = jax.vmap(
       lambda a, k: select_columns(
-        *a,
-        block_k=bk,
-        max_cols=64,
-        chunk=16,
-        own_mode=own_mode,
-        interpret=self.interpret,
-        **k,
+        *a, block_k=bk, max_cols=64, chunk=16, interpret=self.interpret, **k
       )
     )(args, kw)
     for h, (a, k) in enumerate(((a0, kw0), (a1, kw1))):
@@ -141,8 +127,6 @@ class TestInterpret(ColTests):
       call(*args, **{k: v[:, :12] for k, v in kw.items()})
     with pytest.raises(ValueError, match="chunk"):
       select_columns(*args, block_k=bk, max_cols=8, chunk=24, interpret=True)
-    with pytest.raises(ValueError, match="own_mode='split' must be one of"):
-      select_columns(*args, block_k=bk, max_cols=8, own_mode="split", interpret=True)
 
 
 @pytest.mark.gpu

@@ -1,6 +1,6 @@
 """The col_select kernel on the planner's shapes at 1M tokens (28 heads of 8192 query
 blocks of 128, key blocks of 64), chunk and warp variants timed in one run; the ratios are
-against the planner's setting (`planning.COLS_TILES`, `COLS_OWN_MODE`) of the same run.
+against the planner's setting (`planning.COLS_TILES`) of the same run.
 
   python3 tools/cols_bench.py --out $OUT/cols_bench.json
 
@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmjax import bench, planning
 from pallas_kernels.col_select import select_columns
-from pallas_kernels.col_select.kernel import _OWN_MODES
 
 HEADS, BQ, BK = 28, 128, 64
 SHAPES = {
@@ -73,11 +72,6 @@ def main():
   ap.add_argument("--chunks", default="32,64,128")
   ap.add_argument("--warps", default="1,2,4")
   ap.add_argument("--shapes", default=",".join(SHAPES))
-  ap.add_argument(
-    "--own_modes",
-    default=",".join(sorted(_OWN_MODES, key=lambda m: m != planning.COLS_OWN_MODE)),
-    help="select_columns' own_mode values (shapes with own tokens); the base: the planner's",
-  )
   args = ap.parse_args()
   bad = sorted(set(args.shapes.split(",")) - set(SHAPES))
   if bad:
@@ -91,35 +85,20 @@ def main():
     a, kw = [heads(x) for x in a], {k: heads(v) for k, v in kw.items()}
     max_cols = n_cand + n_own
     base = None
-    modes = args.own_modes.split(",") if n_own else [planning.COLS_OWN_MODE]
-    variants = itertools.product(
-      map(int, args.chunks.split(",")), map(int, args.warps.split(",")), modes
-    )
-    default = (*planning.COLS_TILES, planning.COLS_OWN_MODE)
-    for chunk, warps, mode in [default, *[v for v in variants if v != default]]:
+    variants = itertools.product(map(int, args.chunks.split(",")), map(int, args.warps.split(",")))
+    default = planning.COLS_TILES
+    for chunk, warps in [default, *[v for v in variants if v != default]]:
       fn = jax.jit(
         jax.vmap(
-          lambda a, kw, c=chunk, w=warps, m=mode, mc=max_cols: select_columns(
-            *a,
-            block_k=BK,
-            max_cols=mc,
-            chunk=c,
-            num_warps=w,
-            own_mode=m,
-            interpret=interpret,
-            **kw,
+          lambda a, kw, c=chunk, w=warps, mc=max_cols: select_columns(
+            *a, block_k=BK, max_cols=mc, chunk=c, num_warps=w, interpret=interpret, **kw
           )
         )
       )
       ms = bench.timeit(fn, a, kw, warmup=2, iters=10)
       base = base or ms
-      print(
-        f"{shape} chunk {chunk} warps {warps} own_mode {mode}: {ms:.3f} ms, {base / ms:.2f}x",
-        flush=True,
-      )
-      rows.append(
-        dict(shape=shape, chunk=chunk, warps=warps, own_mode=mode, ms=ms, vs_default=base / ms)
-      )
+      print(f"{shape} chunk {chunk} warps {warps}: {ms:.3f} ms, {base / ms:.2f}x", flush=True)
+      rows.append(dict(shape=shape, chunk=chunk, warps=warps, ms=ms, vs_default=base / ms))
   bench.write_report(args.out, rows)
 
 

@@ -164,11 +164,7 @@ def main():
     default=1,
     help="1: the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
   )
-  ap.add_argument(
-    "--cols_own_mode", default="", help="col_select's own_mode (planning.COLS_OWN_MODE)"
-  )
   args = ap.parse_args()
-  planning.COLS_OWN_MODE = args.cols_own_mode or planning.COLS_OWN_MODE
   planning.MASS_HEADS_INNER = bool(args.mass_heads_inner)
   planning.TOPK_IMPL = args.topk or None
   planning.SCORE_IMPL = args.score or None

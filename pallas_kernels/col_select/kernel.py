@@ -24,10 +24,10 @@ q_boundary plan at 1M tokens for 28 heads on an H200. Here one program takes one
 
 Few rows keep an own token (a local window or the nearest diagonals cover a query
 block's own tokens), but a kernel whose code holds the [U, C] arrays gets few programs
-per SM for every row (its registers), and the searches are latency-bound. So by default
-(`own_mode="calls"`) a first kernel does the rows that keep none and marks the others,
-and a second kernel does those into the same buffers (2.05x on q_boundary's shape at 1M
-on an H200: benchmarks/results/h200_2026-12-01d).
+per SM for every row (its registers), and the searches are latency-bound. So a first
+kernel does the rows that keep none and marks the others, and a second kernel does those
+into the same buffers: 2.05x on q_boundary's shape at 1M on an H200 against both kinds
+of rows in one kernel (benchmarks/results/h200_2026-12-01d, `own_mode` at d802b4d).
 
 Keys equal in the list must have equal cand_lim (it is a property of the key), so being
 causal and not covered is the same for every copy of a key.
@@ -44,7 +44,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 _PAD = np.int32(np.iinfo(np.int32).max)  # the key of the list's padding entries
-_OWN_MODES = ("cond", "loops", "calls")
 
 
 def _count_below(ref, base, n, n_max, x, mask):
@@ -61,11 +60,9 @@ def _count_below(ref, base, n, n_max, x, mask):
 
 
 def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk, phase):
-  """One row (query block) per program. phase: "all" (every row; with own tokens, their
-  terms in a loop step only where the row keeps one: `_OWN_MODES` "cond"), "loops" (two
-  copies of the loop, the one with the terms only for rows keeping one), "light" (the
-  rows keeping no own token; the others' count of kept own tokens goes to `flag`),
-  "heavy" (the rows `flag` marks; the outputs are the light call's, aliased)."""
+  """One row (query block) per program. phase: "all" (no own tokens), "light" (the rows
+  that keep no own token; each row's count of kept own tokens goes to `flag`), "heavy"
+  (the rows `flag` marks; the outputs are the light call's, aliased)."""
   (cand_ref, bits_ref, prev_ref, run_ref, lim_ref, rbits_ref, rlim_ref) = refs[:7]
   blocks_ref, bcount_ref = refs[7:9]
   rest = list(refs[9:])
@@ -124,24 +121,12 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
     k_i = jnp.where(kept, 1, 0).astype(jnp.int32)
     slot = total + jnp.cumsum(k_i) - k_i
     if own_terms is not None:
-      own, kept_own, n_kept_own, cond = own_terms
-
+      own, kept_own, _ = own_terms
       # [U, C]: kept own tokens below each candidate, kept candidates below each own token
-      def terms(_):
-        below_a = jnp.where(kept_own[:, None] & (own[:, None] < a[None, :]), 1, 0)
-        below_o = jnp.where(kept[None, :] & (a[None, :] < own[:, None]), 1, 0)
-        return jnp.sum(below_a, 0).astype(jnp.int32), jnp.sum(below_o, 1).astype(jnp.int32)
-
-      if cond:  # skipped in rows that keep no own token
-
-        def no_terms(_):
-          return jnp.zeros((chunk,), jnp.int32), jnp.zeros((n_own,), jnp.int32)
-
-        add_slot, add_below = jax.lax.cond(n_kept_own > 0, terms, no_terms, None)
-      else:
-        add_slot, add_below = terms(None)
-      slot += add_slot
-      below_own += add_below
+      below_a = jnp.where(kept_own[:, None] & (own[:, None] < a[None, :]), 1, 0)
+      below_o = jnp.where(kept[None, :] & (a[None, :] < own[:, None]), 1, 0)
+      slot += jnp.sum(below_a, axis=0).astype(jnp.int32)
+      below_own += jnp.sum(below_o, axis=1).astype(jnp.int32)
     put = kept & (slot < max_cols)
     plgpu.store(cols_ref.at[slots(slot, put)], a, mask=put)
     return total + jnp.sum(k_i), below_own
@@ -152,7 +137,7 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
     step = functools.partial(body, own_terms=own_terms)
     total, below_own = jax.lax.fori_loop(0, n_cand // chunk, step, (jnp.int32(0), below0))
     if own_terms:
-      own, kept_own, n_kept_own, _ = own_terms
+      own, kept_own, n_kept_own = own_terms
 
       @pl.when(n_kept_own > 0)
       def _():
@@ -172,14 +157,8 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
       plgpu.store(cols_ref.at[slots(j, put)], zeros, mask=put)
     count_ref[pl.ds(i, 1)] = jnp.full((1,), count, jnp.int32)
 
-  if not n_own:
+  if phase == "all":
     run(None)
-  elif phase == "all":
-    run((*own_tokens(), True))
-  elif phase == "loops":
-    own, kept_own, n_kept_own = own_tokens()
-    pl.when(n_kept_own > 0)(lambda: run((own, kept_own, n_kept_own, False)))
-    pl.when(n_kept_own == 0)(lambda: run(None))
   elif phase == "light":
     _, _, n_kept_own = own_tokens()
     flag_out[pl.ds(i, 1)] = jnp.full((1,), n_kept_own, jnp.int32)
@@ -188,7 +167,7 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
 
     @pl.when(flag_in[i] > 0)
     def _():
-      run((*own_tokens(), False))
+      run(own_tokens())
 
 
 def _run_bits(cand, bits):
@@ -224,7 +203,6 @@ def select_columns(
   own_lim=None,
   chunk: int = 128,
   num_warps: int = 1,
-  own_mode: str = "calls",
   interpret: bool = False,
 ):
   """Per row, the distinct keys it takes from a shared candidate list and its own tokens,
@@ -243,13 +221,8 @@ def select_columns(
     own, own_ok, own_lim: [R, U] (U a power of two) int32, bool, int32, or None: each
       row's own keys (distinct where own_ok), taken when own_ok and own_lim <= row_lim.
     chunk: candidates per loop step (a power of two); num_warps: per program (128 and 1
-      were the fastest measured on an H200: tools/cols_bench.py).
-    own_mode: how rows that keep an own token (few: a local window or the nearest
-      diagonals cover a query block's own tokens) place them, one of `_OWN_MODES`:
-      "cond" (one loop, the [U, C] terms under a condition in each step), "loops" (a
-      second copy of the loop with the terms, run only by those rows), "calls" (a second
-      kernel for those rows, so the first, for all others, holds no [U, C] array).
-    interpret: Pallas interpret mode.
+      were the fastest measured on an H200: tools/cols_bench.py); interpret: Pallas
+      interpret mode.
 
   Returns:
     (cols [R, max_cols] int32: the row's allowed, uncovered keys (offered candidates and
@@ -291,24 +264,20 @@ def select_columns(
     raise ValueError(f"block_k={block_k} and max_cols={max_cols} must be >= 1")
   if chunk < 1 or chunk & (chunk - 1):
     raise ValueError(f"chunk={chunk} must be a power of two")
-  if own_mode not in _OWN_MODES:
-    raise ValueError(f"own_mode={own_mode!r} must be one of {_OWN_MODES}")
   return _call(
     (cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok, own_lim),
     block_k=int(block_k),
     max_cols=int(max_cols),
     chunk=int(chunk),
     num_warps=num_warps,
-    own_mode=own_mode,
     interpret=interpret,
   )
 
 
 @functools.partial(
-  jax.jit,
-  static_argnames=("block_k", "max_cols", "chunk", "num_warps", "own_mode", "interpret"),
+  jax.jit, static_argnames=("block_k", "max_cols", "chunk", "num_warps", "interpret")
 )
-def _call(arrays, *, block_k, max_cols, chunk, num_warps, own_mode, interpret):
+def _call(arrays, *, block_k, max_cols, chunk, num_warps, interpret):
   cand, cand_bits, cand_lim, row_bits, row_lim, blocks, block_count, own, own_ok, own_lim = arrays
   n_rows, n_blocks = blocks.shape
   # the list padded to whole chunks (at least one) by keys no row is offered
@@ -357,10 +326,8 @@ def _call(arrays, *, block_k, max_cols, chunk, num_warps, own_mode, interpret):
       name=f"mmjax_col_select_{phase}",
     )(*args)
 
-  if not n_own or own_mode == "cond":
+  if not n_own:
     cols_flat, count = call("all", args, out_shape)
-  elif own_mode == "loops":
-    cols_flat, count = call("loops", args, out_shape)
   else:  # the rows keeping no own token, then (into the same buffers) the others
     flag = jax.ShapeDtypeStruct((n_rows,), jnp.int32)
     cols_flat, count, kept = call("light", args, [*out_shape, flag])
