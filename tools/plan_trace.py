@@ -161,7 +161,7 @@ def main():
   ap.add_argument(
     "--mass_heads_inner",
     type=int,
-    default=1,
+    default=int(planning.MASS_HEADS_INNER),
     help="1: the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
   )
   args = ap.parse_args()

@@ -133,10 +133,10 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
 
   def run(own_terms):
     """The loop over the list, then the row's own tokens, count and trailing zeros."""
-    below0 = jnp.zeros((n_own,), jnp.int32) if own_terms else jnp.int32(0)
+    below0 = jnp.int32(0) if own_terms is None else jnp.zeros((n_own,), jnp.int32)
     step = functools.partial(body, own_terms=own_terms)
     total, below_own = jax.lax.fori_loop(0, n_cand // chunk, step, (jnp.int32(0), below0))
-    if own_terms:
+    if own_terms is not None:
       own, kept_own, n_kept_own = own_terms
 
       @pl.when(n_kept_own > 0)
@@ -302,7 +302,7 @@ def _call(arrays, *, block_k, max_cols, chunk, num_warps, interpret):
     jax.ShapeDtypeStruct((n_rows,), jnp.int32),
   ]
 
-  def call(phase, args, outs, aliases=None):
+  def call(phase, inputs, outs, aliases=None):
     kernel = functools.partial(
       _kernel,
       n_cand=n_cand,
@@ -317,14 +317,14 @@ def _call(arrays, *, block_k, max_cols, chunk, num_warps, interpret):
     return pl.pallas_call(
       kernel,
       grid=(n_rows,),
-      in_specs=[whole(a.shape) for a in args],
+      in_specs=[whole(a.shape) for a in inputs],
       out_specs=[whole(o.shape) for o in outs],
       out_shape=outs,
       input_output_aliases=aliases or {},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name=f"mmjax_col_select_{phase}",
-    )(*args)
+    )(*inputs)
 
   if not n_own:
     cols_flat, count = call("all", args, out_shape)
