@@ -39,6 +39,9 @@ def get_config(arg: str | None = None):
   # the planner's heads per step = plan_step_tokens // length (all 28 heads at <= 128k,
   # 4 at 1M): fewer kernel launches at short lengths, the same memory at long ones
   c.plan_step_tokens = 4 * 1048576
+  # up to this length the plan programs compile with mmjax.planning.PLAN_COMPILER_OPTIONS
+  # (XLA's concurrent command-buffer scheduling: faster plans, more temp memory; 0: never)
+  c.concurrent_plan_max_len = 262144
   c.warmup = 2
   c.iters = 10
   c.lengths = (16384, 65536, 131072, 262144, 524288, 1048576)

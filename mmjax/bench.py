@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from mmjax import plotting, policies, runinfo
+from mmjax import planning, plotting, policies, runinfo
 from mmjax.attention import pallas_kernel, sparse_attention
 
 
@@ -90,6 +90,8 @@ class Row:
   baseline_tflops: float
   dense_ours_ms: float | None = None
   kernel: str = ""  # the kernel that ran the plan: mosaic / triton (pallas), xla
+  plan_share: float = 0.0  # plan_ms / (plan_ms + kernel_ms)
+  plan_options: str = ""  # the plan programs' XLA compile options (plan_compiler_options)
 
 
 def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
@@ -187,7 +189,8 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
     pol = cycle_table_policy(cfg, q.shape[2], q.shape[1])
   else:
     pol = policies.get(name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=hps, **kwargs)
-  plan_fn = jax.jit(lambda q, k, m: pol.plan(q, k, m))
+  copts = plan_compiler_options(cfg, q.shape[1])
+  plan_fn = jax.jit(lambda q, k, m: pol.plan(q, k, m), compiler_options=copts)
   plan_ms = timeit(plan_fn, q, k, mod, warmup=cfg.warmup, iters=cfg.iters)
   plan = plan_fn(q, k, mod)
   opts = _options(cfg)
@@ -199,7 +202,8 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
     kernel = pallas_kernel(q, plan, interpret=jax.default_backend() == "cpu", options=opts)
   del plan
   total_fn = jax.jit(
-    lambda q, k, v, m: sparse_attention(q, k, v, pol, m, backend=cfg.backend, pallas_options=opts)
+    lambda q, k, v, m: sparse_attention(q, k, v, pol, m, backend=cfg.backend, pallas_options=opts),
+    compiler_options=copts,
   )
   total_ms = timeit(total_fn, q, k, v, mod, warmup=cfg.warmup, iters=cfg.iters)
   return dataclasses.asdict(
@@ -216,8 +220,19 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
       baseline_tflops=flops / base_ms / 1e9,
       dense_ours_ms=dense_ours,
       kernel=kernel,
+      plan_share=plan_ms / (plan_ms + kernel_ms),
+      plan_options=",".join(f"{k}={v}" for k, v in sorted((copts or {}).items())),
     )
   )
+
+
+def plan_compiler_options(cfg, length: int) -> dict | None:
+  """The XLA compile options of the programs that build a plan (plan alone, plan +
+  kernel): `planning.PLAN_COMPILER_OPTIONS` up to `cfg.concurrent_plan_max_len` tokens
+  (their temp memory grows with the length), None beyond."""
+  if length <= cfg.concurrent_plan_max_len:
+    return dict(planning.PLAN_COMPILER_OPTIONS)
+  return None
 
 
 def _options(cfg):
@@ -243,17 +258,18 @@ def format_table(result) -> str:
     ),
     "",
     "| T | policy | density | baseline ms | ours dense ms | plan ms | kernel ms | "
-    "plan+kernel ms | speedup | kernel TFLOP/s (eff.) | baseline TFLOP/s | kernel |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "plan+kernel ms | plan % | speedup | kernel TFLOP/s (eff.) | baseline TFLOP/s | kernel |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in result["rows"]:
     if "error" in r:
-      lines.append(f"| {r['length']} | {r['policy']} | failed: {r['error'][:80]} |" + " |" * 9)
+      lines.append(f"| {r['length']} | {r['policy']} | failed: {r['error'][:80]} |" + " |" * 10)
       continue
     dense = f"{r['dense_ours_ms']:.2f}" if r["dense_ours_ms"] is not None else "-"
     lines.append(
       f"| {r['length']} | {r['policy']} | {r['density']:.3f} | {r['baseline_ms']:.2f} | "
       f"{dense} | {r['plan_ms']:.2f} | {r['kernel_ms']:.2f} | {r['total_ms']:.2f} | "
+      f"{100 * r.get('plan_share', r['plan_ms'] / (r['plan_ms'] + r['kernel_ms'])):.1f} | "
       f"{r['speedup']:.2f}x | {r['kernel_tflops']:.0f} | {r['baseline_tflops']:.0f} | "
       f"{r.get('kernel', '')} |"
     )

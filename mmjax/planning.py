@@ -158,6 +158,15 @@ MASS_IMPL = None
 # the keys). The same values (max diff 0); on an H200 1.06-1.09x faster at 128k,
 # 1.06-1.07x at 1M (tools/mass_bench.py, h200_2026-12-01d/mass_bench_*.json).
 MASS_HEADS_INNER = True
+
+# XLA compile options for a program that builds plans (`jax.jit(..., compiler_options=)`;
+# an inner jit's options are ignored, so they go on the outermost one). Concurrent
+# command-buffer scheduling lets independent kernels overlap: a plan is a chain of small,
+# latency-bound kernels, and an mminference plan runs one chain per pattern group. On an
+# H200 at 128k: mminference 6.29 -> 4.02 ms, q_boundary 7.36 -> 6.91; temp memory 0.21 ->
+# 1.26 GiB and 0.99 -> 2.55 GiB. At 1M it bought little (mminference 44.0 -> 40.5 ms, 2
+# heads per step) for 4.4x the memory (3.0 -> 13.2 GiB): h200_2026-12-01e/README.md.
+PLAN_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 # The pooled-block scores: "pallas" (pallas_kernels.pooled_scores: masked in the kernel,
 # the chunk maxima of `top_k_entries` taken from the tile in registers, tiles without an
 # allowed pair skipped) or "xla" (an einsum; the mask and maxima are passes over it).

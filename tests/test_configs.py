@@ -48,7 +48,11 @@ def test_bench_smoke_runs(tmp_path):
   assert len(rows) == len(cfg.lengths) * len(cfg.policies)
   for r in rows:
     assert 0 < r["density"] <= 1 and r["baseline_ms"] > 0 and r["total_ms"] > 0
+    assert r["plan_share"] == r["plan_ms"] / (r["plan_ms"] + r["kernel_ms"])
+    assert "scheduling_mode=CONCURRENT" in r["plan_options"]  # smoke lengths are short
   assert (tmp_path / "bench.json").exists() and (tmp_path / "table.md").exists()
+  # past concurrent_plan_max_len the plan programs compile with XLA's defaults
+  assert bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len + 1) is None
 
 
 def test_bench_mminference_cycle_table():

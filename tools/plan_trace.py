@@ -81,8 +81,9 @@ def op_sources(hlo_text: str, package: str = "mmjax") -> dict[str, str]:
   return out
 
 
-def kernel_times(fn, *args) -> tuple[dict[str, float], float]:
-  """Device time (us) per HLO op of one profiled call of jitted `fn`, and the total."""
+def kernel_times(fn, *args, counts=None) -> tuple[dict[str, float], float]:
+  """Device time (us) per HLO op of one profiled call of jitted `fn`, and the total;
+  `counts` (a Counter), if given, gets the number of kernels each op launched."""
   jax.block_until_ready(fn(*args))
   d = tempfile.mkdtemp(prefix="plantrace_")
   with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -96,6 +97,8 @@ def kernel_times(fn, *args) -> tuple[dict[str, float], float]:
     a = e.get("args") or {}
     if e.get("ph") == "X" and "hlo_op" in a and not e["name"].startswith("end:"):
       times[a["hlo_op"]] += float(e.get("dur", 0.0))
+      if counts is not None:
+        counts[a["hlo_op"]] += 1
   return dict(times), sum(times.values())
 
 
@@ -140,6 +143,12 @@ def main():
     "--heads_per_step", type=int, default=-1, help="-1: the attention benchmark's choice"
   )
   ap.add_argument("--top", type=int, default=12)
+  ap.add_argument(
+    "--by",
+    default="line",
+    choices=["line", "function"],
+    help="sum the kernel time by source line or by the planner's function",
+  )
   ap.add_argument("--out", default="")
   ap.add_argument("--hlo_dir", default="", help="write each plan's compiled HLO text here")
   ap.add_argument("--planner", default="lists", choices=["lists", "dense"])
@@ -164,7 +173,14 @@ def main():
     default=int(planning.MASS_HEADS_INNER),
     help="1: the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
   )
+  ap.add_argument(
+    "--concurrent",
+    type=int,
+    default=0,
+    help="1: compile the plans with planning.PLAN_COMPILER_OPTIONS (concurrent scheduling)",
+  )
   args = ap.parse_args()
+  copts = dict(planning.PLAN_COMPILER_OPTIONS) if args.concurrent else None
   planning.MASS_HEADS_INNER = bool(args.mass_heads_inner)
   planning.TOPK_IMPL = args.topk or None
   planning.SCORE_IMPL = args.score or None
@@ -180,13 +196,16 @@ def main():
   hps = args.heads_per_step
   hps = bench.heads_per_step(cfg, t, args.heads) if hps < 0 else hps
   report["heads_per_step"] = hps
+  report["compiler_options"] = copts
   for name in args.policies.split(","):
     if name == "mminference":  # as the attention benchmark runs it: one pattern per head
       cfg.heads_per_step, cfg.plan_step_tokens = hps, 0
       pol = bench.cycle_table_policy(cfg, args.heads)
     else:
       pol = P.get(name, block_q=128, block_k=64, heads_per_step=hps)
-    fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m, planner=args.planner))
+    fn = jax.jit(
+      lambda q, k, m, pol=pol: pol.plan(q, k, m, planner=args.planner), compiler_options=copts
+    )
     ms = bench.timeit(fn, q, k, mod, warmup=1, iters=3)
     compiled = fn.lower(q, k, mod).compile()
     hlo = compiled.as_text()
@@ -196,22 +215,31 @@ def main():
       os.makedirs(args.hlo_dir, exist_ok=True)
       with open(os.path.join(args.hlo_dir, f"{name}.hlo.txt"), "w") as f:
         f.write(hlo)
-    times, total = kernel_times(fn, q, k, mod)
-    by_src = collections.Counter()
+    counts = collections.Counter()
+    times, total = kernel_times(fn, q, k, mod, counts=counts)
+    by_src, n_by_src = collections.Counter(), collections.Counter()
     for op, us in times.items():
-      by_src[src.get(op, op)] += us
+      where = src.get(op, op)
+      if args.by == "function":  # "file:line func [op]" -> "file func"
+        where = re.sub(r":\d+ ", " ", where).split(" [")[0]
+      by_src[where] += us
+      n_by_src[where] += counts[op]
     top = by_src.most_common(args.top)
+    n_kernels = sum(counts.values())
     print(
-      f"\n{name}: plan {ms:.2f} ms wall, {total / 1e3:.2f} ms in ops, {temp:.2f} GiB temp",
+      f"\n{name}: plan {ms:.2f} ms wall, {total / 1e3:.2f} ms in ops, {n_kernels} kernels,"
+      f" {temp:.2f} GiB temp",
       flush=True,
     )
     for where, us in top:
-      print(f"  {us / 1e3:9.2f} ms {100 * us / max(total, 1e-9):5.1f}%  {where}")
+      share = 100 * us / max(total, 1e-9)
+      print(f"  {us / 1e3:9.2f} ms {share:5.1f}% {n_by_src[where]:5d}x  {where}")
     report[name] = {
       "wall_ms": ms,
       "ops_ms": total / 1e3,
+      "kernels": n_kernels,
       "temp_gib": temp,
-      "top": [[w, us / 1e3] for w, us in top],
+      "top": [[w, us / 1e3, n_by_src[w]] for w, us in top],
     }
     if args.check:
       other = "dense" if args.planner == "lists" else "lists"
