@@ -1030,7 +1030,9 @@ def _compact_rows(x, keep, width):
   """The entries of x [R, V] where keep holds, in order, then BIG: [R, min(V, width)]."""
   n_r, n = x.shape
   width = min(width, n)
-  slot = jnp.cumsum(keep, axis=1) - 1
+  # (a cumsum of a mask is a reduce-window tree on a GPU: 0.30 ms of a 128k q_boundary
+  # plan for [28 x 1024, 841]; the matmul prefix count is exact and cheaper)
+  slot = _prefix_count(keep) - 1
   slot = jnp.where(keep & (slot < width), slot, width)
   rows = jnp.broadcast_to(jnp.arange(n_r)[:, None], (n_r, n))
   return jnp.full((n_r, width), BIG, x.dtype).at[rows, slot].set(x, mode="drop")
