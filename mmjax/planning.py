@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -497,18 +498,31 @@ class HeadView:
     return kmin[None, :] <= qmax[:, None]
 
 
-def _group_order(pos, mod, real, grid_strides, grid_all):
-  """The permutation that groups by modality (+ an optional grid permutation inside groups).
+class GroupSort(typing.NamedTuple):
+  """The head-independent half of `_group_order` for one batch row: the stable sort of
+  the tokens by group (one sort of L)."""
 
-  Returns (perm [L]: original index at each view index, rank [L], orank [L]) where rank is
-  the index inside the group in view order and orank the index inside the group in
-  original order, both given in view order.
+  by_group: jax.Array  # [L] int32: the original index at each group-sorted place
+  g_sorted: jax.Array  # [L] the group id at each place (BIG: padding)
+  orank: jax.Array  # [L] the index inside the group (original order)
+  size: jax.Array  # [L] the size of the place's group
 
-  One stable sort by group; a grid group of n tokens with stride S is then ordered by
-  (orank % S, orank), whose place is computed: the tokens of residue s come after
-  s * (n // S) + min(s, n % S) others. (A three-key sort was 17 of a 1M-token grid plan's
-  90 ms on an H200.)
-  """
+
+class Modality(typing.NamedTuple):
+  """A batch row's modality ids [L] (padding -1) with the group sorts the views need,
+  computed once per row (`modality_row`) instead of once per head and step of heads
+  (lax.map does not hoist them): by modality (Q / 2D boundary views) and of the whole
+  sequence (a grid over it). None where no view needs one. The planners take this or the
+  plain ids [L] (then each view sorts for itself)."""
+
+  ids: jax.Array
+  by_modality: GroupSort | None = None
+  whole: GroupSort | None = None
+
+
+def group_sort(pos, mod, real) -> GroupSort:
+  """`GroupSort` of tokens at positions pos [L] with group ids mod [L] (real [L]: not
+  padding)."""
   n_all = pos.shape[0]
   grp = jnp.where(real, mod, BIG)
   by_group = jnp.lexsort((pos, grp))  # stable: original order inside each group
@@ -518,6 +532,39 @@ def _group_order(pos, mod, real, grid_strides, grid_all):
   start = idx - orank
   is_last = jnp.concatenate([g_sorted[1:] != g_sorted[:-1], jnp.array([True])])
   size = jax.lax.cummin(jnp.where(is_last, idx, n_all), reverse=True) - start + 1
+  return GroupSort(by_group.astype(jnp.int32), g_sorted, orank, size)
+
+
+def modality_row(mod, *, seq_len, by_modality, whole) -> Modality:
+  """`Modality` of one batch row's ids mod [L] (L padded, T = seq_len real), with the
+  sorts asked for (static bools)."""
+  pos = jnp.arange(mod.shape[0], dtype=jnp.int32)
+  real = pos < seq_len
+  ids = jnp.where(real, mod, -1)
+  return Modality(
+    mod,
+    group_sort(pos, ids, real) if by_modality else None,
+    group_sort(pos, jnp.zeros_like(ids), real) if whole else None,
+  )
+
+
+def _group_order(pos, mod, real, grid_strides, grid_all, sort=None):
+  """The permutation that groups by modality (+ an optional grid permutation inside groups).
+
+  Returns (perm [L]: original index at each view index, rank [L], orank [L]) where rank is
+  the index inside the group in view order and orank the index inside the group in
+  original order, both given in view order.
+
+  One stable sort by group (`group_sort`; `sort` if given, computed once per batch row);
+  a grid group of n tokens with stride S is then ordered by (orank % S, orank), whose
+  place is computed: the tokens of residue s come after s * (n // S) + min(s, n % S)
+  others. (A three-key sort was 17 of a 1M-token grid plan's 90 ms on an H200.)
+  """
+  n_all = pos.shape[0]
+  if sort is None:
+    sort = group_sort(pos, mod, real)
+  by_group, g_sorted, orank, size = sort
+  start = jnp.arange(n_all, dtype=jnp.int32) - orank
   place = orank
   for gmod, stride in grid_strides:  # stride is a traced scalar
     in_g = (g_sorted < BIG) & ((g_sorted == gmod) if not grid_all else True)
@@ -526,7 +573,7 @@ def _group_order(pos, mod, real, grid_strides, grid_all):
     grid_place = sub * (size // st) + jnp.minimum(sub, size % st) + orank // st
     place = jnp.where(in_g, grid_place, place)
   view = start + place  # view index of each group-sorted token
-  perm = jnp.zeros((n_all,), jnp.int32).at[view].set(by_group.astype(jnp.int32))
+  perm = jnp.zeros((n_all,), jnp.int32).at[view].set(by_group)
   rank = jnp.zeros((n_all,), jnp.int32).at[view].set(place)
   orank_view = jnp.zeros((n_all,), jnp.int32).at[view].set(orank)
   return perm, rank, orank_view
@@ -534,8 +581,10 @@ def _group_order(pos, mod, real, grid_strides, grid_all):
 
 def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, scale):
   """Builds the HeadView of one head. q, k: [L, H] or HeadSource; mod: [L] (pads
-  anything)."""
+  anything) or a `Modality` (its group sorts reused)."""
   q, k = HeadSource.of(q), HeadSource.of(k)
+  sorts = mod if isinstance(mod, Modality) else Modality(mod)
+  mod = sorts.ids
   length = q.length
   pos = jnp.arange(length, dtype=jnp.int32)
   real = pos < seq_len
@@ -565,9 +614,11 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
       **common,
     )
   if layout.group == "none":  # grid over the whole sequence
-    perm, rank, orank = _group_order(pos, jnp.zeros_like(mod), real, grid_strides, True)
+    perm, rank, orank = _group_order(
+      pos, jnp.zeros_like(mod), real, grid_strides, True, sorts.whole
+    )
   else:
-    perm, rank, orank = _group_order(pos, mod, real, grid_strides, False)
+    perm, rank, orank = _group_order(pos, mod, real, grid_strides, False, sorts.by_modality)
   if layout.group == "q":
     # queries grouped, keys in original order: ranks are original positions.
     return HeadView(

@@ -167,6 +167,16 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
 
   view_kw = dict(seq_len=t, block_q=policy.block_q, block_k=policy.block_k, scale=scale)
   b_ids = jnp.arange(b, dtype=jnp.int32)
+  # the views' group sorts, once per batch row rather than per head and step of heads
+  layouts = {p.layout() for p in head_specs}
+  modality = jax.vmap(
+    functools.partial(
+      planning.modality_row,
+      seq_len=t,
+      by_modality=any(lay.group != "none" for lay in layouts),
+      whole=any(lay.group == "none" and lay.grid_groups for lay in layouts),
+    )
+  )(modality)
 
   def k_pools(spec):
     # the pooled keys of each (batch, kv head), when every query head of a kv head would
@@ -211,6 +221,7 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
     return out
 
   results = [None] * n
+  groups, order = [], []  # each group's plan [B, n_g, ...] and its heads
   # heads grouped by spec (static); each group vmapped over (batch, head).
   by_spec: dict[Policy, list[int]] = {}
   for i, spec in enumerate(head_specs):
@@ -227,11 +238,18 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
       axis_name=_PLAN_AXES[0],
     )
     out = _map_head_chunks(f, heads_arr, group, modality, policy.heads_per_step)
-    for j, hd in enumerate(heads):
-      results[hd] = jax.tree_util.tree_map(lambda x, j=j: x[:, j], out)
+    groups.append(out)
+    order.extend(heads)
+    for j, hd in enumerate(heads):  # (each head's aux)
+      results[hd] = {"aux": jax.tree_util.tree_map(lambda x, j=j: x[:, j], out["aux"])}
+
+  inv = np.argsort(np.asarray(order))  # the head axis in group order -> in head order
 
   def stack(key):
-    return jnp.stack([r[key] for r in results], axis=1)
+    # one gather of whole [nQ, MB] rows per head; a stack of the heads' slices moved the
+    # same bytes 2.4x slower (an mminference plan at 1M on an H200: 2.27 -> 0.95 ms)
+    cat = jnp.concatenate([g[key] for g in groups], axis=1)  # [B, N, ...] in group order
+    return cat if np.array_equal(inv, np.arange(n)) else jnp.take(cat, inv, axis=1)
 
   aux_keys = sorted({key for r in results for key in r["aux"]})
   aux = {}
@@ -256,7 +274,8 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
 
 
 def _map_head_chunks(f, heads, group, modality, per_step):
-  """f(batch ids [B], query head ids [n], kv head ids [n], modality) over the query heads
+  """f(batch ids [B], query head ids [n], kv head ids [n], modality: a pytree of [B, ...]
+  leaves) over the query heads
   `heads` at once, or `per_step` heads at a time (lax.map) to bound memory. Returns f's
   leaves as [B, n_g, ...].
 
@@ -265,7 +284,7 @@ def _map_head_chunks(f, heads, group, modality, per_step):
   pass over q and k per query head (4.5 ms at 1M tokens, 28 heads, on an H200).
   """
   n_g = len(heads)
-  b_ids = jnp.arange(modality.shape[0], dtype=jnp.int32)
+  b_ids = jnp.arange(jax.tree_util.tree_leaves(modality)[0].shape[0], dtype=jnp.int32)
   if not per_step or per_step >= n_g:
     hs = jnp.asarray(heads, jnp.int32)
     return f(b_ids, hs, hs // group, modality)

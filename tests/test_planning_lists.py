@@ -231,6 +231,29 @@ def test_keys_pooled_once_per_kv_head_give_the_same_plan(name, monkeypatch):
   assert_same_plan(got, pol.plan(q, k, mod))
 
 
+@pytest.mark.parametrize("name", ["grid", "q_boundary", "2d_boundary", "mminference"])
+def test_group_sorts_once_per_row_give_the_same_plan(name, monkeypatch):
+  """The views' group sorts computed once per batch row (`planning.modality_row`, passed
+  to every head and step of heads) give the plan of each view sorting for itself."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(27, b, t, n, kh, h, dtype, modk)
+  pol = dataclasses.replace(_policy(name, n, bq, bk), heads_per_step=1)  # a lax.map of heads
+  mod = jnp.asarray(mod, jnp.int32)
+
+  def plan():  # a new jit each time: traced with the current planning.modality_row
+    return jax.jit(lambda q, k, m: P._plan_impl(pol, q, k, m))(q, k, mod)
+
+  sorted_once = plan()
+  rows = []
+  full = planning.modality_row
+  monkeypatch.setattr(
+    planning, "modality_row", lambda m, **kw: rows.append(full(m, **kw)) or planning.Modality(m)
+  )
+  per_view = plan()
+  assert rows and any(x is not None for r in rows for x in (r.by_modality, r.whole))
+  assert_same_plan(sorted_once, per_view)
+
+
 def test_estimates_with_the_heads_innermost_give_the_same_plan(monkeypatch):
   """planning.MASS_HEADS_INNER: the last-query estimates of the vmapped query heads as one
   attn_mass call (heads first in its grid) give the plan of vmap's usual batching. The 2D
