@@ -96,6 +96,7 @@ class Row:
 
 def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
   """Runs the benchmark described by `cfg` (see configs/bench_attention.py)."""
+  check_policies(cfg)
   on_gpu = jax.default_backend() == "gpu"
   dtype = jnp.dtype(cfg.dtype)
   cudnn_ok = on_gpu and dtype in (jnp.bfloat16, jnp.float16)  # cuDNN takes no f32
@@ -148,6 +149,30 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
       f.write(format_table(result) + "\n")
     plot(rows, os.path.join(workdir, "speedup.png"))
   return rows
+
+
+def check_policies(cfg) -> None:
+  """Raises a ValueError, before anything is timed, for names in `cfg.policies` that
+  `policies.get` does not know (a flag's tuple of unquoted names arrives as one string)
+  and for the cycle-table mminference without other names to cycle."""
+  if isinstance(cfg.policies, str) or not cfg.policies:
+    raise ValueError(
+      f"bench: policies must be a non-empty tuple of names; got {cfg.policies!r} (in a "
+      "flag, quote each name: --config.policies=\"('q_boundary','mminference')\")"
+    )
+  unknown = [n for n in cfg.policies if n not in policies.names()]
+  if unknown:
+    raise ValueError(
+      f"bench: unknown policies {unknown}; known: {policies.names()} (in a flag, quote "
+      "each name: --config.policies=\"('q_boundary','mminference')\")"
+    )
+  kwargs = cfg.policy_kwargs.get("mminference", {})
+  if "mminference" in cfg.policies and not kwargs and len(set(cfg.policies)) < 2:
+    raise ValueError(
+      "bench: mminference without policy_kwargs cycles the other names of `policies` over "
+      "its heads (cycle_table_policy), and there are none: add them, or give "
+      "policy_kwargs.mminference.table_path"
+    )
 
 
 def heads_per_step(cfg, length: int, num_heads: int) -> int:

@@ -55,6 +55,22 @@ def test_bench_smoke_runs(tmp_path):
   assert bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len + 1) is None
 
 
+@pytest.mark.parametrize(
+  "policies, match",
+  [
+    (("(block_sparse,q_boundary)",), "unknown policies"),  # an unquoted flag tuple
+    ((), "non-empty tuple"),
+    (("mminference",), "cycles the other names"),
+  ],
+)
+def test_bench_checks_policies_before_timing(policies, match, tmp_path):
+  cfg = importlib.import_module("configs.bench_attention").get_config("smoke")
+  cfg.policies = policies
+  with pytest.raises(ValueError, match=match):
+    bench.run(cfg, str(tmp_path), progress=False)
+  assert not (tmp_path / "bench.json").exists()
+
+
 def test_bench_mminference_cycle_table():
   """The benchmark's mminference (no kwargs) gives head i policies[i % 6] at its default
   budget; with no other policy to cycle through it says so."""
