@@ -159,6 +159,11 @@ MASS_IMPL = None
 # the keys). The same values (max diff 0); on an H200 1.06-1.09x faster at 128k,
 # 1.06-1.07x at 1M (tools/mass_bench.py, h200_2026-12-01d/mass_bench_*.json).
 MASS_HEADS_INNER = True
+# How the attn_mass kernel stores the probabilities p [64, L] between its second and third
+# passes: "float32", or "float16" (scaled by 2^15: half those passes' memory traffic, the
+# slash sums within about 1e-3 relative, the column sums unchanged). float16 is not yet
+# measured on a GPU (`tools/mass_bench.py` times both), so the planner keeps float32.
+MASS_P_DTYPE = "float32"
 
 # XLA compile options for a program that builds plans (`jax.jit(..., compiler_options=)`;
 # an inner jit's options are ignored, so they go on the outermost one). Concurrent
@@ -168,6 +173,7 @@ MASS_HEADS_INNER = True
 # 1.26 GiB and 0.99 -> 2.55 GiB. At 1M it bought little (mminference 44.0 -> 40.5 ms, 2
 # heads per step) for 4.4x the memory (3.0 -> 13.2 GiB): h200_2026-12-01e/README.md.
 PLAN_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
+
 # The pooled-block scores: "pallas" (pallas_kernels.pooled_scores: masked in the kernel,
 # the chunk maxima of `top_k_entries` taken from the tile in registers, tiles without an
 # allowed pair skipped) or "xla" (an einsum; the mask and maxima are passes over it).
@@ -214,6 +220,7 @@ def kernel_settings():
     cols_impl(),
     COLS_TILES,
     bool(MASS_HEADS_INNER),
+    MASS_P_DTYPE,
   )
 
 
@@ -685,6 +692,7 @@ def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of):
     index=v.k_src.index(),
     tile=min(128, v.length & -v.length),
     heads_inner=bool(MASS_HEADS_INNER),
+    p_dtype=MASS_P_DTYPE,
     interpret=_interpret(),
   )
 

@@ -275,9 +275,8 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
 
 def _map_head_chunks(f, heads, group, modality, per_step):
   """f(batch ids [B], query head ids [n], kv head ids [n], modality: a pytree of [B, ...]
-  leaves) over the query heads
-  `heads` at once, or `per_step` heads at a time (lax.map) to bound memory. Returns f's
-  leaves as [B, n_g, ...].
+  leaves) over the query heads `heads` at once, or `per_step` heads at a time (lax.map)
+  to bound memory. Returns f's leaves as [B, n_g, ...].
 
   f reads each head's q and k rows in place (the planner's kernels take the whole
   [B, L, N, H] arrays and a (batch, head) index); slicing every head out first cost a

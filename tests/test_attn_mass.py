@@ -62,6 +62,35 @@ class MassTests:
   def test_matches_reference(self, n_rows, length, h, gather, consecutive):
     self.check(*inputs(length + n_rows, n_rows, length, h, gather=gather, consecutive=consecutive))
 
+  @pytest.mark.parametrize("heads_inner", [False, True])
+  def test_p_stored_in_float16(self, heads_inner):
+    """p_dtype="float16": the slash sums within 1e-3 relative of the reference (p kept as
+    p * 2^15 in f16), the column sums as tight as in f32; one head alone or batched."""
+    q, k, key_lim, q_lim, base, perm = inputs(11, 32, 512, 64)
+    kw = dict(scale=0.3, perm=perm)
+    ref_col, ref_slash = attention_mass_reference(q, k, key_lim, q_lim, base, **kw)
+
+    def one(qh):
+      return attention_mass(
+        qh,
+        k,
+        key_lim,
+        q_lim,
+        base,
+        p_dtype="float16",
+        heads_inner=heads_inner,
+        interpret=self.interpret,
+        **kw,
+      )
+
+    col, slash = jax.vmap(one)(jnp.stack([q, q]))  # two heads, the same rows
+    for c, sl in zip(col, slash, strict=True):
+      np.testing.assert_allclose(np.asarray(c), np.asarray(ref_col), rtol=2e-5, atol=1e-6)
+      np.testing.assert_allclose(np.asarray(sl), np.asarray(ref_slash), rtol=1e-3, atol=1e-7)
+    # not the f32 values themselves: the option changes what pass 3 reads
+    _, slash32 = attention_mass(q, k, key_lim, q_lim, base, interpret=self.interpret, **kw)
+    assert not np.array_equal(np.asarray(slash[0]), np.asarray(slash32))
+
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
   def test_other_dtypes(self, dtype):
     self.check(*inputs(3, 16, 256, 64, dtype), tile=64)
@@ -190,6 +219,8 @@ class TestInterpret(MassTests):
       call(q, k, key_lim, q_lim, base, perm=perm[:64])
     with pytest.raises(ValueError, match="head dims differ"):
       call(q, k[:, :16], key_lim, q_lim, base)
+    with pytest.raises(ValueError, match="p_dtype must be one of"):
+      call(q, k, key_lim, q_lim, base, p_dtype="bfloat16")
 
 
 @pytest.mark.gpu

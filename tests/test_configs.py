@@ -51,6 +51,7 @@ def test_bench_smoke_runs(tmp_path):
     assert r["plan_share"] == r["plan_ms"] / (r["plan_ms"] + r["kernel_ms"])
     assert "scheduling_mode=CONCURRENT" in r["plan_options"]  # smoke lengths are short
   assert (tmp_path / "bench.json").exists() and (tmp_path / "table.md").exists()
+  assert (tmp_path / "speedup.png").exists() and (tmp_path / "plan_share.png").exists()
   # past concurrent_plan_max_len the plan programs compile with XLA's defaults
   assert bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len + 1) is None
 

@@ -7,7 +7,9 @@ same run, for 28 heads (4 kv heads, read in place) at 128k and 1M tokens.
 The kernel's passes are listed by their profiled time; `max_err`: the largest difference
 from the XLA path's masses (each row's mass sums to 1). "heads inner": the kernel with
 `heads_inner=True` (one call for the 28 heads, a key tile's programs of every head
-together), against the kernel under vmap's usual batching.
+together), against the kernel under vmap's usual batching. "p in f16": heads inner with
+`p_dtype="float16"` (p stored scaled in f16 between passes 2 and 3) against heads inner in
+f32, and its largest difference from them.
 """
 
 import argparse
@@ -36,7 +38,7 @@ def inputs(length, seed=0):
   return q, k, key_lim, q_lim
 
 
-def kernel_fn(scale, heads_inner=False):
+def kernel_fn(scale, heads_inner=False, p_dtype="float32"):
   def one(qh, h, k, key_lim, q_lim):
     index = jnp.stack([jnp.int32(0), h // (HEADS // KV_HEADS)])
     interpret = jax.default_backend() != "gpu"
@@ -49,6 +51,7 @@ def kernel_fn(scale, heads_inner=False):
       scale=scale,
       index=index,
       heads_inner=heads_inner,
+      p_dtype=p_dtype,
       interpret=interpret,
     )
 
@@ -85,8 +88,12 @@ def main():
       float(jnp.max(jnp.abs(a - b))) for a, b in zip(inner(*x), ours(*x), strict=True)
     )
     t_inner = bench.timeit(inner, *x, warmup=2, iters=10)
+    f16 = kernel_fn(H**-0.5, heads_inner=True, p_dtype="float16")
+    err_f16 = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(f16(*x), inner(*x), strict=True))
+    t_f16 = bench.timeit(f16, *x, warmup=2, iters=10)
     passes = {op: us / 1e3 for op, us in top_kernels(ours, *x)}
     passes_inner = {op: us / 1e3 for op, us in top_kernels(inner, *x)}
+    passes_f16 = {op: us / 1e3 for op, us in top_kernels(f16, *x)}
     print(
       f"L={length}: kernel {t_ours:.3f} ms, xla {t_ref:.3f} ms, {t_ref / t_ours:.2f}x, "
       f"max_err {err:.2e}; " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes.items()),
@@ -98,10 +105,17 @@ def main():
       + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes_inner.items()),
       flush=True,
     )
+    print(
+      f"  p in f16: {t_f16:.3f} ms, {t_inner / t_f16:.2f}x heads inner, "
+      f"max diff {err_f16:.2e}; " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes_f16.items()),
+      flush=True,
+    )
     rows.append(
       dict(length=length, kernel_ms=t_ours, xla_ms=t_ref, ratio=t_ref / t_ours, max_err=err)
       | dict(kernel_ops_ms=passes, heads_inner_ms=t_inner, heads_inner_ops_ms=passes_inner)
       | dict(heads_inner_vs_kernel=t_ours / t_inner, heads_inner_max_diff=err_inner)
+      | dict(p_f16_ms=t_f16, p_f16_vs_f32=t_inner / t_f16, p_f16_max_diff=err_f16)
+      | dict(p_f16_ops_ms=passes_f16)
     )
   bench.write_report(args.out, rows)
 
