@@ -220,7 +220,7 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
       out["k_perm"] = jnp.arange(length, dtype=jnp.int32)
     return out
 
-  results = [None] * n
+  head_aux = [None] * n  # each head's aux entries, [B] each
   groups, order = [], []  # each group's plan [B, n_g, ...] and its heads
   # heads grouped by spec (static); each group vmapped over (batch, head).
   by_spec: dict[Policy, list[int]] = {}
@@ -240,8 +240,8 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
     out = _map_head_chunks(f, heads_arr, group, modality, policy.heads_per_step)
     groups.append(out)
     order.extend(heads)
-    for j, hd in enumerate(heads):  # (each head's aux)
-      results[hd] = {"aux": jax.tree_util.tree_map(lambda x, j=j: x[:, j], out["aux"])}
+    for j, hd in enumerate(heads):
+      head_aux[hd] = {key: x[:, j] for key, x in out["aux"].items()}
 
   inv = np.argsort(np.asarray(order))  # the head axis in group order -> in head order
 
@@ -251,12 +251,9 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
     cat = jnp.concatenate([g[key] for g in groups], axis=1)  # [B, N, ...] in group order
     return cat if np.array_equal(inv, np.arange(n)) else jnp.take(cat, inv, axis=1)
 
-  aux_keys = sorted({key for r in results for key in r["aux"]})
   aux = {}
-  for key in aux_keys:  # heads without this entry report -1
-    aux[key] = jnp.stack(
-      [r["aux"].get(key, jnp.full((b,), -1, jnp.int32)) for r in results], axis=1
-    )
+  for key in sorted({key for a in head_aux for key in a}):  # heads without it report -1
+    aux[key] = jnp.stack([a.get(key, jnp.full((b,), -1, jnp.int32)) for a in head_aux], axis=1)
   identity = all(p.layout() == planning.Layout("none") for p in head_specs)
   q_only = all(p.layout().group == "q" for p in head_specs)
   return SparsePlan(
