@@ -69,6 +69,21 @@ def xla_fn(scale):
   return jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None)))
 
 
+def max_diff(a, b) -> float:
+  """The largest difference between two (col, slash) results."""
+  return max(float(jnp.max(jnp.abs(u - w))) for u, w in zip(a, b, strict=True))
+
+
+def measure(fn, x):
+  """(median ms, {op: profiled ms}) of jitted fn on x."""
+  ms = bench.timeit(fn, *x, warmup=2, iters=10)
+  return ms, {op: us / 1e3 for op, us in top_kernels(fn, *x)}
+
+
+def ops_text(passes) -> str:
+  return ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes.items())
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="")
@@ -80,34 +95,28 @@ def main():
     heads = jnp.arange(HEADS, dtype=jnp.int32)
     x = (q, heads, k, key_lim, q_lim)
     ours, ref = kernel_fn(H**-0.5), xla_fn(H**-0.5)
-    err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ours(*x), ref(*x), strict=True))
-    t_ours = bench.timeit(ours, *x, warmup=2, iters=10)
-    t_ref = bench.timeit(ref, *x, warmup=2, iters=10)
     inner = kernel_fn(H**-0.5, heads_inner=True)
-    err_inner = max(
-      float(jnp.max(jnp.abs(a - b))) for a, b in zip(inner(*x), ours(*x), strict=True)
-    )
-    t_inner = bench.timeit(inner, *x, warmup=2, iters=10)
     f16 = kernel_fn(H**-0.5, heads_inner=True, p_dtype="float16")
-    err_f16 = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(f16(*x), inner(*x), strict=True))
-    t_f16 = bench.timeit(f16, *x, warmup=2, iters=10)
-    passes = {op: us / 1e3 for op, us in top_kernels(ours, *x)}
-    passes_inner = {op: us / 1e3 for op, us in top_kernels(inner, *x)}
-    passes_f16 = {op: us / 1e3 for op, us in top_kernels(f16, *x)}
+    err, err_inner, err_f16 = (
+      max_diff(a(*x), b(*x)) for a, b in ((ours, ref), (inner, ours), (f16, inner))
+    )
+    t_ours, passes = measure(ours, x)
+    t_ref = bench.timeit(ref, *x, warmup=2, iters=10)
+    t_inner, passes_inner = measure(inner, x)
+    t_f16, passes_f16 = measure(f16, x)
     print(
       f"L={length}: kernel {t_ours:.3f} ms, xla {t_ref:.3f} ms, {t_ref / t_ours:.2f}x, "
-      f"max_err {err:.2e}; " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes.items()),
+      f"max_err {err:.2e}; {ops_text(passes)}",
       flush=True,
     )
     print(
       f"  heads inner: {t_inner:.3f} ms, {t_ours / t_inner:.2f}x the kernel, "
-      f"max diff {err_inner:.2e}; "
-      + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes_inner.items()),
+      f"max diff {err_inner:.2e}; {ops_text(passes_inner)}",
       flush=True,
     )
     print(
       f"  p in f16: {t_f16:.3f} ms, {t_inner / t_f16:.2f}x heads inner, "
-      f"max diff {err_f16:.2e}; " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in passes_f16.items()),
+      f"max diff {err_f16:.2e}; {ops_text(passes_f16)}",
       flush=True,
     )
     rows.append(
