@@ -663,20 +663,25 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
 # ----------------------------------------------------------------------------------------
 # online estimates from the last queries
 # ----------------------------------------------------------------------------------------
-def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of):
+def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of, max_offset=None):
   """Attention mass of the last `last_q` real queries of q_mod (every query where
   `use_mod` is False) against the keys of k_mod, softmaxed per query.
 
   base_of(rows) gives each query row's diagonal base: the offset of key j is base - j.
   Returns (col [L]: mass per key, view order; slash [L]: mass per offset o >= 0). With
-  the Pallas kernel (`mass_impl`) the probabilities are never written out.
+  the Pallas kernel (`mass_impl`) the probabilities are never written out. max_offset W
+  (static, < L): only slash[:W] is wanted, and no col (None); the kernel then computes p
+  only near the rows' bases (the same sums).
   """
   rows, row_ok = _last_rows(v, q_mod, last_q, use_mod)
   base = base_of(rows).astype(jnp.int32)
   kok = v.k_ok(k_mod)
+  if max_offset is not None and max_offset >= v.length:
+    max_offset = None
   if mass_impl() == "xla":
     p = _rows_probs(v, rows, row_ok, kok)
-    return p.sum(0), slash_sums(p, base, v.length)
+    slash = slash_sums(p, base, v.length)
+    return (p.sum(0), slash) if max_offset is None else (None, slash[:max_offset])
   n_r = rows.shape[0]
   n_pad = max(16, 1 << (n_r - 1).bit_length()) - n_r  # the kernel's rows: a power of 2
   q_rows = jnp.pad(v.q_src.rows(v.q_pos[rows]), ((0, n_pad), (0, 0)))
@@ -693,6 +698,7 @@ def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of):
     tile=min(128, v.length & -v.length),
     heads_inner=bool(MASS_HEADS_INNER),
     p_dtype=MASS_P_DTYPE,
+    max_offset=max_offset,
     interpret=_interpret(),
   )
 
@@ -711,23 +717,40 @@ def slash_sums(p, base, length):
   return rows.sum(0)
 
 
-def estimate_stride(slash, min_stride, max_stride, multiples=4):
+def _stride_range(length, min_stride, max_stride, multiples):
+  """(the largest candidate stride, the number of slash offsets its score reads)."""
+  hi = min(max_stride, max((length - 1) // (multiples + 1), min_stride))
+  return hi, hi * multiples + hi // 2 + 1
+
+
+def stride_offsets(length, min_stride, max_stride, multiples=4):
+  """How many of the first slash offsets `estimate_stride` reads (static): the mass
+  estimate may stop there (`last_query_mass(max_offset=...)`)."""
+  return _stride_range(length, min_stride, max_stride, multiples)[1]
+
+
+def estimate_stride(slash, min_stride, max_stride, multiples=4, length=None):
   """The stride whose grid lines stand out most from the diagonals between them.
 
   score(s) = mean over m = 1..multiples of slash[m*s] - slash[m*s + s//2]. Contrasting each
   line with the half-way diagonal cancels smooth decay (a local window makes every small
   offset heavy), divisors of the true stride lose (half their lines are off the grid) and
   multiples lose (their first lines lie farther away, where mass is lower).
+
+  slash: [L] mass per offset, or its first `stride_offsets(L, ...)` entries with
+  length=L (the same stride).
   """
-  length = slash.shape[0]
-  hi = min(max_stride, max((length - 1) // (multiples + 1), min_stride))
+  length = slash.shape[0] if length is None else length
+  hi, n_read = _stride_range(length, min_stride, max_stride, multiples)
+  if slash.shape[0] < min(n_read, length):
+    raise ValueError(f"slash has {slash.shape[0]} offsets; the estimate reads {n_read}")
   cands = jnp.arange(min_stride, hi + 1, dtype=jnp.int32)
   m = jnp.arange(1, multiples + 1, dtype=jnp.int32)
   on = cands[:, None] * m[None, :]
   off = on + cands[:, None] // 2
 
-  def at(o):
-    return jnp.where(o < length, slash[jnp.minimum(o, length - 1)], 0.0)
+  def at(o):  # (o < n_read <= len(slash) where length was given)
+    return jnp.where(o < length, slash[jnp.minimum(o, slash.shape[0] - 1)], 0.0)
 
   return cands[jnp.argmax((at(on) - at(off)).mean(-1))]
 
@@ -1148,8 +1171,9 @@ def head_view(layout, q, k, mod, *, seq_len, block_q, block_k, scale):
           gpat.last_q,
           has if gmod < 0 else True,
           lambda rows, pre=pre, start=start: _orank_of(pre, rows) + start,
+          max_offset=stride_offsets(pre.length, gpat.min_stride, gpat.max_stride),
         )
-        stride = estimate_stride(slash, gpat.min_stride, gpat.max_stride)
+        stride = estimate_stride(slash, gpat.min_stride, gpat.max_stride, length=pre.length)
       strides.append((gmod, stride))
       aux["stride" if gmod < 0 else f"stride_{gmod}"] = stride
   return build_view(layout, tuple(strides), q, k, mod, **kw), aux

@@ -91,6 +91,44 @@ class MassTests:
     _, slash32 = attention_mass(q, k, key_lim, q_lim, base, interpret=self.interpret, **kw)
     assert not np.array_equal(np.asarray(slash[0]), np.asarray(slash32))
 
+  @pytest.mark.parametrize(
+    "consecutive, max_offset, heads_inner",
+    [(True, 100, False), (False, 300, False), (True, 37, True)],
+  )
+  def test_window_of_offsets(self, consecutive, max_offset, heads_inner):
+    """max_offset W: slash[:W] as the reference's (p computed only on the key tiles within
+    W of a row's base), no column sums; alone, or vmapped over heads with a base per head
+    (the window per head)."""
+    q, k, key_lim, q_lim, base, perm = inputs(12, 16, 512, 32, consecutive=consecutive)
+    kw = dict(scale=0.3, perm=perm, tile=32)
+    bases = jnp.stack([base, jnp.where(base >= 0, base // 2, -1)])
+    qs = jnp.stack([q, -q])
+
+    def one(qh, bh):
+      return attention_mass(
+        qh,
+        k,
+        key_lim,
+        q_lim,
+        bh,
+        max_offset=max_offset,
+        heads_inner=heads_inner,
+        interpret=self.interpret,
+        **kw,
+      )
+
+    kw.pop("tile")
+    col, slash = jax.vmap(one)(qs, bases) if heads_inner else one(q, base)
+    assert col is None
+    for i in range(2 if heads_inner else 1):
+      _, want = attention_mass_reference(qs[i], k, key_lim, q_lim, bases[i], **kw)
+      got = slash[i] if heads_inner else slash
+      assert got.shape == (max_offset,)
+      np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want[:max_offset]), rtol=2e-5, atol=1e-6
+      )
+      assert float(got.min()) >= 0 and float(got.sum()) > 0.1  # some mass in the window
+
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
   def test_other_dtypes(self, dtype):
     self.check(*inputs(3, 16, 256, 64, dtype), tile=64)
@@ -221,6 +259,8 @@ class TestInterpret(MassTests):
       call(q, k[:, :16], key_lim, q_lim, base)
     with pytest.raises(ValueError, match="p_dtype must be one of"):
       call(q, k, key_lim, q_lim, base, p_dtype="bfloat16")
+    with pytest.raises(ValueError, match="max_offset must be in"):
+      call(q, k, key_lim, q_lim, base, max_offset=129)
 
 
 @pytest.mark.gpu

@@ -301,13 +301,20 @@ def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "layout, p_dtype",
-  [("none", "float32"), ("both", "float32"), ("q", "float32"), ("both", "float16")],
+  "layout, p_dtype, max_offset",
+  [
+    ("none", "float32", None),
+    ("both", "float32", None),
+    ("q", "float32", None),
+    ("both", "float16", None),
+    ("both", "float32", 100),
+  ],
 )
-def test_last_query_mass_of_the_kernel_matches_xla(layout, p_dtype, monkeypatch):
+def test_last_query_mass_of_the_kernel_matches_xla(layout, p_dtype, max_offset, monkeypatch):
   """Column and diagonal masses of the kernel against the XLA path's, in an identity, a
   grouped + grid-permuted (keys gathered) and a query-only view; with p stored in f16
-  (`MASS_P_DTYPE`) the slash sums within 1e-3 relative."""
+  (`MASS_P_DTYPE`) the slash sums within 1e-3 relative; with max_offset (the stride
+  estimate's) only the first slash sums, and no columns."""
   monkeypatch.setattr(planning, "MASS_P_DTYPE", p_dtype)
   rng = np.random.default_rng(6)
   length, h = 512, 32
@@ -322,8 +329,15 @@ def test_last_query_mass_of_the_kernel_matches_xla(layout, p_dtype, monkeypatch)
   out = {}
   for impl in ("xla", "pallas"):
     monkeypatch.setattr(planning, "MASS_IMPL", impl)
-    out[impl] = planning.last_query_mass(v, 1, k_mod, 40, True, lambda rows: v.q_rank[rows] + start)
+    out[impl] = planning.last_query_mass(
+      v, 1, k_mod, 40, True, lambda rows: v.q_rank[rows] + start, max_offset
+    )
   rtols = (1e-4, 1e-3 if p_dtype == "float16" else 1e-4)  # (columns, slashes)
+  if max_offset:
+    assert out["xla"][0] is None and out["pallas"][0] is None
+    assert out["pallas"][1].shape == (max_offset,)
+    out = {key: val[1:] for key, val in out.items()}
+    rtols = rtols[1:]
   for got, want, rtol in zip(out["pallas"], out["xla"], rtols, strict=True):
     assert float(jnp.abs(want).sum()) > 1.0  # (some mass: the check is not vacuous)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=1e-6)
@@ -535,3 +549,22 @@ def test_key_span_needs_one_run_of_ranks():
   ident = planning.build_view(planning.Layout("none"), (), x, x, mod, **kw)
   with pytest.raises(ValueError, match="not one contiguous run"):
     ident.key_span(1)
+
+
+@pytest.mark.parametrize("length", [64, 200, 512, 4096])
+def test_stride_from_the_first_offsets_only(length):
+  """estimate_stride reads the first `stride_offsets` slash sums only: given just those
+  (and the length), the same stride as from all of them; fewer raise."""
+  rng = np.random.default_rng(length)
+  for trial in range(3):
+    slash = jnp.asarray(rng.random(length) + (np.arange(length) % (11 + trial) == 0), jnp.float32)
+    want = planning.estimate_stride(slash, 8, 1024)
+    n = planning.stride_offsets(length, 8, 1024)
+    got = planning.estimate_stride(slash[:n], 8, 1024, length=length)
+    assert int(got) == int(want)
+    # the offsets it reads decide it: changing every later one changes nothing
+    later = slash.at[n:].set(100.0) if n < length else slash
+    assert int(planning.estimate_stride(later, 8, 1024)) == int(want)
+  if n < length:
+    with pytest.raises(ValueError, match="the estimate reads"):
+      planning.estimate_stride(slash[: n - 1], 8, 1024, length=length)

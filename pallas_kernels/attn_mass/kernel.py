@@ -21,6 +21,11 @@ is written once:
     (each row's entries gathered along the diagonals: contiguous runs; the first version
     stored p skewed from pass 2 instead, scattered from the dot's register layout)
 
+With `max_offset` W (the grid stride's estimate reads the first few diagonals only) the
+column sums are not made and passes 2 and 3 visit only the key tiles within W of some
+row's base (the other programs of pass 2 return at once): pass 1 still reads every key,
+since each row's softmax is over all of them, and the slash sums are the same numbers.
+
 p is stored in f32, or with `p_dtype=float16` as p * 2^15 in f16 (half the traffic of
 passes 2 and 3; p <= 1 stays below f16's maximum and p >= 2e-9 stays a normal number, so
 each entry keeps 11 significant bits); the sums are f32 either way.
@@ -139,29 +144,44 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, 
   heads.set("out", l_ref, (p, slice(None)), l)
 
 
-def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, heads):
+def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, heads):
   """One key tile per program, as straight-line code (a loop over tiles, with the stores
-  inside it, ran 1.4-1.6x slower on an H200)."""
+  inside it, ran 1.4-1.6x slower on an H200). windowed: no column sums, and only the
+  tiles in [window[0], window[1]] are computed (the others return)."""
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
-  q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, col_ref, p_ref = rest
+  if windowed:
+    q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, win_ref, p_ref = rest
+  else:
+    q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, col_ref, p_ref = rest
   t = _program(0, heads)
-  m, inv = heads.get("out", m_ref), heads.get("out", inv_ref)
-  s, allowed = _scores(
-    q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, tile=tile, scale=scale
-  )
-  p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
-  col = jnp.sum(p, axis=0)
-  heads.set("out", col_ref, (pl.ds(t * tile, tile),), col)
-  if p_dtype == "float16":
-    p = (p * P_SCALE_F16).astype(jnp.float16)
-  heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), p)
+
+  def body():
+    m, inv = heads.get("out", m_ref), heads.get("out", inv_ref)
+    s, allowed = _scores(
+      q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, tile=tile, scale=scale
+    )
+    p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
+    if not windowed:
+      heads.set("out", col_ref, (pl.ds(t * tile, tile),), jnp.sum(p, axis=0))
+    if p_dtype == "float16":
+      p = (p * P_SCALE_F16).astype(jnp.float16)
+    heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), p)
+
+  if windowed:
+    # (the window comes from base: per head where base is)
+    pl.when((t >= heads.get("base", win_ref, 0)) & (t <= heads.get("base", win_ref, 1)))(body)
+  else:
+    body()
 
 
-def _diag_kernel(p_ref, base_ref, slash_ref, *, diag_tile, length, n_rows, p_dtype):
-  """slash[o] = sum_r p[r, base_r - o] for this program's offsets o (p flat [R * L])."""
+def _diag_kernel(p_ref, base_ref, slash_ref, *, diag_tile, length, n_rows, n_offsets, p_dtype):
+  """slash[o] = sum_r p[r, base_r - o] for this program's offsets o < n_offsets (p flat
+  [R * L])."""
   o = pl.program_id(0) * diag_tile + jnp.arange(diag_tile, dtype=jnp.int32)
   j = base_ref[...][:, None] - o[None, :]  # [R, diag_tile]: key of row r at offset o
   ok = j >= 0
+  if n_offsets < length:  # (p is written only where these offsets read it)
+    ok = ok & (o < n_offsets)[None, :]
   r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
   vals = plgpu.load(p_ref.at[jnp.where(ok, r * length + j, 0)], mask=ok, other=0.0)
   sums = jnp.sum(vals.astype(jnp.float32), axis=0)
@@ -185,6 +205,7 @@ def attention_mass(
   num_warps: int = 4,
   heads_inner: bool = False,
   p_dtype: str = "float32",
+  max_offset: int | None = None,
   interpret: bool = False,
 ):
   """Column and diagonal sums of the softmax of a few query rows against all keys.
@@ -208,11 +229,14 @@ def attention_mass(
     p_dtype: how p is stored between the second and third passes: "float32", or
       "float16" (scaled by 2^15; half the memory traffic, slash sums within about 1e-3
       relative of the f32 ones; the column sums are the same).
+    max_offset: W in [1, L]: only slash[:W] is wanted, and no column sums (col is None);
+      p is computed and stored only for the key tiles within W of some row's base.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
     (col [L] f32: sum_r p[r, j], slash [L] f32: sum_r p[r, base[r] - o] over rows with
     base[r] - o >= 0), p the row-wise softmax over allowed keys (rows with none: 0).
+    With max_offset: (None, slash[:max_offset]).
   """
   if q.ndim != 2:
     raise ValueError(f"q must be [R, H]; got shape {q.shape}")
@@ -245,9 +269,12 @@ def attention_mass(
     raise ValueError(f"perm must be int32 of shape ({length},); got {perm.dtype} {perm.shape}")
   if p_dtype not in P_DTYPES:
     raise ValueError(f"p_dtype must be one of {P_DTYPES}; got {p_dtype!r}")
+  if max_offset is not None and not 1 <= int(max_offset) <= length:
+    raise ValueError(f"max_offset must be in [1, L={length}] or None; got {max_offset}")
   static = dict(
     scale=float(scale),
     p_dtype=p_dtype,
+    max_offset=None if max_offset is None else int(max_offset),
     tile=tile,
     tiles=max(1, int(tiles)),
     num_warps=num_warps,
@@ -267,7 +294,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
   """The three passes. per_head: the names of the arguments with a leading head axis of
   n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
   scale, tile, tiles = static["scale"], static["tile"], static["tiles"]
-  p_dtype = static["p_dtype"]
+  p_dtype, max_offset = static["p_dtype"], static["max_offset"]
   num_warps, interpret = static["num_warps"], static["interpret"]
   lead = (n_heads,) if per_head else ()
   n_rows = q.shape[-2]
@@ -307,30 +334,49 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
   inv = 1.0 / jnp.maximum(l, 1e-30)
 
   args = head + [q, k, key_lim, q_lim, m_safe, inv]
-  col, p = pl.pallas_call(
-    kernel(_mass_kernel, p_dtype=p_dtype, **common),
+  windowed = max_offset is not None
+  p_spec = (
+    whole(lead + (n_rows, length)),
+    jax.ShapeDtypeStruct(lead + (n_rows, length), jnp.dtype(p_dtype)),
+  )
+  if windowed:  # the tiles holding a key within max_offset of some row's base
+    b = jnp.clip(base, -1, length - 1)  # (as the third pass reads it)
+    lo = jnp.min(jnp.where(b >= 0, b - (max_offset - 1), length), axis=-1)
+    hi = jnp.max(b, axis=-1)
+    win = jnp.stack([jnp.maximum(lo, 0) // tile, jnp.where(hi >= 0, hi // tile, -1)], -1)
+    args.append(win.astype(jnp.int32))
+    outs = [p_spec]
+  else:
+    outs = [(whole(lead + (length,)), jax.ShapeDtypeStruct(lead + (length,), jnp.float32)), p_spec]
+  *col, p = pl.pallas_call(
+    kernel(_mass_kernel, p_dtype=p_dtype, windowed=windowed, **common),
     grid=lead + (n_tiles,),
     in_specs=[whole(a.shape) for a in args],
-    out_specs=[whole(lead + (length,)), whole(lead + (n_rows, length))],
-    out_shape=[
-      jax.ShapeDtypeStruct(lead + (length,), jnp.float32),
-      jax.ShapeDtypeStruct(lead + (n_rows, length), jnp.dtype(p_dtype)),
-    ],
+    out_specs=[spec for spec, _ in outs],
+    out_shape=[shape for _, shape in outs],
     compiler_params=params2,
     interpret=interpret,
     name="mmjax_attn_mass",
   )(*args)
+  col = col[0] if col else None
   diag_tile = min(DIAG_TILE, length & -length)
+  n_offsets = length if max_offset is None else max_offset
+  n_diag = -(-n_offsets // diag_tile)
 
   def diagonals(p, base):
     return pl.pallas_call(
       functools.partial(
-        _diag_kernel, diag_tile=diag_tile, length=length, n_rows=n_rows, p_dtype=p_dtype
+        _diag_kernel,
+        diag_tile=diag_tile,
+        length=length,
+        n_rows=n_rows,
+        n_offsets=n_offsets,
+        p_dtype=p_dtype,
       ),
-      grid=(length // diag_tile,),
+      grid=(n_diag,),
       in_specs=[whole((n_rows * length,)), whole((n_rows,))],
-      out_specs=whole((length,)),
-      out_shape=jax.ShapeDtypeStruct((length,), jnp.float32),
+      out_specs=whole((n_diag * diag_tile,)),
+      out_shape=jax.ShapeDtypeStruct((n_diag * diag_tile,), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="mmjax_attn_mass_diagonals",
@@ -340,10 +386,10 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
     slash = jax.vmap(diagonals, (0, 0 if "base" in per_head else None))(p, base)
   else:
     slash = diagonals(p, base)
-  return col, slash
+  return col, slash[..., :n_offsets]
 
 
-_STATIC = ("scale", "tile", "tiles", "num_warps", "p_dtype", "interpret")
+_STATIC = ("scale", "tile", "tiles", "num_warps", "p_dtype", "max_offset", "interpret")
 _call = jax.jit(
   functools.partial(_passes, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
 )
@@ -375,8 +421,9 @@ def _heads_inner(gather, in_place, static):
     if flags["k"]:  # every head its own keys: nothing to share, vmap's usual batching
       axes = [0 if b else None for b in in_batched]
       plain = jax.vmap(lambda *a: _call(*split(a), **static), in_axes=axes)
-      return plain(*args), (True, True)
-    out = _passes(*split(args), per_head=per_head, n_heads=axis_size, **static)
-    return out, (True, True)
+      out = plain(*args)
+    else:
+      out = _passes(*split(args), per_head=per_head, n_heads=axis_size, **static)
+    return out, jax.tree.map(lambda _: True, out)  # (col is None with max_offset)
 
   return one
