@@ -385,8 +385,17 @@ def test_select_candidates_is_top_by_priority(mb):
     np.testing.assert_array_equal(np.asarray(got[i, : len(order)]), sorted(order))
 
 
-@pytest.mark.parametrize("grid_all", [False, True])
-def test_group_order_is_the_three_key_sort(grid_all):
+@pytest.mark.parametrize(
+  "grid_all, strides",
+  [
+    (False, ((1, 7), (3, 4))),
+    (True, ((-1, 7),)),
+    (False, ((1, 1), (3, 200))),  # stride 1; a stride above the group's size
+    (False, ((1, 37), (3, 67))),  # a few tokens per residue, group 3's size / stride = 1
+    (True, ((-1, 283),)),
+  ],
+)
+def test_group_order_is_the_three_key_sort(grid_all, strides):
   """The grouped (+ grid) permutation equals a stable sort by (group, orank % stride,
   orank), numpy's lexsort, with padding last."""
   rng = np.random.default_rng(int(grid_all))
@@ -394,7 +403,6 @@ def test_group_order_is_the_three_key_sort(grid_all):
   pos = np.arange(length)
   real = pos < seq_len
   mod = np.where(real, rng.choice([0, 1, 1, 3], length), -1)
-  strides = ((-1, 7),) if grid_all else ((1, 7), (3, 4))
   perm, rank, orank = planning._group_order(
     jnp.asarray(pos, jnp.int32),
     jnp.asarray(mod, jnp.int32),
