@@ -145,22 +145,34 @@ def union_blocks(lo, hi, block_k, cap):
   return idx.astype(jnp.int32), slots[None, :] < ends[:, -1:]
 
 
+_SORT_WIDTH = 16  # ascending lists up to this wide join the short lists' one sort
+
+
 def merge_candidates(lists):
   """Candidate lists [(idx [nQ, w], pri [nQ, w], ascending)] -> one list (idx, pri) whose
   rows are ascending (BIG where a list had no entry), for `select_candidates(runs=...)`.
 
   A list marked ascending has rows ascending and distinct, entries without a candidate
   included (a union of intervals, whose unused slots continue past its last block; the
-  self blocks; a dense component's every block); the others (pooled-score picks, a set)
-  are sorted here, short as they are, their unused entries set to BIG. Each block then
-  fills at most len(lists) adjacent entries of a row.
+  self blocks; a dense component's every block); the others (pooled-score picks) hold
+  distinct blocks in no order. The short lists (every unordered one, and ascending ones
+  of at most `_SORT_WIDTH`: the self blocks) are put side by side and sorted once, their
+  unused entries set to BIG (a 2D boundary's five pooled-score sets and its self blocks:
+  one sort instead of five sorts and five merges); the long ascending lists are merged
+  into that. Each block then fills at most len(lists) adjacent entries of a row.
   """
+  is_short = [not asc or i.shape[1] <= _SORT_WIDTH for i, _, asc in lists]
+  short = [x for x, sh in zip(lists, is_short, strict=True) if sh]
   out = None
-  for idx, pri, ascending in lists:
-    key = idx
-    if not ascending:
-      key, pri = jax.lax.sort((jnp.where(pri > NEG, idx, BIG), pri), dimension=1, num_keys=1)
-    out = (key, pri) if out is None else pl.merge_rows(*out, key, pri, NEG)
+  if len(short) == 1 and short[0][2]:  # one ascending list: as it is
+    out = short[0][:2]
+  elif short:
+    idx = jnp.concatenate([jnp.where(p > NEG, i, BIG) for i, p, _ in short], axis=1)
+    pri = jnp.concatenate([p for _, p, _ in short], axis=1)
+    out = jax.lax.sort((idx, pri), dimension=1, num_keys=1)
+  for (idx, pri, _), sh in zip(lists, is_short, strict=True):
+    if not sh:
+      out = (idx, pri) if out is None else pl.merge_rows(*out, idx, pri, NEG)
   return out
 
 
