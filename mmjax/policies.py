@@ -220,14 +220,20 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
       out["k_perm"] = jnp.arange(length, dtype=jnp.int32)
     return out
 
-  head_aux = [None] * n  # each head's aux entries, [B] each
-  groups, order = [], []  # each group's plan [B, n_g, ...] and its heads
+  identity = all(p.layout() == planning.Layout("none") for p in head_specs)
+  q_only = all(p.layout().group == "q" for p in head_specs)
+  keys = ["block_idx", "block_count", "col_idx", "col_count"]
+  keys += [] if identity else ["q_perm"] if q_only else ["q_perm", "k_perm"]
   # heads grouped by spec (static); each group vmapped over (batch, head).
   by_spec: dict[Policy, list[int]] = {}
   for i, spec in enumerate(head_specs):
     by_spec.setdefault(spec, []).append(i)
+  per_step = policy.heads_per_step
+  stepped = bool(per_step) and any(len(hs) > per_step for hs in by_spec.values())
+  head_aux = [None] * n  # each head's aux entries, [B] each
+  groups, order = [], []  # (without steps) each group's plan [B, n_g, ...] and its heads
+  bufs = None  # (with steps) the plan [B, N, ...], each step writing its heads
   for spec, heads in by_spec.items():
-    heads_arr = np.asarray(heads)
     f = jax.vmap(
       jax.vmap(
         functools.partial(run, spec, k_pools(spec)),
@@ -237,32 +243,40 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
       (0, None, None, 0),
       axis_name=_PLAN_AXES[0],
     )
-    out = _map_head_chunks(f, heads_arr, group, modality, policy.heads_per_step)
-    groups.append(out)
-    order.extend(heads)
+    if stepped:
+      if bufs is None:  # (run's outputs, per head)
+        n_q = length // policy.block_q
+        shapes = dict(block_idx=(n_q, mb), block_count=(n_q,), col_idx=(n_q, mc))
+        shapes |= dict(col_count=(n_q,), q_perm=(length,), k_perm=(length,))
+        bufs = {key: jnp.zeros((b, n, *shapes[key]), jnp.int32) for key in keys}
+      bufs, aux_g = _map_head_steps(f, np.asarray(heads), group, modality, per_step, bufs)
+    else:
+      hs = jnp.asarray(heads, jnp.int32)
+      out = f(b_ids, hs, hs // group, modality)
+      groups.append({key: out[key] for key in keys})
+      order.extend(heads)
+      aux_g = out["aux"]
     for j, hd in enumerate(heads):
-      head_aux[hd] = {key: x[:, j] for key, x in out["aux"].items()}
+      head_aux[hd] = {key: x[:, j] for key, x in aux_g.items()}
 
-  inv = np.argsort(np.asarray(order))  # the head axis in group order -> in head order
-
-  def stack(key):
+  if not stepped:
+    inv = np.argsort(np.asarray(order))  # the head axis in group order -> in head order
     # one gather of whole [nQ, MB] rows per head; a stack of the heads' slices moved the
     # same bytes 2.4x slower (an mminference plan at 1M on an H200: 2.27 -> 0.95 ms)
-    cat = jnp.concatenate([g[key] for g in groups], axis=1)  # [B, N, ...] in group order
-    return cat if np.array_equal(inv, np.arange(n)) else jnp.take(cat, inv, axis=1)
+    cat = {key: jnp.concatenate([g[key] for g in groups], axis=1) for key in keys}
+    same = np.array_equal(inv, np.arange(n))
+    bufs = {key: x if same else jnp.take(x, inv, axis=1) for key, x in cat.items()}
 
   aux = {}
   for key in sorted({key for a in head_aux for key in a}):  # heads without it report -1
     aux[key] = jnp.stack([a.get(key, jnp.full((b,), -1, jnp.int32)) for a in head_aux], axis=1)
-  identity = all(p.layout() == planning.Layout("none") for p in head_specs)
-  q_only = all(p.layout().group == "q" for p in head_specs)
   return SparsePlan(
-    block_idx=stack("block_idx"),
-    block_count=stack("block_count"),
-    col_idx=stack("col_idx"),
-    col_count=stack("col_count"),
-    q_perm=None if identity else stack("q_perm"),
-    k_perm=None if (identity or q_only) else stack("k_perm"),
+    block_idx=bufs["block_idx"],
+    block_count=bufs["block_count"],
+    col_idx=bufs["col_idx"],
+    col_count=bufs["col_count"],
+    q_perm=bufs.get("q_perm"),
+    k_perm=bufs.get("k_perm"),
     aux=aux,
     seq_len=t,
     block_q=policy.block_q,
@@ -270,34 +284,39 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
   )
 
 
-def _map_head_chunks(f, heads, group, modality, per_step):
-  """f(batch ids [B], query head ids [n], kv head ids [n], modality: a pytree of [B, ...]
-  leaves) over the query heads `heads` at once, or `per_step` heads at a time (lax.map)
-  to bound memory. Returns f's leaves as [B, n_g, ...].
+def _map_head_steps(f, heads, group, modality, per_step, bufs):
+  """f(batch ids [B], query head ids [s], kv head ids [s], modality: a pytree of [B, ...]
+  leaves) over the query heads `heads`, `per_step` heads at a time (lax.scan) to bound
+  memory, each step writing its heads' plans into bufs {key: [B, N, ...]} in place.
+  Returns (bufs, f's aux leaves as [B, n_g, ...]).
 
-  f reads each head's q and k rows in place (the planner's kernels take the whole
-  [B, L, N, H] arrays and a (batch, head) index); slicing every head out first cost a
-  pass over q and k per query head (4.5 ms at 1M tokens, 28 heads, on an H200).
+  Writing into the whole plan saves a pass over it: stacking the steps' outputs and then
+  gathering the heads into order moved every byte twice. f reads each head's q and k
+  rows in place (the planner's kernels take the whole [B, L, N, H] arrays and a (batch,
+  head) index); slicing every head out first cost a pass over q and k per query head
+  (4.5 ms at 1M tokens, 28 heads, on an H200).
   """
   n_g = len(heads)
   b_ids = jnp.arange(jax.tree_util.tree_leaves(modality)[0].shape[0], dtype=jnp.int32)
-  if not per_step or per_step >= n_g:
-    hs = jnp.asarray(heads, jnp.int32)
-    return f(b_ids, hs, hs // group, modality)
   chunks = -(-n_g // per_step)
   padded = np.resize(heads, chunks * per_step)  # repeats heads to fill the last step
   ids = jnp.asarray(padded.reshape(chunks, per_step), jnp.int32)
 
-  def step(hs):  # hs [per_step] head ids
-    return f(b_ids, hs, hs // group, modality)
+  def step(bufs, hs):  # hs [per_step] head ids (a repeated head writes the same plan)
+    out = f(b_ids, hs, hs // group, modality)
+    bufs = dict(bufs)
+    for key in bufs:
+      for j in range(per_step):
+        bufs[key] = jax.lax.dynamic_update_index_in_dim(bufs[key], out[key][:, j], hs[j], 1)
+    return bufs, out["aux"]
 
-  out = jax.lax.map(step, ids)
+  bufs, aux = jax.lax.scan(step, bufs, ids)
 
-  def merge(x):  # [chunks, B, per_step, ...] -> [B, n_g, ...]
+  def merge(x):  # [chunks, B, per_step] -> [B, n_g]
     x = jnp.moveaxis(x, 0, 1)
     return x.reshape(x.shape[0], chunks * per_step, *x.shape[3:])[:, :n_g]
 
-  return jax.tree_util.tree_map(merge, out)
+  return bufs, jax.tree_util.tree_map(merge, aux)
 
 
 _plan_jit = jax.jit(_plan_impl, static_argnums=(0, 4, 5))

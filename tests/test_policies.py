@@ -119,15 +119,27 @@ def test_table_json_roundtrip(tmp_path):
   assert loaded.table == pol.table
 
 
-@pytest.mark.parametrize("name", ["2d_boundary", "mminference"])
-def test_heads_per_step_gives_the_same_plan(name):
+@pytest.mark.parametrize(
+  "name, per_step", [("2d_boundary", 3), ("mminference", 3), ("mminference_pairs", 1)]
+)
+def test_heads_per_step_gives_the_same_plan(name, per_step):
+  """Heads planned a few at a time (lax.scan, each step writing its heads into the whole
+  plan) give the plan of all heads at once: 4 heads in steps of 3 (a padded second
+  step); mminference_pairs: two policies on alternate heads, a step per head, each group
+  writing into the plan the other one left."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
   q, k, _, mod = helpers.random_inputs(11, b, t, n, kh, h, dtype, modk)
-  pol = _policy(name, n, bq, bk)
+  if name == "mminference_pairs":
+    small = helpers.small_policies(bq, bk)
+    row = (small["grid"], small["q_boundary"]) * (n // 2)
+    pol = P.get("mminference", table=(row,), block_q=bq, block_k=bk)
+  else:
+    pol = _policy(name, n, bq, bk)
   import dataclasses
 
-  chunked = dataclasses.replace(pol, heads_per_step=3)  # 4 heads: a padded second chunk
+  chunked = dataclasses.replace(pol, heads_per_step=per_step)
   a, c = pol.plan(q, k, mod), chunked.plan(q, k, mod)
+  assert (a.q_perm is None, a.k_perm is None) == (c.q_perm is None, c.k_perm is None)
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(c), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
