@@ -174,6 +174,12 @@ def main():
     help="1: the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
   )
   ap.add_argument(
+    "--mass_p_dtype",
+    default=planning.MASS_P_DTYPE,
+    choices=["float32", "float16"],
+    help="how the last-query estimates store p between passes (planning.MASS_P_DTYPE)",
+  )
+  ap.add_argument(
     "--concurrent",
     type=int,
     default=0,
@@ -182,6 +188,7 @@ def main():
   args = ap.parse_args()
   copts = dict(planning.PLAN_COMPILER_OPTIONS) if args.concurrent else None
   planning.MASS_HEADS_INNER = bool(args.mass_heads_inner)
+  planning.MASS_P_DTYPE = args.mass_p_dtype
   planning.TOPK_IMPL = args.topk or None
   planning.SCORE_IMPL = args.score or None
   t, h = args.length, 128
