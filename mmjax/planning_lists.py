@@ -120,17 +120,30 @@ def _scored(v: HeadView, q_mod, k_mod, top_k, axis_names):
   return idx, jnp.where(vals > NEG, 1.0 + jax.nn.sigmoid(vals), NEG), False
 
 
-def union_blocks(lo, hi, block_k, cap):
-  """The key blocks of the union of token intervals [lo, hi] ([nQ, m]), ascending, first
-  `cap` of them: (idx [nQ, cap], valid [nQ, cap]).
+_PACK_BITS = 15  # union_blocks sorts (start, end) packed in one int32 below 2^15 blocks
+
+
+def union_blocks(lo, hi, block_k, cap, n_blocks=None):
+  """The key blocks of the union of token intervals [lo, hi] ([nQ, m]; inside [0,
+  n_blocks * block_k) where not empty), ascending, first `cap` of them: (idx [nQ, cap],
+  valid [nQ, cap]).
 
   Intervals sorted by start; each adds the blocks past the ones before it; slot s of the
-  output is found by a binary search over the running count.
+  output is found by a binary search over the running count. With n_blocks (static) below
+  2^15 the sort is of one int32 key, start * 2^15 + end, rather than of two operands
+  (intervals with the same start may come in any order: the union and the slots past it
+  are the same).
   """
   empty = lo > hi
   blo = jnp.where(empty, BIG, lo // block_k)
   bhi = jnp.where(empty, BIG - 1, hi // block_k)
-  blo, bhi = jax.lax.sort((blo, bhi), dimension=1, num_keys=1)
+  if n_blocks is not None and n_blocks <= 1 << _PACK_BITS:
+    top = jnp.iinfo(jnp.int32).max  # the empty intervals, last
+    key = jnp.sort(jnp.where(empty, top, (blo << _PACK_BITS) | bhi).astype(jnp.int32), axis=1)
+    blo = jnp.where(key == top, BIG, key >> _PACK_BITS)
+    bhi = jnp.where(key == top, BIG - 1, key & ((1 << _PACK_BITS) - 1))
+  else:
+    blo, bhi = jax.lax.sort((blo, bhi), dimension=1, num_keys=1)
   covered = jax.lax.cummax(bhi, axis=1)
   prev = jnp.concatenate([jnp.full_like(covered[:, :1], -1), covered[:, :-1]], axis=1)
   first = jnp.maximum(blo, prev + 1)
@@ -276,7 +289,7 @@ def head_plan(
     # view: every interval block is causal, the first max_blocks suffice (module doc).
     cap = min(n_k, iv.bound if v.symmetric else max_blocks)
     idx, ok = union_blocks(
-      jnp.concatenate(iv.lo, axis=1), jnp.concatenate(iv.hi, axis=1), block_k, cap
+      jnp.concatenate(iv.lo, axis=1), jnp.concatenate(iv.hi, axis=1), block_k, cap, n_k
     )
     lists.append((idx, jnp.where(ok, PRI_STRUCT, NEG), True))
   if v.symmetric:  # the key blocks holding each query block's own tokens

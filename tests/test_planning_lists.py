@@ -353,9 +353,13 @@ def test_kernel_impls_are_checked(name, monkeypatch):
 
 
 def test_union_blocks_matches_sets():
+  """The union's blocks against python sets, with the two-operand sort and with the packed
+  key (n_blocks given); both give the same output, the slots past the union included
+  (they continue it: merge_rows needs the rows ascending). Many intervals share a start."""
   rng = np.random.default_rng(0)
   n_q, m, bk, length = 6, 9, 4, 200
   lo = rng.integers(0, length, (n_q, m))
+  lo[:, :3] = lo[:, 3:4]  # (same starts)
   hi = lo + rng.integers(-3, 30, (n_q, m))
   hi = np.minimum(hi, length - 1)
   for cap in (1, 7, length // bk):
@@ -364,6 +368,9 @@ def test_union_blocks_matches_sets():
       want = sorted({j // bk for a, b in zip(lo[i], hi[i], strict=True) for j in range(a, b + 1)})
       got = np.asarray(idx[i])[np.asarray(ok[i])]
       np.testing.assert_array_equal(got, want[:cap])
+    packed = planning_lists.union_blocks(jnp.asarray(lo), jnp.asarray(hi), bk, cap, length // bk)
+    for g, w in zip(packed, (idx, ok), strict=True):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 @pytest.mark.parametrize("mb", [2, 5, 40])
