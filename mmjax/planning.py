@@ -41,6 +41,7 @@ from pallas_kernels.attn_mass import attention_mass
 from pallas_kernels.block_pool import MAX_SELECTIONS, block_mean
 from pallas_kernels.col_select import select_columns as col_select
 from pallas_kernels.pooled_scores import pooled_scores
+from pallas_kernels.pooled_topk import pooled_top_k
 from pallas_kernels.topk_select import top_k_select
 
 NEG = -jnp.inf
@@ -180,6 +181,14 @@ PLAN_COMPILER_OPTIONS = {"xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 # None: the kernel on a GPU (benchmarks/results/h200_2026-12-01b/score_bench.json: with
 # the same top-k, 1.15-1.67x faster than cuBLAS' dot + XLA's maxima pass at 1M tokens).
 SCORE_IMPL = None
+# The lists planner's pooled-score picks: "pallas" (pallas_kernels.pooled_topk: each
+# row's top-k kept in registers as the kernel sweeps the key blocks; the [nQ, nK] scores
+# and their chunk maxima never written, no top-k passes) or "xla" (the scores by
+# `score_impl`, then `top_k_entries`). The same picks from the same dot (it needs
+# SCORE_IMPL "pallas", which the dense planner's scores come from). None: "xla"
+# everywhere until it is timed on a GPU (tools/score_bench.py, tools/plan_trace.py
+# --score_topk pallas).
+SCORE_TOPK_IMPL = None
 # Candidate lists: True merges ascending lists by binary searches (`merge_rows`,
 # `planning_lists.merge_candidates`), False sorts each query block's row; None: merges on
 # a GPU (a row sort there cost 12 ms of a 1M-token plan), sorts elsewhere (on the CPU the
@@ -217,6 +226,7 @@ def kernel_settings():
     score_impl(),
     SCORE_TILES,
     merge_lists(),
+    score_topk_impl(),
     cols_impl(),
     COLS_TILES,
     bool(MASS_HEADS_INNER),
@@ -266,6 +276,16 @@ def score_impl():
 
 def cols_impl():
   return _impl("COLS_IMPL", COLS_IMPL)
+
+
+def score_topk_impl():
+  impl = _impl("SCORE_TOPK_IMPL", SCORE_TOPK_IMPL, on_gpu="xla")
+  if impl == "pallas" and score_impl() != "pallas":
+    raise ValueError(
+      "planning.SCORE_TOPK_IMPL='pallas' needs SCORE_IMPL 'pallas' (the dense planner's "
+      f"scores from the same dot); SCORE_IMPL is {score_impl()!r}"
+    )
+  return impl
 
 
 def _row_top_k(x, k):
@@ -786,16 +806,45 @@ def scored_matrix(v: HeadView, q_mod, k_mod, chunk=0):
       fused into that pass), maxima None.
   present: whether any pair is allowed (scalar; some query and some key block).
   """
+  qp, kp, q_lim, k_lim, present = _score_inputs(v, q_mod, k_mod)
+  return (*pooled_score_matrix(qp, kp, q_lim, k_lim, v.scale, chunk), present)
+
+
+def _score_inputs(v: HeadView, q_mod, k_mod):
+  """(pooled q [nQ, H], pooled k [nK, H], q_lim [nQ], k_lim [nK], present) of a scored
+  component: pair (i, j) allowed iff k_lim[j] <= q_lim[i]."""
   qp, qany = _pooled(v, "q", q_mod)
   kp, kany = _pooled(v, "k", k_mod)
   _, qmax, _ = _block_min_max(v.q_pos, v.q_ok(None), v.n_q)
   kmin, _, _ = _block_min_max(v.k_pos, v.k_ok(None), v.n_k)
-  # pair (i, j) allowed iff k_lim[j] <= q_lim[i]: both blocks hold tokens of their
-  # modality and key block j's first key is not after query block i's last query
+  # both blocks hold tokens of their modality and key block j's first key is not after
+  # query block i's last query
   q_lim = jnp.where(qany, qmax, -1).astype(jnp.int32)
   k_lim = jnp.where(kany, kmin, BIG).astype(jnp.int32)
-  present = jnp.any(qany) & jnp.any(kany)
-  return (*pooled_score_matrix(qp, kp, q_lim, k_lim, v.scale, chunk), present)
+  return qp, kp, q_lim, k_lim, jnp.any(qany) & jnp.any(kany)
+
+
+def scored_top_k(v: HeadView, q_mod, k_mod, k):
+  """The k best pooled scores of each query block's allowed pairs (`scored_matrix`'s
+  pairs) by one kernel that never writes the scores (`score_topk_impl` "pallas"): (idx
+  [nQ, k'], values [nQ, k'], -inf where fewer are allowed), k' = min(k, nK), as a set,
+  the entries `top_k_entries` picks from `scored_matrix`'s scores (the same tile, so the
+  same dot)."""
+  qp, kp, q_lim, k_lim, _ = _score_inputs(v, q_mod, k_mod)
+  block_m, block_n, warps = SCORE_TILES
+  k = min(k, v.n_k)
+  return pooled_top_k(
+    qp,
+    kp,
+    q_lim,
+    k_lim,
+    k=k,
+    scale=v.scale,
+    block_m=block_m,
+    block_n=max(block_n, topk_chunk(v.n_k, k)),  # (pooled_score_matrix's tile)
+    num_warps=warps,
+    interpret=_interpret(),
+  )
 
 
 def pooled_score_matrix(qp, kp, q_lim, k_lim, scale, chunk=0):

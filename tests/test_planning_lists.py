@@ -207,6 +207,32 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", SCORED)
+def test_scores_and_picks_in_one_kernel_give_the_same_plan(name, monkeypatch):
+  """SCORE_TOPK_IMPL "pallas": each component's pooled-score picks by pooled_topk (the
+  scores never written) give the plan of the score kernel + top_k_entries, and the
+  dense planner's; the kernel is traced exactly for the scored policies."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(28, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "SCORE_IMPL", "pallas")
+  monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "xla")
+  want = pol.plan(q, k, mod)
+  monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
+  got = pol.plan(q, k, mod)
+  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  assert "mmjax_pooled_topk" in jaxpr and "mmjax_pooled_scores" not in jaxpr
+  assert_same_plan(got, want)
+  assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
+
+
+def test_scores_and_picks_in_one_kernel_need_the_score_kernel(monkeypatch):
+  monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
+  monkeypatch.setattr(planning, "SCORE_IMPL", "xla")
+  with pytest.raises(ValueError, match="SCORE_TOPK_IMPL='pallas' needs SCORE_IMPL"):
+    planning.kernel_settings()
+
+
+@pytest.mark.parametrize("name", SCORED)
 def test_keys_pooled_once_per_kv_head_give_the_same_plan(name, monkeypatch):
   """With GQA (4 query heads per kv head here) the keys are pooled once per kv head where
   the key view is the same for each head of a group (no grid-permuted group): the same
@@ -344,7 +370,16 @@ def test_last_query_mass_of_the_kernel_matches_xla(layout, p_dtype, max_offset, 
 
 
 @pytest.mark.parametrize(
-  "name", ["TOPK_IMPL", "POOL_IMPL", "MASS_IMPL", "SCORE_IMPL", "COLS_IMPL", "MERGE_LISTS"]
+  "name",
+  [
+    "TOPK_IMPL",
+    "POOL_IMPL",
+    "MASS_IMPL",
+    "SCORE_IMPL",
+    "SCORE_TOPK_IMPL",
+    "COLS_IMPL",
+    "MERGE_LISTS",
+  ],
 )
 def test_kernel_impls_are_checked(name, monkeypatch):
   monkeypatch.setattr(planning, name, "sort")

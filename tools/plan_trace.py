@@ -174,6 +174,12 @@ def main():
     help="1: the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
   )
   ap.add_argument(
+    "--score_topk",
+    default="",
+    choices=["", "pallas", "xla"],
+    help="pooled-score picks in one kernel (pallas) or scores + top-k (planning.SCORE_TOPK_IMPL)",
+  )
+  ap.add_argument(
     "--mass_p_dtype",
     default=planning.MASS_P_DTYPE,
     choices=["float32", "float16"],
@@ -191,6 +197,7 @@ def main():
   planning.MASS_P_DTYPE = args.mass_p_dtype
   planning.TOPK_IMPL = args.topk or None
   planning.SCORE_IMPL = args.score or None
+  planning.SCORE_TOPK_IMPL = args.score_topk or None
   t, h = args.length, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)

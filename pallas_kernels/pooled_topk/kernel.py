@@ -1,0 +1,191 @@
+"""Each row's top-k masked pooled-block scores, without writing the scores; Pallas on the
+Triton lowering.
+
+The planner's block_sparse / grid picks are the k best pooled scores of each query
+block: S = qp kp^T * scale over the pooled query and key blocks [nQ, nK], -inf where a
+pair is not allowed. `pooled_scores` writes S (and its chunk maxima) and a top-k reads
+the best chunks back: at 1M tokens that is 0.5 GB of S per head written. Here a program
+keeps its rows' k best entries in registers while it sweeps the key blocks, so S never
+leaves them.
+
+Algorithm, one program per `block_m` rows (q tile in registers):
+  run = k slots per row of (value, column), -inf at first
+  for each tile of `block_n` key blocks, in column order:
+    skip it if no pair is allowed (max q_lim < min k_lim)
+    s = qp kp^T * scale, -inf where k_lim[j] > q_lim[i]      [bm, bn], the same dot as
+                                                              pooled_scores' tile
+    while some row's best remaining s beats its worst slot:
+      b, c = each row's best remaining entry (ties: the lowest column)
+      w = each row's worst slot (lowest value; ties: the highest column)
+      rows with b > w: the slot w takes (b, c); entry c is used up
+  store the slots                                             [bm, k] (as a set)
+
+The slots are the top k under the order (value descending, column ascending), the order
+of `lax.top_k`: an entry replaces the worst slot only if its value is strictly greater,
+and an entry of equal value always has the higher column (earlier tiles hold lower
+columns, and a tile's entries are taken in column order). Rows with fewer than k allowed
+pairs keep -inf slots (column 0). Each pass of the loop moves at most one entry per row,
+and after the first tiles a row rarely takes more than one or two from a tile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_BIG = 2**30
+
+
+def _kernel(
+  qp_ref, kp_ref, qlim_ref, klim_ref, idx_ref, val_ref, *, scale, k, block_n, n_tiles, tf32
+):
+  bm, slots = val_ref.shape
+  q, q_lim = qp_ref[...], qlim_ref[...]
+  slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
+  # slots past k (k padded to a power of two) hold +inf: never the worst, never replaced
+  vals0 = jnp.where(slot < k, -jnp.inf, jnp.inf) + jnp.zeros((bm, 1), jnp.float32)
+  idx0 = jnp.zeros((bm, slots), jnp.int32)
+  q_max = jnp.max(q_lim)
+
+  def tile(t, carry):
+    cols = t * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    k_lim = klim_ref[pl.ds(t * block_n, block_n)]
+
+    def scores(carry):
+      kp = kp_ref[pl.ds(t * block_n, block_n), :]
+      s = plgpu.dot(q, kp, trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
+      s = jnp.where(k_lim[None, :] <= q_lim[:, None], s, -jnp.inf)
+
+      def worst(vals):
+        return jnp.min(vals, axis=1)
+
+      def more(state):
+        s, vals, _ = state
+        return jnp.any(jnp.max(s, axis=1) > worst(vals))
+
+      def take(state):
+        s, vals, idx = state
+        b = jnp.max(s, axis=1)  # [bm] each row's best remaining entry
+        c = jnp.min(jnp.where(s == b[:, None], cols[None, :], _BIG), axis=1)
+        w = worst(vals)
+        # the worst slot: lowest value, then the highest column (then the highest slot)
+        key = jnp.where(vals == w[:, None], idx * slots + slot, -1)
+        w_slot = jnp.max(key, axis=1) % slots
+        ins = b > w
+        put = ins[:, None] & (slot == w_slot[:, None])
+        vals = jnp.where(put, b[:, None], vals)
+        idx = jnp.where(put, c[:, None], idx)
+        s = jnp.where(ins[:, None] & (cols[None, :] == c[:, None]), -jnp.inf, s)
+        return s, vals, idx
+
+      _, vals, idx = jax.lax.while_loop(more, take, (s, *carry))
+      return vals, idx
+
+    return jax.lax.cond(q_max >= jnp.min(k_lim), scores, lambda c: c, carry)
+
+  vals, idx = jax.lax.fori_loop(0, n_tiles, tile, (vals0, idx0))
+  val_ref[...] = vals
+  idx_ref[...] = idx
+
+
+def pooled_top_k(
+  qp,
+  kp,
+  q_lim,
+  k_lim,
+  *,
+  k: int,
+  scale: float,
+  block_m: int = 64,
+  block_n: int = 128,
+  tf32: bool = True,
+  num_warps: int = 4,
+  interpret: bool = False,
+):
+  """Per row, the k highest allowed pooled scores (ties to the lower column), as a set.
+
+  Args:
+    qp: [nQ, H] f32 pooled queries; kp: [nK, H] f32 pooled keys (padded inside to whole
+      tiles: padded pairs are not allowed).
+    q_lim: [nQ] int32; k_lim: [nK] int32: pair (i, j) is allowed iff k_lim[j] <= q_lim[i].
+    k: entries per row (>= 1; at most nK).
+    scale: the scores' scale.
+    block_m, block_n: the tile (powers of two >= 16; pooled_scores' tile, so that both
+      compute each score by the same dot).
+    tf32: the dot's inputs rounded to TF32 (as pooled_scores); False: full f32 products.
+    interpret: Pallas interpret mode (CPU).
+
+  Returns:
+    (idx [nQ, k] int32, vals [nQ, k] f32): the entries `lax.top_k` picks from the masked
+    scores, in no particular order; a row with fewer than k allowed pairs has -inf
+    values (column 0) in the rest.
+  """
+  if qp.ndim != 2 or kp.ndim != 2 or qp.shape[1] != kp.shape[1]:
+    raise ValueError(f"qp must be [nQ, H] and kp [nK, H]; got {qp.shape}, {kp.shape}")
+  if qp.dtype != jnp.float32 or kp.dtype != jnp.float32:
+    raise ValueError(f"qp and kp must be float32; got {qp.dtype}, {kp.dtype}")
+  n_q, n_k = qp.shape[0], kp.shape[0]
+  if not 1 <= k <= n_k:
+    raise ValueError(f"k={k} must be in [1, nK={n_k}]")
+  for name, b in (("block_m", block_m), ("block_n", block_n)):
+    if b < 16 or b & (b - 1):
+      raise ValueError(f"{name}={b} must be a power of two >= 16")
+  for name, arr, n in (("q_lim", q_lim, n_q), ("k_lim", k_lim, n_k)):
+    if arr.shape != (n,) or arr.dtype != jnp.int32:
+      raise ValueError(f"{name} must be int32 of shape ({n},); got {arr.dtype} {arr.shape}")
+  block_m = min(block_m, max(16, 1 << (n_q - 1).bit_length()))
+  block_n = min(block_n, max(16, 1 << (n_k - 1).bit_length()))
+  return _call(
+    qp,
+    kp,
+    q_lim,
+    k_lim,
+    k=int(k),
+    scale=float(scale),
+    block_m=block_m,
+    block_n=block_n,
+    tf32=tf32,
+    num_warps=num_warps,
+    interpret=interpret,
+  )
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("k", "scale", "block_m", "block_n", "tf32", "num_warps", "interpret"),
+)
+def _call(qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, interpret):
+  (n_q0, h), n_k0 = qp.shape, kp.shape[0]
+  # pad to whole tiles: padded rows / columns allow nothing
+  n_q, n_k = -(-n_q0 // block_m) * block_m, -(-n_k0 // block_n) * block_n
+  qp = jnp.pad(qp, ((0, n_q - n_q0), (0, 0)))
+  kp = jnp.pad(kp, ((0, n_k - n_k0), (0, 0)))
+  q_lim = jnp.pad(q_lim, (0, n_q - n_q0), constant_values=-1)
+  k_lim = jnp.pad(k_lim, (0, n_k - n_k0), constant_values=_BIG)
+  slots = max(2, 1 << (k - 1).bit_length())  # (a power of two for the register arrays)
+  kernel = functools.partial(
+    _kernel, scale=scale, k=k, block_n=block_n, n_tiles=n_k // block_n, tf32=tf32
+  )
+  idx, vals = pl.pallas_call(
+    kernel,
+    grid=(n_q // block_m,),
+    in_specs=[
+      pl.BlockSpec((block_m, h), lambda i: (i, 0)),
+      pl.BlockSpec((n_k, h), lambda i: (0, 0)),
+      pl.BlockSpec((block_m,), lambda i: (i,)),
+      pl.BlockSpec((n_k,), lambda i: (0,)),
+    ],
+    out_specs=[pl.BlockSpec((block_m, slots), lambda i: (i, 0))] * 2,
+    out_shape=[
+      jax.ShapeDtypeStruct((n_q, slots), jnp.int32),
+      jax.ShapeDtypeStruct((n_q, slots), jnp.float32),
+    ],
+    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+    interpret=interpret,
+    name="mmjax_pooled_topk",
+  )(qp, kp, q_lim, k_lim)
+  return idx[:n_q0, :k], vals[:n_q0, :k]

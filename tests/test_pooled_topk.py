@@ -1,0 +1,109 @@
+"""pallas_kernels.pooled_topk against its reference on fresh random inputs. `TopKTests`
+holds the checks; `TestInterpret` runs them on the CPU in interpret mode, `TestGPU`
+compiled on a GPU (pytest --gpu -m gpu). On a GPU the reference takes the scores of
+pooled_scores' kernel (the same TF32 dot), so the picks must be exactly its."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.pooled_scores import pooled_scores
+from pallas_kernels.pooled_topk import pooled_top_k, pooled_top_k_reference
+
+
+def inputs(seed, n_q, n_k, h, barred=0.1):
+  """Pooled means qp, kp (f32) and causal-like limits, some blocks barred on each side."""
+  rng = np.random.default_rng(seed)
+  qp = jnp.asarray(rng.standard_normal((n_q, h)), jnp.float32)
+  kp = jnp.asarray(rng.standard_normal((n_k, h)), jnp.float32)
+  q_lim = (np.arange(n_q) + 1) * max(1, n_k // n_q) - 1
+  q_lim[rng.random(n_q) < barred] = -1
+  k_lim = np.arange(n_k)
+  k_lim[rng.random(n_k) < barred] = 2**30
+  return qp, kp, jnp.asarray(q_lim, jnp.int32), jnp.asarray(k_lim, jnp.int32)
+
+
+def as_sets(idx, vals):
+  """Each row's picks {column: value} of finite value, and its count of -inf slots."""
+  idx, vals = np.asarray(idx), np.asarray(vals)
+  fin = np.isfinite(vals)
+  sets = [
+    dict(zip(i[f].tolist(), v[f].tolist(), strict=True))
+    for i, v, f in zip(idx, vals, fin, strict=True)
+  ]
+  return sets, (~fin).sum(1)
+
+
+class TopKTests:
+  interpret: bool
+
+  def check(self, qp, kp, q_lim, k_lim, k, **kw):
+    kw = {"scale": 0.2, **kw}
+    idx, vals = pooled_top_k(qp, kp, q_lim, k_lim, k=k, interpret=self.interpret, **kw)
+    assert idx.shape == vals.shape == (qp.shape[0], k) and idx.dtype == jnp.int32
+    scores = None
+    if not self.interpret:  # the GPU's TF32 products, as the planner's score kernel makes them
+      tiles = {n: kw[n] for n in ("block_m", "block_n", "tf32") if n in kw}
+      s, _ = pooled_scores(qp, kp, q_lim, k_lim, scale=kw["scale"], **tiles)
+      scores = jnp.where(jnp.isfinite(s), s, 0.0)
+    ref = pooled_top_k_reference(qp, kp, q_lim, k_lim, k=k, scale=kw["scale"], scores=scores)
+    got, got_inf = as_sets(idx, vals)
+    want, want_inf = as_sets(*ref)
+    np.testing.assert_array_equal(got_inf, want_inf)
+    assert sum(map(len, want)) > 0 and (want_inf > 0).any()  # (rows of both kinds)
+    np.testing.assert_array_equal(np.asarray(idx)[~np.isfinite(np.asarray(vals))].max(initial=0), 0)
+    for row, (g, w) in enumerate(zip(got, want, strict=True)):
+      assert sorted(g) == sorted(w), row
+      tol = 0 if scores is not None else 1e-5
+      np.testing.assert_allclose([g[c] for c in sorted(g)], [w[c] for c in sorted(w)], rtol=tol)
+
+  @pytest.mark.parametrize(
+    "n_q, n_k, h, k, tiles",
+    [
+      (64, 256, 128, 8, (64, 128)),  # two key tiles
+      (100, 300, 32, 5, (32, 64)),  # padded rows and columns, k not a power of two
+      (48, 64, 64, 1, (16, 16)),
+      (32, 40, 32, 40, (16, 16)),  # k = nK: every allowed pair
+    ],
+  )
+  def test_matches_reference(self, n_q, n_k, h, k, tiles):
+    block_m, block_n = tiles
+    self.check(*inputs(n_q + n_k + k, n_q, n_k, h), k, block_m=block_m, block_n=block_n)
+
+  def test_ties_go_to_the_lower_column(self):
+    """Scores that are small integers (0/1 vectors): many equal values across and inside
+    tiles; the picks are lax.top_k's (the lowest columns among equals)."""
+    rng = np.random.default_rng(4)
+    n_q, n_k, h = 32, 128, 16
+    qp = jnp.asarray(rng.integers(0, 2, (n_q, h)), jnp.float32)
+    kp = jnp.asarray(rng.integers(0, 2, (n_k, h)), jnp.float32)
+    _, _, q_lim, k_lim = inputs(4, n_q, n_k, h)
+    self.check(qp, kp, q_lim, k_lim, 6, scale=1.0, block_m=16, block_n=32)
+
+  def test_full_f32_products(self):
+    self.check(*inputs(3, 64, 128, 64), 8, tf32=False, block_m=32, block_n=32)
+
+
+class TestInterpret(TopKTests):
+  interpret = True
+
+  def test_bad_input(self):
+    qp, kp, q_lim, k_lim = inputs(0, 16, 32, 16)
+    call = lambda *a, **kw: pooled_top_k(*a, scale=1.0, interpret=True, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="k=0 must be in"):
+      call(qp, kp, q_lim, k_lim, k=0)
+    with pytest.raises(ValueError, match="k=33 must be in"):
+      call(qp, kp, q_lim, k_lim, k=33)
+    with pytest.raises(ValueError, match="must be float32"):
+      call(qp.astype(jnp.bfloat16), kp, q_lim, k_lim, k=2)
+    with pytest.raises(ValueError, match="power of two"):
+      call(qp, kp, q_lim, k_lim, k=2, block_n=48)
+    with pytest.raises(ValueError, match="k_lim must be int32"):
+      call(qp, kp, q_lim, k_lim[:8], k=2)
+    with pytest.raises(ValueError, match="qp must be"):
+      call(qp, kp[:, :8], q_lim, k_lim, k=2)
+
+
+@pytest.mark.gpu
+class TestGPU(TopKTests):
+  interpret = False
