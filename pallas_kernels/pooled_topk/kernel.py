@@ -65,7 +65,8 @@ def _kernel(
 
       def more(state):
         s, vals, _ = state
-        return jnp.any(jnp.max(s, axis=1) > worst(vals))
+        # (an int max: the Triton lowering has no reduce_or for jnp.any)
+        return jnp.max((jnp.max(s, axis=1) > worst(vals)).astype(jnp.int32)) > 0
 
       def take(state):
         s, vals, idx = state
