@@ -120,18 +120,24 @@ def test_table_json_roundtrip(tmp_path):
 
 
 @pytest.mark.parametrize(
-  "name, per_step", [("2d_boundary", 3), ("mminference", 3), ("mminference_pairs", 1)]
+  "name, per_step",
+  [("2d_boundary", 3), ("mminference", 3), ("mminference_pairs", 1), ("mminference_3_1", 2)],
 )
 def test_heads_per_step_gives_the_same_plan(name, per_step):
   """Heads planned a few at a time (lax.scan, each step writing its heads into the whole
   plan) give the plan of all heads at once: 4 heads in steps of 3 (a padded second
   step); mminference_pairs: two policies on alternate heads, a step per head, each group
-  writing into the plan the other one left."""
+  writing into the plan the other one left; mminference_3_1: a group of three heads in
+  steps of 2 and a group of one."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
   q, k, _, mod = helpers.random_inputs(11, b, t, n, kh, h, dtype, modk)
+  small = helpers.small_policies(bq, bk)
   if name == "mminference_pairs":
-    small = helpers.small_policies(bq, bk)
     row = (small["grid"], small["q_boundary"]) * (n // 2)
+    pol = P.get("mminference", table=(row,), block_q=bq, block_k=bk)
+  elif name == "mminference_3_1":
+    assert n == 4
+    row = (small["grid"], small["grid"], small["q_boundary"], small["grid"])
     pol = P.get("mminference", table=(row,), block_q=bq, block_k=bk)
   else:
     pol = _policy(name, n, bq, bk)
