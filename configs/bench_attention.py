@@ -6,6 +6,9 @@ grows quadratically, so the speedup over cuDNN grows with length.
   python experiments/bench_attention.py --config=configs/bench_attention.py \
       --workdir=benchmarks/results/h100      # on the GPU (device tool)
   python experiments/bench_attention.py --config=configs/bench_attention.py:smoke
+  # an option of the planner for the run (recorded in bench.json's planner_settings):
+  python experiments/bench_attention.py --config=configs/bench_attention.py \
+      --workdir=... --config.planner.score_topk_impl=pallas
 
 Args: "" (Qwen2.5-VL-7B attention: 28 q heads, 4 kv heads, H=128, bf16, 16k..1M, pallas
 backend), "xla" (the same with the xla backend, to 128k), "smoke" (tiny, CPU, xla backend).
@@ -42,6 +45,11 @@ def get_config(arg: str | None = None):
   # up to this length the plan programs compile with mmjax.planning.PLAN_COMPILER_OPTIONS
   # (XLA's concurrent command-buffer scheduling: faster plans, more temp memory; 0: never)
   c.concurrent_plan_max_len = 262144
+  # the planner's kernel settings for the run (mmjax.planning.settings; "": as planning
+  # has it), e.g. --config.planner.score_topk_impl=pallas; bench.json records them all
+  c.planner = ml_collections.ConfigDict(
+    {n: "" for n in ("score_topk_impl", "mass_p_dtype", "score_impl", "topk_impl", "mass_impl")}
+  )
   c.warmup = 2
   c.iters = 10
   c.lengths = (16384, 65536, 131072, 262144, 524288, 1048576)

@@ -95,8 +95,15 @@ class Row:
 
 
 def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
-  """Runs the benchmark described by `cfg` (see configs/bench_attention.py)."""
+  """Runs the benchmark described by `cfg` (see configs/bench_attention.py), with the
+  planner settings of `cfg.planner` (those not "")."""
   check_policies(cfg)
+  chosen = {name: v for name, v in cfg.get("planner", {}).items() if v != ""}
+  with planning.settings(**chosen):
+    return _run(cfg, workdir, progress)
+
+
+def _run(cfg, workdir, progress):
   on_gpu = jax.default_backend() == "gpu"
   dtype = jnp.dtype(cfg.dtype)
   cudnn_ok = on_gpu and dtype in (jnp.bfloat16, jnp.float16)  # cuDNN takes no f32
@@ -139,6 +146,7 @@ def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "baseline": f"jax.nn.dot_product_attention(is_causal=True, implementation={impl!r})",
     "dense_ours_kernel": dense_kernel,
+    "planner_settings": planning.kernel_settings_dict(),
     "manifest": runinfo.manifest(cfg.seed),
   }
   if workdir:

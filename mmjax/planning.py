@@ -28,6 +28,7 @@ keys stay in original order, so ranks are original positions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.attn_mass import attention_mass
+from pallas_kernels.attn_mass import P_DTYPES, attention_mass
 from pallas_kernels.block_pool import MAX_SELECTIONS, block_mean
 from pallas_kernels.col_select import select_columns as col_select
 from pallas_kernels.pooled_scores import pooled_scores
@@ -217,6 +218,8 @@ _KERNEL_MIN_ROWS = 64
 
 def kernel_settings():
   """What the planner's kernels and list merges depend on, as a hashable jit key."""
+  if MASS_P_DTYPE not in P_DTYPES:
+    raise ValueError(f"planning.MASS_P_DTYPE must be one of {P_DTYPES}; got {MASS_P_DTYPE!r}")
   return (
     topk_impl(),
     _KERNEL_ROW,
@@ -232,6 +235,63 @@ def kernel_settings():
     bool(MASS_HEADS_INNER),
     MASS_P_DTYPE,
   )
+
+
+_SETTINGS_ORDER = (
+  "topk_impl",
+  "kernel_row",
+  "kernel_min_rows",
+  "pool_impl",
+  "mass_impl",
+  "score_impl",
+  "score_tiles",
+  "merge_lists",
+  "score_topk_impl",
+  "cols_impl",
+  "cols_tiles",
+  "mass_heads_inner",
+  "mass_p_dtype",
+)
+
+
+def kernel_settings_dict():
+  """`kernel_settings()` by name, as they apply here (for a run's records)."""
+  return dict(zip(_SETTINGS_ORDER, kernel_settings(), strict=True))
+
+
+# the settings `settings` overrides, by lowercase name
+SETTING_NAMES = {
+  "topk_impl": "TOPK_IMPL",
+  "pool_impl": "POOL_IMPL",
+  "mass_impl": "MASS_IMPL",
+  "score_impl": "SCORE_IMPL",
+  "score_topk_impl": "SCORE_TOPK_IMPL",
+  "cols_impl": "COLS_IMPL",
+  "merge_lists": "MERGE_LISTS",
+  "mass_heads_inner": "MASS_HEADS_INNER",
+  "mass_p_dtype": "MASS_P_DTYPE",
+}
+
+
+@contextlib.contextmanager
+def settings(**overrides):
+  """The planner's settings (module globals, by lowercase name: `SETTING_NAMES`) set for
+  the block and restored after it; unknown names and bad values raise a ValueError
+  before anything runs. `plan` keys its jit on `kernel_settings()`, so plans made in the
+  block are traced with them."""
+  unknown = sorted(set(overrides) - set(SETTING_NAMES))
+  if unknown:
+    raise ValueError(f"planning.settings: unknown {unknown}; known: {sorted(SETTING_NAMES)}")
+  g = globals()
+  old = {name: g[SETTING_NAMES[name]] for name in overrides}
+  try:
+    for name, value in overrides.items():
+      g[SETTING_NAMES[name]] = value
+    kernel_settings()  # (checks the values)
+    yield
+  finally:
+    for name, value in old.items():
+      g[SETTING_NAMES[name]] = value
 
 
 def _on_gpu():

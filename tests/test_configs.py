@@ -51,6 +51,8 @@ def test_bench_smoke_runs(tmp_path):
     assert r["plan_share"] == r["plan_ms"] / (r["plan_ms"] + r["kernel_ms"])
     assert "scheduling_mode=CONCURRENT" in r["plan_options"]  # smoke lengths are short
   assert (tmp_path / "bench.json").exists() and (tmp_path / "table.md").exists()
+  recorded = json.loads((tmp_path / "bench.json").read_text())["planner_settings"]
+  assert recorded["score_topk_impl"] == "xla" and recorded["mass_p_dtype"] == "float32"
   assert (tmp_path / "speedup.png").exists() and (tmp_path / "plan_share.png").exists()
   # past concurrent_plan_max_len the plan programs compile with XLA's defaults
   assert bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len + 1) is None
@@ -70,6 +72,27 @@ def test_bench_checks_policies_before_timing(policies, match, tmp_path):
   with pytest.raises(ValueError, match=match):
     bench.run(cfg, str(tmp_path), progress=False)
   assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_applies_the_planner_settings(monkeypatch):
+  """cfg.planner's non-empty entries hold during the run (planning.settings) and are
+  restored after; unknown names and bad values raise before anything runs."""
+  from mmjax import planning
+
+  cfg = importlib.import_module("configs.bench_attention").get_config("smoke")
+  cfg.planner.score_impl, cfg.planner.score_topk_impl = "pallas", "pallas"
+  cfg.planner.mass_p_dtype = "float16"
+  monkeypatch.setattr(bench, "_run", lambda *a: planning.kernel_settings_dict())
+  during = bench.run(cfg, None, progress=False)
+  assert (during["score_topk_impl"], during["mass_p_dtype"]) == ("pallas", "float16")
+  assert planning.SCORE_TOPK_IMPL is None and planning.MASS_P_DTYPE == "float32"
+  cfg.planner.mass_p_dtype = "bfloat16"
+  with pytest.raises(ValueError, match="MASS_P_DTYPE must be one of"):
+    bench.run(cfg, None, progress=False)
+  assert planning.MASS_P_DTYPE == "float32" and planning.SCORE_IMPL is None
+  with pytest.raises(ValueError, match="unknown"):
+    with planning.settings(fast=True):
+      pass
 
 
 def test_bench_mminference_cycle_table():
