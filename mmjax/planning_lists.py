@@ -164,7 +164,7 @@ def union_blocks(lo, hi, block_k, cap, n_blocks=None):
 _SORT_WIDTH = 16  # ascending lists up to this wide join the short lists' one sort
 
 
-def merge_candidates(lists):
+def merge_candidates(lists, axis_names=()):
   """Candidate lists [(idx [nQ, w], pri [nQ, w], ascending)] -> one list (idx, pri) whose
   rows are ascending (BIG where a list had no entry), for `select_candidates(runs=...)`.
 
@@ -176,20 +176,38 @@ def merge_candidates(lists):
   unused entries set to BIG (a 2D boundary's five pooled-score sets and its self blocks:
   one sort instead of five sorts and five merges); the long ascending lists are merged
   into that. Each block then fills at most len(lists) adjacent entries of a row.
+
+  When no row of any head (`axis_names`: the vmapped axes, as `top_k_entries`' skip) has
+  a valid short entry (a Q boundary's default pattern on input with only the modalities
+  it names), the merge is skipped: its output would be the long lists followed by the
+  short ones' BIG entries, which is what the skip gives.
   """
   is_short = [not asc or i.shape[1] <= _SORT_WIDTH for i, _, asc in lists]
   short = [x for x, sh in zip(lists, is_short, strict=True) if sh]
-  out = None
-  if len(short) == 1 and short[0][2]:  # one ascending list: as it is
-    out = short[0][:2]
-  elif short:
-    idx = jnp.concatenate([jnp.where(p > NEG, i, BIG) for i, p, _ in short], axis=1)
-    pri = jnp.concatenate([p for _, p, _ in short], axis=1)
-    out = jax.lax.sort((idx, pri), dimension=1, num_keys=1)
-  for (idx, pri, _), sh in zip(lists, is_short, strict=True):
-    if not sh:
+  long = [x[:2] for x, sh in zip(lists, is_short, strict=True) if not sh]
+
+  def merged(out, longs):
+    for idx, pri in longs:
       out = (idx, pri) if out is None else pl.merge_rows(*out, idx, pri, NEG)
-  return out
+    return out
+
+  if len(short) == 1 and short[0][2]:  # one ascending list: as it is
+    return merged(short[0][:2], long)
+  if not short:
+    return merged(None, long)
+  idx = jnp.concatenate([jnp.where(p > NEG, i, BIG) for i, p, _ in short], axis=1)
+  pri = jnp.concatenate([p for _, p, _ in short], axis=1)
+  out = jax.lax.sort((idx, pri), dimension=1, num_keys=1)
+  if not long:
+    return out
+
+  def skip(out, longs):  # no valid short entry: they all sort last (BIG)
+    idx, pri = merged(None, longs)
+    fill = jnp.full(out[0].shape, BIG, idx.dtype), jnp.full(out[1].shape, NEG, pri.dtype)
+    return jnp.concatenate([idx, fill[0]], axis=1), jnp.concatenate([pri, fill[1]], axis=1)
+
+  some = pl._any_over(pri > NEG, axis_names)
+  return jax.lax.cond(some, merged, skip, out, long)
 
 
 def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
@@ -302,7 +320,7 @@ def head_plan(
     ok = idx <= ((i + 1) * block_q - 1) // block_k
     lists.append((idx, jnp.where(ok, PRI_SELF, NEG), True))
   if pl.merge_lists():  # one ascending list (merged, not sorted), then the causal filter
-    idx, pri = merge_candidates(lists)
+    idx, pri = merge_candidates(lists, axis_names)
     runs = len(lists)
   else:  # one sort per row (select_candidates)
     idx = jnp.concatenate([x for x, _, _ in lists], axis=1)

@@ -387,6 +387,47 @@ def test_kernel_impls_are_checked(name, monkeypatch):
     planning.kernel_settings()
 
 
+@pytest.mark.parametrize("valid_heads", [(), (1,), (0, 1)])
+def test_merge_candidates_skips_only_empty_short_lists(valid_heads):
+  """merge_candidates under vmap over 2 heads (axis name "h", as the planner runs it):
+  the short lists' sort merged into the long ascending lists, or, when no head has a
+  valid short entry, the long lists followed by the short ones' BIG entries; either way
+  the arrays of merging everything (merge_rows)."""
+  rng = np.random.default_rng(len(valid_heads))
+  n_q, n_long, w = 5, 20, 4
+  assert n_long > planning_lists._SORT_WIDTH  # (a long list)
+  longs, shorts, pris = [], [], []
+  for hd in range(2):
+    idx = np.sort(rng.choice(40, (n_q, n_long)), axis=1) + np.arange(n_long)
+    pri = np.where(
+      np.arange(n_long) < rng.integers(3, n_long, (n_q, 1)), planning.PRI_STRUCT, -np.inf
+    )
+    longs.append((idx.astype(np.int32), pri.astype(np.float32)))
+    short_idx = rng.integers(0, 60, (n_q, w)).astype(np.int32)
+    short_pri = 1.0 + rng.random((n_q, w)).astype(np.float32)
+    short_pri[rng.random((n_q, w)) < 0.3] = -np.inf
+    if hd not in valid_heads:
+      short_pri[:] = -np.inf
+    shorts.append(short_idx)
+    pris.append(short_pri)
+  li, lp = (jnp.asarray(np.stack(x)) for x in zip(*longs, strict=True))
+  si, sp = jnp.asarray(np.stack(shorts)), jnp.asarray(np.stack(pris))
+
+  def one(li, lp, si, sp):
+    return planning_lists.merge_candidates([(si, sp, False), (li, lp, True)], ("h",))
+
+  def reference(li, lp, si, sp):  # every list merged
+    key, pri = jax.lax.sort((jnp.where(sp > -jnp.inf, si, planning.BIG), sp), num_keys=1)
+    return planning.merge_rows(key, pri, li, lp, -jnp.inf)
+
+  got = jax.vmap(one, axis_name="h")(li, lp, si, sp)
+  want = jax.vmap(reference)(li, lp, si, sp)
+  for g, w_ in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w_))
+  jaxpr = str(jax.make_jaxpr(jax.vmap(one, axis_name="h"))(li, lp, si, sp))
+  assert "cond[" in jaxpr  # (a real branch: the predicate is reduced over the heads)
+
+
 def test_union_blocks_matches_sets():
   """The union's blocks against python sets, with the two-operand sort and with the packed
   key (n_blocks given); both give the same output, the slots past the union included
