@@ -197,17 +197,19 @@ def merge_candidates(lists, axis_names=()):
     return merged(None, long)
   idx = jnp.concatenate([jnp.where(p > NEG, i, BIG) for i, p, _ in short], axis=1)
   pri = jnp.concatenate([p for _, p, _ in short], axis=1)
-  out = jax.lax.sort((idx, pri), dimension=1, num_keys=1)
-  if not long:
-    return out
 
-  def skip(out, longs):  # no valid short entry: they all sort last (BIG)
-    idx, pri = merged(None, longs)
-    fill = jnp.full(out[0].shape, BIG, idx.dtype), jnp.full(out[1].shape, NEG, pri.dtype)
-    return jnp.concatenate([idx, fill[0]], axis=1), jnp.concatenate([pri, fill[1]], axis=1)
+  def sort_merge(idx, pri, longs):
+    return merged(jax.lax.sort((idx, pri), dimension=1, num_keys=1), longs)
+
+  if not long:
+    return sort_merge(idx, pri, long)
+
+  def skip(idx, pri, longs):  # no valid short entry: they all sort last (BIG)
+    l_idx, l_pri = merged(None, longs)
+    return jnp.concatenate([l_idx, idx], axis=1), jnp.concatenate([l_pri, pri], axis=1)
 
   some = pl._any_over(pri > NEG, axis_names)
-  return jax.lax.cond(some, merged, skip, out, long)
+  return jax.lax.cond(some, sort_merge, skip, idx, pri, long)
 
 
 def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
