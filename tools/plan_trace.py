@@ -130,6 +130,14 @@ def same_plans(a, b) -> bool:
   )
 
 
+# the planner settings given as flags: (flag, planning's setting, what it chooses)
+IMPL_FLAGS = (
+  ("topk", "TOPK_IMPL", "the planner's per-row top-k"),
+  ("score", "SCORE_IMPL", "the pooled scores"),
+  ("score_topk", "SCORE_TOPK_IMPL", "the pooled-score picks in one kernel or scores + top-k"),
+)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--length", type=int, default=131072)
@@ -155,29 +163,18 @@ def main():
   ap.add_argument(
     "--check", action="store_true", help="also compare each plan with the other planner's"
   )
-  ap.add_argument(
-    "--topk",
-    default="",
-    choices=["", "pallas", "xla"],
-    help="the planner's per-row top-k (planning.TOPK_IMPL); default: the kernel on a GPU",
-  )
-  ap.add_argument(
-    "--score",
-    default="",
-    choices=["", "pallas", "xla"],
-    help="the pooled scores (planning.SCORE_IMPL); default: the planner's",
-  )
+  for flag, setting, what in IMPL_FLAGS:
+    ap.add_argument(
+      f"--{flag}",
+      default="",
+      choices=["", "pallas", "xla"],
+      help=f"{what} (planning.{setting}); default: the planner's",
+    )
   ap.add_argument(
     "--mass_heads_inner",
     type=int,
     default=int(planning.MASS_HEADS_INNER),
     help="1: the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
-  )
-  ap.add_argument(
-    "--score_topk",
-    default="",
-    choices=["", "pallas", "xla"],
-    help="pooled-score picks in one kernel (pallas) or scores + top-k (planning.SCORE_TOPK_IMPL)",
   )
   ap.add_argument(
     "--mass_p_dtype",
@@ -195,9 +192,8 @@ def main():
   copts = dict(planning.PLAN_COMPILER_OPTIONS) if args.concurrent else None
   planning.MASS_HEADS_INNER = bool(args.mass_heads_inner)
   planning.MASS_P_DTYPE = args.mass_p_dtype
-  planning.TOPK_IMPL = args.topk or None
-  planning.SCORE_IMPL = args.score or None
-  planning.SCORE_TOPK_IMPL = args.score_topk or None
+  for flag, setting, _ in IMPL_FLAGS:
+    setattr(planning, setting, getattr(args, flag) or None)
   t, h = args.length, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)

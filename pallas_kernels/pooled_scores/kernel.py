@@ -83,23 +83,12 @@ def pooled_scores(
     (s [nQ, nK] f32, -inf where not allowed; chunk maxima [nQ, ceil(nK / chunk)] or
     None; a partial last chunk is the maximum of its columns).
   """
-  if qp.ndim != 2 or kp.ndim != 2 or qp.shape[1] != kp.shape[1]:
-    raise ValueError(f"qp must be [nQ, H] and kp [nK, H]; got {qp.shape}, {kp.shape}")
-  if qp.dtype != jnp.float32 or kp.dtype != jnp.float32:
-    raise ValueError(f"qp and kp must be float32; got {qp.dtype}, {kp.dtype}")
-  n_q, n_k = qp.shape[0], kp.shape[0]
-  for name, b in (("block_m", block_m), ("block_n", block_n)):
-    if b < 16 or b & (b - 1):
-      raise ValueError(f"{name}={b} must be a power of two >= 16")
-  block_m = min(block_m, max(16, 1 << (n_q - 1).bit_length()))
-  block_n = max(min(block_n, max(16, 1 << (n_k - 1).bit_length())), chunk)
+  block_m, block_n = check_pooled(qp, kp, q_lim, k_lim, block_m, block_n)
+  block_n = max(block_n, chunk)
   if chunk and (chunk & (chunk - 1) or block_n % chunk):
     raise ValueError(f"chunk={chunk} must be a power of two dividing block_n={block_n}")
   if not fill and not chunk:
     raise ValueError("fill=False needs chunk maxima (chunk > 0) to tell the unwritten tiles")
-  for name, arr, n in (("q_lim", q_lim, n_q), ("k_lim", k_lim, n_k)):
-    if arr.shape != (n,) or arr.dtype != jnp.int32:
-      raise ValueError(f"{name} must be int32 of shape ({n},); got {arr.dtype} {arr.shape}")
   return _call(
     qp,
     kp,
@@ -113,6 +102,38 @@ def pooled_scores(
     fill=fill,
     num_warps=num_warps,
     interpret=interpret,
+  )
+
+
+def check_pooled(qp, kp, q_lim, k_lim, block_m, block_n):
+  """Checks the pooled kernels' inputs (this one's and pooled_topk's); returns the tile
+  (block_m, block_n) cut to the padded sizes."""
+  if qp.ndim != 2 or kp.ndim != 2 or qp.shape[1] != kp.shape[1]:
+    raise ValueError(f"qp must be [nQ, H] and kp [nK, H]; got {qp.shape}, {kp.shape}")
+  if qp.dtype != jnp.float32 or kp.dtype != jnp.float32:
+    raise ValueError(f"qp and kp must be float32; got {qp.dtype}, {kp.dtype}")
+  n_q, n_k = qp.shape[0], kp.shape[0]
+  for name, b in (("block_m", block_m), ("block_n", block_n)):
+    if b < 16 or b & (b - 1):
+      raise ValueError(f"{name}={b} must be a power of two >= 16")
+  for name, arr, n in (("q_lim", q_lim, n_q), ("k_lim", k_lim, n_k)):
+    if arr.shape != (n,) or arr.dtype != jnp.int32:
+      raise ValueError(f"{name} must be int32 of shape ({n},); got {arr.dtype} {arr.shape}")
+  return (
+    min(block_m, max(16, 1 << (n_q - 1).bit_length())),
+    min(block_n, max(16, 1 << (n_k - 1).bit_length())),
+  )
+
+
+def pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n):
+  """The inputs padded to whole tiles; padded rows and columns allow nothing."""
+  (n_q0, _), n_k0 = qp.shape, kp.shape[0]
+  n_q, n_k = -(-n_q0 // block_m) * block_m, -(-n_k0 // block_n) * block_n
+  return (
+    jnp.pad(qp, ((0, n_q - n_q0), (0, 0))),
+    jnp.pad(kp, ((0, n_k - n_k0), (0, 0))),
+    jnp.pad(q_lim, (0, n_q - n_q0), constant_values=-1),
+    jnp.pad(k_lim, (0, n_k - n_k0), constant_values=2**30),
   )
 
 
@@ -133,12 +154,8 @@ def _call(
   qp, kp, q_lim, k_lim, *, scale, chunk, block_m, block_n, tf32, fill, num_warps, interpret
 ):
   (n_q0, h), n_k0 = qp.shape, kp.shape[0]
-  # pad to whole tiles: padded rows / columns allow nothing
-  n_q, n_k = -(-n_q0 // block_m) * block_m, -(-n_k0 // block_n) * block_n
-  qp = jnp.pad(qp, ((0, n_q - n_q0), (0, 0)))
-  kp = jnp.pad(kp, ((0, n_k - n_k0), (0, 0)))
-  q_lim = jnp.pad(q_lim, (0, n_q - n_q0), constant_values=-1)
-  k_lim = jnp.pad(k_lim, (0, n_k - n_k0), constant_values=2**30)
+  qp, kp, q_lim, k_lim = pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n)
+  n_q, n_k = qp.shape[0], kp.shape[0]
   out_specs = [pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))]
   out_shape = [jax.ShapeDtypeStruct((n_q, n_k), jnp.float32)]
   if chunk:

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.pooled_scores.kernel import check_pooled, pad_to_tiles
+
 _BIG = 2**30
 
 
@@ -125,21 +127,9 @@ def pooled_top_k(
     scores, in no particular order; a row with fewer than k allowed pairs has -inf
     values (column 0) in the rest.
   """
-  if qp.ndim != 2 or kp.ndim != 2 or qp.shape[1] != kp.shape[1]:
-    raise ValueError(f"qp must be [nQ, H] and kp [nK, H]; got {qp.shape}, {kp.shape}")
-  if qp.dtype != jnp.float32 or kp.dtype != jnp.float32:
-    raise ValueError(f"qp and kp must be float32; got {qp.dtype}, {kp.dtype}")
-  n_q, n_k = qp.shape[0], kp.shape[0]
-  if not 1 <= k <= n_k:
-    raise ValueError(f"k={k} must be in [1, nK={n_k}]")
-  for name, b in (("block_m", block_m), ("block_n", block_n)):
-    if b < 16 or b & (b - 1):
-      raise ValueError(f"{name}={b} must be a power of two >= 16")
-  for name, arr, n in (("q_lim", q_lim, n_q), ("k_lim", k_lim, n_k)):
-    if arr.shape != (n,) or arr.dtype != jnp.int32:
-      raise ValueError(f"{name} must be int32 of shape ({n},); got {arr.dtype} {arr.shape}")
-  block_m = min(block_m, max(16, 1 << (n_q - 1).bit_length()))
-  block_n = min(block_n, max(16, 1 << (n_k - 1).bit_length()))
+  block_m, block_n = check_pooled(qp, kp, q_lim, k_lim, block_m, block_n)
+  if not 1 <= k <= kp.shape[0]:
+    raise ValueError(f"k={k} must be in [1, nK={kp.shape[0]}]")
   return _call(
     qp,
     kp,
@@ -160,13 +150,9 @@ def pooled_top_k(
   static_argnames=("k", "scale", "block_m", "block_n", "tf32", "num_warps", "interpret"),
 )
 def _call(qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, interpret):
-  (n_q0, h), n_k0 = qp.shape, kp.shape[0]
-  # pad to whole tiles: padded rows / columns allow nothing
-  n_q, n_k = -(-n_q0 // block_m) * block_m, -(-n_k0 // block_n) * block_n
-  qp = jnp.pad(qp, ((0, n_q - n_q0), (0, 0)))
-  kp = jnp.pad(kp, ((0, n_k - n_k0), (0, 0)))
-  q_lim = jnp.pad(q_lim, (0, n_q - n_q0), constant_values=-1)
-  k_lim = jnp.pad(k_lim, (0, n_k - n_k0), constant_values=_BIG)
+  (n_q0, h) = qp.shape
+  qp, kp, q_lim, k_lim = pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n)
+  n_q, n_k = qp.shape[0], kp.shape[0]
   slots = max(2, 1 << (k - 1).bit_length())  # (a power of two for the register arrays)
   kernel = functools.partial(
     _kernel, scale=scale, k=k, block_n=block_n, n_tiles=n_k // block_n, tf32=tf32
