@@ -598,9 +598,9 @@ class GroupSort(typing.NamedTuple):
 class Modality(typing.NamedTuple):
   """A batch row's modality ids [L] (padding -1) with the group sorts the views need,
   computed once per row (`modality_row`) instead of once per head and step of heads
-  (lax.map does not hoist them): by modality (Q / 2D boundary views) and of the whole
-  sequence (a grid over it). None where no view needs one. The planners take this or the
-  plain ids [L] (then each view sorts for itself)."""
+  (the lax.scan over steps does not hoist them): by modality (Q / 2D boundary views) and
+  of the whole sequence (a grid over it). None where no view needs one. The planners take
+  this or the plain ids [L] (then each view sorts for itself)."""
 
   ids: jax.Array
   by_modality: GroupSort | None = None

@@ -263,7 +263,7 @@ def test_group_sorts_once_per_row_give_the_same_plan(name, monkeypatch):
   to every head and step of heads) give the plan of each view sorting for itself."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
   q, k, _, mod = helpers.random_inputs(27, b, t, n, kh, h, dtype, modk)
-  pol = dataclasses.replace(_policy(name, n, bq, bk), heads_per_step=1)  # a lax.map of heads
+  pol = dataclasses.replace(_policy(name, n, bq, bk), heads_per_step=1)  # steps of heads
   mod = jnp.asarray(mod, jnp.int32)
 
   def plan():  # a new jit each time: traced with the current planning.modality_row
