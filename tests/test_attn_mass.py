@@ -93,15 +93,18 @@ class MassTests:
 
   @pytest.mark.parametrize(
     "consecutive, max_offset, heads_inner",
-    [(True, 100, False), (False, 300, False), (True, 37, True)],
+    [(True, 100, False), (False, 300, False), (True, 37, "per_head"), (True, 64, "shared")],
   )
   def test_window_of_offsets(self, consecutive, max_offset, heads_inner):
     """max_offset W: slash[:W] as the reference's (p computed only on the key tiles within
     W of a row's base), no column sums; alone, or vmapped over heads with a base per head
-    (the window per head)."""
+    (the window per head) or one base for all (as the planner's stride estimates)."""
     q, k, key_lim, q_lim, base, perm = inputs(12, 16, 512, 32, consecutive=consecutive)
     kw = dict(scale=0.3, perm=perm, tile=32)
-    bases = jnp.stack([base, jnp.where(base >= 0, base // 2, -1)])
+    if heads_inner == "shared":
+      bases = jnp.stack([base, base])
+    else:
+      bases = jnp.stack([base, jnp.where(base >= 0, base // 2, -1)])
     qs = jnp.stack([q, -q])
 
     def one(qh, bh):
@@ -112,13 +115,17 @@ class MassTests:
         q_lim,
         bh,
         max_offset=max_offset,
-        heads_inner=heads_inner,
+        heads_inner=bool(heads_inner),
         interpret=self.interpret,
         **kw,
       )
 
     kw.pop("tile")
-    col, slash = jax.vmap(one)(qs, bases) if heads_inner else one(q, base)
+    if heads_inner:
+      shared = heads_inner == "shared"
+      col, slash = jax.vmap(one, (0, None if shared else 0))(qs, base if shared else bases)
+    else:
+      col, slash = one(q, base)
     assert col is None
     for i in range(2 if heads_inner else 1):
       _, want = attention_mass_reference(qs[i], k, key_lim, q_lim, bases[i], **kw)
