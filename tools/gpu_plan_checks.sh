@@ -22,10 +22,10 @@ python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 git log --oneline -1 > "$out/commit.txt" 2>/dev/null  # stale on the device: say it yourself
 if [ "$part" = tests ]; then
-  timeout 150 python3 -m pytest -q -p no:cacheprovider --gpu -m gpu tests/test_attn_mass.py \
-    tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
+  timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
+    tests/test_attn_mass.py tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
   tail -2 "$out/gpu_tests_kernels.txt"
-  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_planning_lists.py \
+  timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_planning_lists.py \
     tests/test_policies.py -k "planner_kernels_are_the_same or last_query_mass or \
     group_order or stride or heads_per_step or one_kernel" > "$out/gpu_tests_planner.txt" 2>&1
   tail -2 "$out/gpu_tests_planner.txt"
