@@ -884,27 +884,37 @@ def _score_inputs(v: HeadView, q_mod, k_mod):
   return qp, kp, q_lim, k_lim, jnp.any(qany) & jnp.any(kany)
 
 
-def scored_top_k(v: HeadView, q_mod, k_mod, k):
+def scored_top_k(v: HeadView, q_mod, k_mod, k, axis_names=()):
   """The k best pooled scores of each query block's allowed pairs (`scored_matrix`'s
   pairs) by one kernel that never writes the scores (`score_topk_impl` "pallas"): (idx
   [nQ, k'], values [nQ, k'], -inf where fewer are allowed), k' = min(k, nK), as a set,
   the entries `top_k_entries` picks from `scored_matrix`'s scores (the same tile, so the
-  same dot)."""
-  qp, kp, q_lim, k_lim, _ = _score_inputs(v, q_mod, k_mod)
+  same dot). Like `top_k_entries` it sits in a `lax.cond`, skipped when no head (over
+  `axis_names`) has an allowed pair; the skip gives what the kernel would (-inf, 0)."""
+  qp, kp, q_lim, k_lim, present = _score_inputs(v, q_mod, k_mod)
   block_m, block_n, warps = SCORE_TILES
   k = min(k, v.n_k)
-  return pooled_top_k(
-    qp,
-    kp,
-    q_lim,
-    k_lim,
-    k=k,
-    scale=v.scale,
-    block_m=block_m,
-    block_n=max(block_n, topk_chunk(v.n_k, k)),  # (pooled_score_matrix's tile)
-    num_warps=warps,
-    interpret=_interpret(),
-  )
+
+  def run(qp, kp, q_lim, k_lim):
+    return pooled_top_k(
+      qp,
+      kp,
+      q_lim,
+      k_lim,
+      k=k,
+      scale=v.scale,
+      block_m=block_m,
+      block_n=max(block_n, topk_chunk(v.n_k, k)),  # (pooled_score_matrix's tile)
+      num_warps=warps,
+      interpret=_interpret(),
+    )
+
+  def empty(qp, kp, q_lim, k_lim):
+    return jnp.zeros((v.n_q, k), jnp.int32), jnp.full((v.n_q, k), NEG, jnp.float32)
+
+  if not SKIP_EMPTY_TOPK:
+    return run(qp, kp, q_lim, k_lim)
+  return jax.lax.cond(_any_over(present, axis_names), run, empty, qp, kp, q_lim, k_lim)
 
 
 def pooled_score_matrix(qp, kp, q_lim, k_lim, scale, chunk=0):

@@ -223,6 +223,9 @@ def test_scores_and_picks_in_one_kernel_give_the_same_plan(name, monkeypatch):
   assert "mmjax_pooled_topk" in jaxpr and "mmjax_pooled_scores" not in jaxpr
   assert_same_plan(got, want)
   assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
+  if name in ("q_boundary", "2d_boundary"):  # (components without a pair: the skip)
+    monkeypatch.setattr(planning, "SKIP_EMPTY_TOPK", False)  # the kernel for every one
+    assert_same_plan(pol.plan(q, k, mod), got)
 
 
 def test_scores_and_picks_in_one_kernel_need_the_score_kernel(monkeypatch):
