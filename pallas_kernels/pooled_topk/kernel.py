@@ -62,19 +62,14 @@ def _kernel(
       s = plgpu.dot(q, kp, trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
       s = jnp.where(k_lim[None, :] <= q_lim[:, None], s, -jnp.inf)
 
-      def worst(vals):
-        return jnp.min(vals, axis=1)
-
-      def more(state):
-        s, vals, _ = state
+      def more(state):  # some row's best remaining entry b beats its worst slot w
+        *_, b, w = state
         # (an int max: the Triton lowering has no reduce_or for jnp.any)
-        return jnp.max((jnp.max(s, axis=1) > worst(vals)).astype(jnp.int32)) > 0
+        return jnp.max((b > w).astype(jnp.int32)) > 0
 
       def take(state):
-        s, vals, idx = state
-        b = jnp.max(s, axis=1)  # [bm] each row's best remaining entry
+        s, vals, idx, b, w = state  # b, w [bm]
         c = jnp.min(jnp.where(s == b[:, None], cols[None, :], _BIG), axis=1)
-        w = worst(vals)
         # the worst slot: lowest value, then the highest column (then the highest slot)
         key = jnp.where(vals == w[:, None], idx * slots + slot, -1)
         w_slot = jnp.max(key, axis=1) % slots
@@ -83,9 +78,11 @@ def _kernel(
         vals = jnp.where(put, b[:, None], vals)
         idx = jnp.where(put, c[:, None], idx)
         s = jnp.where(ins[:, None] & (cols[None, :] == c[:, None]), -jnp.inf, s)
-        return s, vals, idx
+        return s, vals, idx, jnp.max(s, axis=1), jnp.min(vals, axis=1)
 
-      _, vals, idx = jax.lax.while_loop(more, take, (s, *carry))
+      vals, idx = carry
+      state = (s, vals, idx, jnp.max(s, axis=1), jnp.min(vals, axis=1))
+      _, vals, idx, _, _ = jax.lax.while_loop(more, take, state)
       return vals, idx
 
     return jax.lax.cond(q_max >= jnp.min(k_lim), scores, lambda c: c, carry)
