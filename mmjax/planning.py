@@ -218,45 +218,28 @@ _KERNEL_MIN_ROWS = 64
 
 def kernel_settings():
   """What the planner's kernels and list merges depend on, as a hashable jit key."""
-  if MASS_P_DTYPE not in P_DTYPES:
-    raise ValueError(f"planning.MASS_P_DTYPE must be one of {P_DTYPES}; got {MASS_P_DTYPE!r}")
-  return (
-    topk_impl(),
-    _KERNEL_ROW,
-    _KERNEL_MIN_ROWS,
-    pool_impl(),
-    mass_impl(),
-    score_impl(),
-    SCORE_TILES,
-    merge_lists(),
-    score_topk_impl(),
-    cols_impl(),
-    COLS_TILES,
-    bool(MASS_HEADS_INNER),
-    MASS_P_DTYPE,
-  )
-
-
-_SETTINGS_ORDER = (
-  "topk_impl",
-  "kernel_row",
-  "kernel_min_rows",
-  "pool_impl",
-  "mass_impl",
-  "score_impl",
-  "score_tiles",
-  "merge_lists",
-  "score_topk_impl",
-  "cols_impl",
-  "cols_tiles",
-  "mass_heads_inner",
-  "mass_p_dtype",
-)
+  return tuple(kernel_settings_dict().values())
 
 
 def kernel_settings_dict():
   """`kernel_settings()` by name, as they apply here (for a run's records)."""
-  return dict(zip(_SETTINGS_ORDER, kernel_settings(), strict=True))
+  if MASS_P_DTYPE not in P_DTYPES:
+    raise ValueError(f"planning.MASS_P_DTYPE must be one of {P_DTYPES}; got {MASS_P_DTYPE!r}")
+  return dict(
+    topk_impl=topk_impl(),
+    kernel_row=_KERNEL_ROW,
+    kernel_min_rows=_KERNEL_MIN_ROWS,
+    pool_impl=pool_impl(),
+    mass_impl=mass_impl(),
+    score_impl=score_impl(),
+    score_tiles=SCORE_TILES,
+    merge_lists=merge_lists(),
+    score_topk_impl=score_topk_impl(),
+    cols_impl=cols_impl(),
+    cols_tiles=COLS_TILES,
+    mass_heads_inner=bool(MASS_HEADS_INNER),
+    mass_p_dtype=MASS_P_DTYPE,
+  )
 
 
 # the settings `settings` overrides, by lowercase name
