@@ -130,11 +130,12 @@ def same_plans(a, b) -> bool:
   )
 
 
-# the planner settings given as flags: (flag, planning's setting, what it chooses)
+# the planner's implementation settings given as flags: (flag, what it chooses); flag
+# "x" sets planning.settings(x_impl=...)
 IMPL_FLAGS = (
-  ("topk", "TOPK_IMPL", "the planner's per-row top-k"),
-  ("score", "SCORE_IMPL", "the pooled scores"),
-  ("score_topk", "SCORE_TOPK_IMPL", "the pooled-score picks in one kernel or scores + top-k"),
+  ("topk", "the planner's per-row top-k"),
+  ("score", "the pooled scores"),
+  ("score_topk", "the pooled-score picks in one kernel or scores + top-k"),
 )
 
 
@@ -163,12 +164,12 @@ def main():
   ap.add_argument(
     "--check", action="store_true", help="also compare each plan with the other planner's"
   )
-  for flag, setting, what in IMPL_FLAGS:
+  for flag, what in IMPL_FLAGS:
     ap.add_argument(
       f"--{flag}",
       default="",
       choices=["", "pallas", "xla"],
-      help=f"{what} (planning.{setting}); default: the planner's",
+      help=f"{what} (planning.{planning.SETTING_NAMES[flag + '_impl']}); default: the planner's",
     )
   ap.add_argument(
     "--mass_heads_inner",
@@ -189,11 +190,15 @@ def main():
     help="1: compile the plans with planning.PLAN_COMPILER_OPTIONS (concurrent scheduling)",
   )
   args = ap.parse_args()
+  settings = {f"{flag}_impl": getattr(args, flag) or None for flag, _ in IMPL_FLAGS}
+  settings |= dict(mass_heads_inner=bool(args.mass_heads_inner), mass_p_dtype=args.mass_p_dtype)
+  with planning.settings(**settings):
+    trace(args)
+
+
+def trace(args):
+  """The plans of `args.policies` traced (and checked) with the planner's settings now."""
   copts = dict(planning.PLAN_COMPILER_OPTIONS) if args.concurrent else None
-  planning.MASS_HEADS_INNER = bool(args.mass_heads_inner)
-  planning.MASS_P_DTYPE = args.mass_p_dtype
-  for flag, setting, _ in IMPL_FLAGS:
-    setattr(planning, setting, getattr(args, flag) or None)
   t, h = args.length, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)
@@ -201,7 +206,7 @@ def main():
   mod = bench.video_text_modality(t, 576, 16, 256)
   report = {"length": t, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
   report["topk"] = planning.topk_impl()
-  report["kernel_settings"] = list(planning.kernel_settings())
+  report["kernel_settings"] = planning.kernel_settings_dict()
   cfg = bench_config.get_config("")
   hps = args.heads_per_step
   hps = bench.heads_per_step(cfg, t, args.heads) if hps < 0 else hps
