@@ -21,6 +21,32 @@ OPTIMIZE = bool(os.environ.get("MMJAX_TEST_XLA_OPT")) or "--gpu" in sys.argv or 
 if not OPTIMIZE:
   os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+
+# The same programs compile again and again: in both xdist workers, in the subprocesses
+# that tests start (absl mains, shards, the 8-device run), and after every module, since
+# `_release_compiled_per_module` drops jax's in-memory caches. So a run shares one jax
+# persistent compilation cache, a temporary folder that the first process (pytest's main
+# process) makes and removes at its exit. Workers and subprocesses inherit it through the
+# environment. Its key covers the program, the compile options (the optimization level
+# too) and the backend, so a cached executable is the one a compile would give.
+# MMJAX_TEST_JAX_CACHE=0 turns it off; a JAX_COMPILATION_CACHE_DIR already set is used as
+# it is.
+def _share_compilation_cache():
+  if os.environ.get("MMJAX_TEST_JAX_CACHE") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import atexit  # noqa: PLC0415
+  import shutil  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  path = tempfile.mkdtemp(prefix="mmjax-test-jax-cache-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ["MMJAX_TEST_JAX_CACHE"] = path
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+_share_compilation_cache()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
