@@ -111,6 +111,9 @@ def _run(cfg, workdir, progress):
   baseline = dense_baseline(impl)
   rows = []
   dense_kernel = None  # set where the dense plan is timed
+  if workdir:  # each row as it is timed, so that a run cut short keeps its finished rows
+    os.makedirs(workdir, exist_ok=True)
+    open(os.path.join(workdir, "rows.jsonl"), "w").close()
   for length in cfg.lengths:
     keys = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
     shape_q = (1, length, cfg.num_heads, cfg.head_dim)
@@ -138,6 +141,9 @@ def _run(cfg, workdir, progress):
       except Exception as e:  # noqa: BLE001  (an OOM at 1M tokens: record it, go on)
         print(f"T={length} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         rows.append(dict(length=length, policy=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
+      if workdir:
+        with open(os.path.join(workdir, "rows.jsonl"), "a") as f:
+          f.write(json.dumps(rows[-1]) + "\n")
     del q, k, v
   result = {
     "rows": rows,

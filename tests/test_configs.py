@@ -51,7 +51,11 @@ def test_bench_smoke_runs(tmp_path):
     assert r["plan_share"] == r["plan_ms"] / (r["plan_ms"] + r["kernel_ms"])
     assert "scheduling_mode=CONCURRENT" in r["plan_options"]  # smoke lengths are short
   assert (tmp_path / "bench.json").exists() and (tmp_path / "table.md").exists()
-  recorded = json.loads((tmp_path / "bench.json").read_text())["planner_settings"]
+  # rows.jsonl: each row written as it was timed, the same rows as bench.json's
+  lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+  saved = json.loads((tmp_path / "bench.json").read_text())
+  assert [json.loads(line) for line in lines] == saved["rows"]
+  recorded = saved["planner_settings"]
   assert recorded["score_topk_impl"] == "xla" and recorded["mass_p_dtype"] == "float32"
   assert (tmp_path / "speedup.png").exists() and (tmp_path / "plan_share.png").exists()
   # past concurrent_plan_max_len the plan programs compile with XLA's defaults
