@@ -133,6 +133,37 @@ class SparsePlan:
     t = self.seq_len
     return m[:, :, :t, :t]
 
+  def mask_rows(self, rows) -> jax.Array:
+    """[B, N, R, T] bool: `to_dense_mask()[:, :, rows]`, the admitted keys (original order,
+    causality included) of the queries at ORIGINAL positions `rows` [R] int, built from
+    the rows' own query blocks only (memory O(R * L), not O(L * L)).
+    """
+    t = self.seq_len
+    rows = jnp.asarray(rows, jnp.int32)
+    if rows.ndim != 1:
+      raise ValueError(f"mask_rows: rows must be 1-D, got shape {rows.shape}")
+    # the view query block of each row: the view index of original position p is
+    # inv_q[p] (argsort of the view's positions)
+    inv_q = jnp.argsort(self.q_positions(), axis=-1)  # [B, N, L]
+    qb = inv_q[..., rows] // self.block_q  # [B, N, R]
+    bidx = jnp.take_along_axis(self.block_idx, qb[..., None], axis=2)  # [B, N, R, MB]
+    bcnt = jnp.take_along_axis(self.block_count, qb, axis=2)  # [B, N, R]
+    cidx = jnp.take_along_axis(self.col_idx, qb[..., None], axis=2)  # [B, N, R, MC]
+    ccnt = jnp.take_along_axis(self.col_count, qb, axis=2)
+    # view-key mask of each row: its key blocks, then its single keys
+    b, n, r, _ = jnp.indices(bidx.shape, sparse=True)
+    bvalid = (jnp.arange(self.max_blocks) < bcnt[..., None]).astype(jnp.int32)
+    blocks = jnp.zeros(bcnt.shape + (self.num_k_blocks,), jnp.int32)
+    m = jnp.repeat(blocks.at[b, n, r, bidx].add(bvalid) > 0, self.block_k, axis=3)
+    b, n, r, _ = jnp.indices(cidx.shape, sparse=True)
+    cvalid = (jnp.arange(self.max_cols) < ccnt[..., None]).astype(jnp.int32)
+    cols = jnp.zeros(ccnt.shape + (self.padded_len,), jnp.int32)
+    m = m | (cols.at[b, n, r, cidx].add(cvalid) > 0)  # [B, N, R, L] view keys
+    # original key p sits at view index inv_k[p]; keep keys at or before each row
+    inv_k = jnp.argsort(self.k_positions(), axis=-1)[..., :t]  # [B, N, T]
+    m = jnp.take_along_axis(m, inv_k[:, :, None, :], axis=3)
+    return m & (jnp.arange(t, dtype=jnp.int32)[None, :] <= rows[:, None])
+
   # ---- cost ---------------------------------------------------------------------------
   def computed_pairs(self) -> jax.Array:
     """[B, N] float32 count of causal (query, key) pairs the plan computes (real tokens).

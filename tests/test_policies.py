@@ -36,6 +36,9 @@ def test_policy_on_random_inputs(name, case):
   helpers.check_plan_invariants(plan)
   mask = np.asarray(plan.to_dense_mask())
   assert mask.shape == (b, n, t, t)
+  # some rows' masks alone (the search's recall rows), in no order
+  rows = np.random.default_rng(t).choice(t, size=min(t, 37), replace=False)
+  np.testing.assert_array_equal(np.asarray(plan.mask_rows(rows)), mask[:, :, rows])
   causal = np.tril(np.ones((t, t), bool))
   assert not (mask & ~causal).any(), "a mask admits a future key"
   assert np.diagonal(mask, axis1=2, axis2=3).all(), "a query does not see itself"
