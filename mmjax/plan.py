@@ -139,6 +139,14 @@ class SparsePlan:
     the rows' own query blocks only (memory O(R * L), not O(L * L)).
     """
     t = self.seq_len
+    if not isinstance(rows, jax.core.Tracer):  # concrete rows are checked here
+      arr = np.asarray(rows)
+      bad = arr.ndim != 1 or arr.dtype.kind not in "iu"
+      if bad or (arr.size and (arr.min() < 0 or arr.max() >= t)):
+        raise ValueError(
+          f"mask_rows: rows must be 1-D ints in [0, {t}); got {arr.dtype} of shape "
+          f"{arr.shape}" + ("" if bad else f" in [{arr.min()}, {arr.max()}]")
+        )
     rows = jnp.asarray(rows, jnp.int32)
     if rows.ndim != 1:
       raise ValueError(f"mask_rows: rows must be 1-D, got shape {rows.shape}")

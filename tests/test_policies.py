@@ -39,6 +39,9 @@ def test_policy_on_random_inputs(name, case):
   # some rows' masks alone (the search's recall rows), in no order
   rows = np.random.default_rng(t).choice(t, size=min(t, 37), replace=False)
   np.testing.assert_array_equal(np.asarray(plan.mask_rows(rows)), mask[:, :, rows])
+  for bad in ([t], [-1], [[0]], [0.5]):
+    with pytest.raises(ValueError, match="mask_rows: rows must be 1-D ints"):
+      plan.mask_rows(np.asarray(bad))
   causal = np.tril(np.ones((t, t), bool))
   assert not (mask & ~causal).any(), "a mask admits a future key"
   assert np.diagonal(mask, axis1=2, axis2=3).all(), "a query does not see itself"
