@@ -111,32 +111,28 @@ class SparsePlan:
     out = out.at[b, n, i, self.block_idx].add(valid.astype(jnp.int32))
     return out > 0
 
+  def view_col_mask(self) -> jax.Array:
+    """[B, N, nQ, L] bool: single keys listed for each query block (view order)."""
+    valid = jnp.arange(self.max_cols) < self.col_count[..., None]
+    b, n, i, _ = jnp.indices(self.col_idx.shape, sparse=True)
+    out = jnp.zeros(self.col_count.shape + (self.padded_len,), jnp.int32)
+    return out.at[b, n, i, self.col_idx].add(valid.astype(jnp.int32)) > 0
+
   def view_mask(self) -> jax.Array:
     """[B, N, L, L] bool: admitted (query, key) pairs in view order, causality included."""
-    bm = self.view_block_mask()
-    m = jnp.repeat(jnp.repeat(bm, self.block_q, axis=2), self.block_k, axis=3)
-    cvalid = jnp.arange(self.max_cols) < self.col_count[..., None]
-    b, n, i, _ = jnp.indices(self.col_idx.shape, sparse=True)
-    cm = jnp.zeros(self.col_count.shape + (self.padded_len,), jnp.int32)
-    cm = cm.at[b, n, i, self.col_idx].add(cvalid.astype(jnp.int32)) > 0
-    m = m | jnp.repeat(cm, self.block_q, axis=2)
+    m = jnp.repeat(self.view_block_mask(), self.block_k, axis=3)
+    m = jnp.repeat(m | self.view_col_mask(), self.block_q, axis=2)
     qp, kp = self.q_positions(), self.k_positions()
     return m & (kp[:, :, None, :] <= qp[:, :, :, None])
 
   def to_dense_mask(self) -> jax.Array:
     """[B, N, T, T] bool admitted pairs in ORIGINAL positions (small inputs: tests, plots)."""
-    vm = self.view_mask()
-    inv_q = jnp.argsort(self.q_positions(), axis=-1)
-    inv_k = jnp.argsort(self.k_positions(), axis=-1)
-    m = jnp.take_along_axis(vm, inv_q[..., :, None], axis=2)
-    m = jnp.take_along_axis(m, inv_k[..., None, :], axis=3)
-    t = self.seq_len
-    return m[:, :, :t, :t]
+    return self.mask_rows(np.arange(self.seq_len, dtype=np.int32))
 
   def mask_rows(self, rows) -> jax.Array:
     """[B, N, R, T] bool: `to_dense_mask()[:, :, rows]`, the admitted keys (original order,
-    causality included) of the queries at ORIGINAL positions `rows` [R] int, built from
-    the rows' own query blocks only (memory O(R * L), not O(L * L)).
+    causality included) of the queries at ORIGINAL positions `rows` [R] int, each row
+    taken from its view query block's lists (memory O(R * L), not O(L * L)).
     """
     t = self.seq_len
     if not isinstance(rows, jax.core.Tracer):  # concrete rows are checked here
@@ -150,23 +146,11 @@ class SparsePlan:
     rows = jnp.asarray(rows, jnp.int32)
     if rows.ndim != 1:
       raise ValueError(f"mask_rows: rows must be 1-D, got shape {rows.shape}")
-    # the view query block of each row: the view index of original position p is
-    # inv_q[p] (argsort of the view's positions)
+    # the view query block of each row: original position p sits at view index inv_q[p]
     inv_q = jnp.argsort(self.q_positions(), axis=-1)  # [B, N, L]
-    qb = inv_q[..., rows] // self.block_q  # [B, N, R]
-    bidx = jnp.take_along_axis(self.block_idx, qb[..., None], axis=2)  # [B, N, R, MB]
-    bcnt = jnp.take_along_axis(self.block_count, qb, axis=2)  # [B, N, R]
-    cidx = jnp.take_along_axis(self.col_idx, qb[..., None], axis=2)  # [B, N, R, MC]
-    ccnt = jnp.take_along_axis(self.col_count, qb, axis=2)
-    # view-key mask of each row: its key blocks, then its single keys
-    b, n, r, _ = jnp.indices(bidx.shape, sparse=True)
-    bvalid = (jnp.arange(self.max_blocks) < bcnt[..., None]).astype(jnp.int32)
-    blocks = jnp.zeros(bcnt.shape + (self.num_k_blocks,), jnp.int32)
-    m = jnp.repeat(blocks.at[b, n, r, bidx].add(bvalid) > 0, self.block_k, axis=3)
-    b, n, r, _ = jnp.indices(cidx.shape, sparse=True)
-    cvalid = (jnp.arange(self.max_cols) < ccnt[..., None]).astype(jnp.int32)
-    cols = jnp.zeros(ccnt.shape + (self.padded_len,), jnp.int32)
-    m = m | (cols.at[b, n, r, cidx].add(cvalid) > 0)  # [B, N, R, L] view keys
+    qb = (inv_q[..., rows] // self.block_q)[..., None]  # [B, N, R, 1]
+    m = jnp.repeat(jnp.take_along_axis(self.view_block_mask(), qb, axis=2), self.block_k, axis=3)
+    m = m | jnp.take_along_axis(self.view_col_mask(), qb, axis=2)  # [B, N, R, L] view keys
     # original key p sits at view index inv_k[p]; keep keys at or before each row
     inv_k = jnp.argsort(self.k_positions(), axis=-1)[..., :t]  # [B, N, T]
     m = jnp.take_along_axis(m, inv_k[:, :, None, :], axis=3)

@@ -36,6 +36,12 @@ def test_policy_on_random_inputs(name, case):
   helpers.check_plan_invariants(plan)
   mask = np.asarray(plan.to_dense_mask())
   assert mask.shape == (b, n, t, t)
+  # the view-order mask, put back in original positions, is the same mask
+  vm, qp, kp = (np.asarray(x) for x in (plan.view_mask(), plan.q_positions(), plan.k_positions()))
+  back = np.zeros_like(vm)
+  for i in np.ndindex(b, n):
+    back[i][qp[i][:, None], kp[i][None, :]] = vm[i]
+  np.testing.assert_array_equal(back[:, :, :t, :t], mask)
   # some rows' masks alone (the search's recall rows), in no order
   rows = np.random.default_rng(t).choice(t, size=min(t, 37), replace=False)
   np.testing.assert_array_equal(np.asarray(plan.mask_rows(rows)), mask[:, :, rows])
