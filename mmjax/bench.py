@@ -155,8 +155,7 @@ def _run(cfg, workdir, progress):
     "planner_settings": planning.kernel_settings_dict(),
     "manifest": runinfo.manifest(cfg.seed),
   }
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
+  if workdir:  # (made above)
     with open(os.path.join(workdir, "bench.json"), "w") as f:
       json.dump(result, f, indent=2)
     with open(os.path.join(workdir, "table.md"), "w") as f:

@@ -135,17 +135,16 @@ class SparsePlan:
     taken from its view query block's lists (memory O(R * L), not O(L * L)).
     """
     t = self.seq_len
-    if not isinstance(rows, jax.core.Tracer):  # concrete rows are checked here
+    if jnp.ndim(rows) != 1:
+      raise ValueError(f"mask_rows: rows must be 1-D ints in [0, {t}); got shape {jnp.shape(rows)}")
+    if not isinstance(rows, jax.core.Tracer):  # concrete rows: their dtype and range too
       arr = np.asarray(rows)
-      bad = arr.ndim != 1 or arr.dtype.kind not in "iu"
-      if bad or (arr.size and (arr.min() < 0 or arr.max() >= t)):
+      if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= t)):
         raise ValueError(
-          f"mask_rows: rows must be 1-D ints in [0, {t}); got {arr.dtype} of shape "
-          f"{arr.shape}" + ("" if bad else f" in [{arr.min()}, {arr.max()}]")
+          f"mask_rows: rows must be 1-D ints in [0, {t}); got {arr.dtype}"
+          + (f" in [{arr.min()}, {arr.max()}]" if arr.dtype.kind in "iu" else "")
         )
     rows = jnp.asarray(rows, jnp.int32)
-    if rows.ndim != 1:
-      raise ValueError(f"mask_rows: rows must be 1-D, got shape {rows.shape}")
     # the view query block of each row: original position p sits at view index inv_q[p]
     inv_q = jnp.argsort(self.q_positions(), axis=-1)  # [B, N, L]
     qb = (inv_q[..., rows] // self.block_q)[..., None]  # [B, N, R, 1]
