@@ -39,9 +39,11 @@ def get_config(arg: str | None = None):
   c.block_q = 128  # tools/kernel_tiles.py: 128x64, 4 warps, 2 stages was the best tile
   c.block_k = 64
   c.heads_per_step = 4  # used when plan_step_tokens is 0
-  # the planner's heads per step = plan_step_tokens // length (all 28 heads at <= 128k,
-  # 4 at 1M): fewer kernel launches at short lengths, the same memory at long ones
-  c.plan_step_tokens = 4 * 1048576
+  # the planner's heads per step = plan_step_tokens // length (all 28 heads up to 512k,
+  # 14 at 1M): fewer kernel launches at short lengths, a bounded memory at long ones. On
+  # an H200 at 1M, 14 heads per step against 2: mminference's plan 1.22x faster, 2D
+  # boundary's 1.19x, for 7-8 GiB of temp memory (benchmarks/results/h200_2026-12-02b)
+  c.plan_step_tokens = 14 * 1048576
   # up to this length the plan programs compile with mmjax.planning.PLAN_COMPILER_OPTIONS
   # (XLA's concurrent command-buffer scheduling: faster plans, more temp memory; 0: never)
   c.concurrent_plan_max_len = 262144
@@ -50,6 +52,9 @@ def get_config(arg: str | None = None):
   c.planner = ml_collections.ConfigDict(
     {n: "" for n in ("score_topk_impl", "mass_p_dtype", "score_impl", "topk_impl", "mass_impl")}
   )
+  # pooled_topk (score_topk_impl "pallas", the default on a GPU) only for top k <= this
+  # (0: every k; mmjax.planning.SCORE_TOPK_MAX_K)
+  c.planner.score_topk_max_k = 8
   c.warmup = 2
   c.iters = 10
   c.lengths = (16384, 65536, 131072, 262144, 524288, 1048576)

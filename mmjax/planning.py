@@ -186,10 +186,16 @@ SCORE_IMPL = None
 # row's top-k kept in registers as the kernel sweeps the key blocks; the [nQ, nK] scores
 # and their chunk maxima never written, no top-k passes) or "xla" (the scores by
 # `score_impl`, then `top_k_entries`). The same picks from the same dot (it needs
-# SCORE_IMPL "pallas", which the dense planner's scores come from). None: "xla"
-# everywhere until it is timed on a GPU (tools/score_bench.py, tools/plan_trace.py
-# --score_topk pallas).
+# SCORE_IMPL "pallas", which the dense planner's scores come from). None: "pallas" on a
+# GPU for top k up to SCORE_TOPK_MAX_K, "xla" elsewhere. On an H200 at 1M tokens, 14
+# heads per step, pooled_topk for k <= 8 made grid's plan 1.17x faster, 2D boundary's
+# 1.20x and mminference's 1.05x (benchmarks/results/h200_2026-12-02b); for block_sparse's
+# k = 32 it was 1.04x at 1M and 0.81x at 128k (h200_2026-12-02/score_bench.txt): each
+# entry that beats a row's worst slot is inserted in a loop, so its cost grows with k.
 SCORE_TOPK_IMPL = None
+# With SCORE_TOPK_IMPL "pallas" (or None on a GPU): only components whose top k is at most
+# this take the one kernel, the rest the scores + top_k_entries; 0: every component.
+SCORE_TOPK_MAX_K = 8
 # Candidate lists: True merges ascending lists by binary searches (`merge_rows`,
 # `planning_lists.merge_candidates`), False sorts each query block's row; None: merges on
 # a GPU (a row sort there cost 12 ms of a 1M-token plan), sorts elsewhere (on the CPU the
@@ -235,6 +241,7 @@ def kernel_settings_dict():
     score_tiles=SCORE_TILES,
     merge_lists=merge_lists(),
     score_topk_impl=score_topk_impl(),
+    score_topk_max_k=SCORE_TOPK_MAX_K,
     cols_impl=cols_impl(),
     cols_tiles=COLS_TILES,
     mass_heads_inner=bool(MASS_HEADS_INNER),
@@ -249,6 +256,7 @@ SETTING_NAMES = {
   "mass_impl": "MASS_IMPL",
   "score_impl": "SCORE_IMPL",
   "score_topk_impl": "SCORE_TOPK_IMPL",
+  "score_topk_max_k": "SCORE_TOPK_MAX_K",
   "cols_impl": "COLS_IMPL",
   "merge_lists": "MERGE_LISTS",
   "mass_heads_inner": "MASS_HEADS_INNER",
@@ -321,13 +329,22 @@ def cols_impl():
   return _impl("COLS_IMPL", COLS_IMPL)
 
 
-def score_topk_impl():
-  impl = _impl("SCORE_TOPK_IMPL", SCORE_TOPK_IMPL, on_gpu="xla")
+def score_topk_impl(k=None):
+  """The pooled-score picks' implementation ("pallas" or "xla"); with `k`, for a component
+  with that top k (`SCORE_TOPK_MAX_K`)."""
+  mk = SCORE_TOPK_MAX_K
+  if not (isinstance(mk, int) and mk >= 0):
+    raise ValueError(f"planning.SCORE_TOPK_MAX_K must be an int >= 0; got {mk!r}")
+  impl = _impl("SCORE_TOPK_IMPL", SCORE_TOPK_IMPL)
+  if SCORE_TOPK_IMPL is None and score_impl() != "pallas":
+    impl = "xla"  # (the default follows the score kernel)
   if impl == "pallas" and score_impl() != "pallas":
     raise ValueError(
       "planning.SCORE_TOPK_IMPL='pallas' needs SCORE_IMPL 'pallas' (the dense planner's "
       f"scores from the same dot); SCORE_IMPL is {score_impl()!r}"
     )
+  if impl == "pallas" and k is not None and 0 < mk < k:
+    return "xla"
   return impl
 
 

@@ -115,7 +115,7 @@ def _dense(iv: _Intervals, lists, v: HeadView, q_mod, k_mod):
 
 
 def _scored(v: HeadView, q_mod, k_mod, top_k, axis_names):
-  if pl.score_topk_impl() == "pallas":  # scores and picks in one kernel
+  if pl.score_topk_impl(top_k) == "pallas":  # scores and picks in one kernel
     idx, vals = pl.scored_top_k(v, q_mod, k_mod, top_k, axis_names)
   else:
     s, valid, cmax, present = pl.scored_matrix(v, q_mod, k_mod, pl.topk_chunk(v.n_k, top_k))

@@ -228,6 +228,29 @@ def test_scores_and_picks_in_one_kernel_give_the_same_plan(name, monkeypatch):
     assert_same_plan(pol.plan(q, k, mod), got)
 
 
+def test_one_kernel_only_up_to_a_top_k(monkeypatch):
+  """SCORE_TOPK_MAX_K: with 2 the 2D boundary's grid pair (top 2) takes pooled_topk and
+  its block_sparse pairs (top 3) the scores + top_k_entries, with the same plan; a bad
+  value raises."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(29, b, t, n, kh, h, dtype, modk)
+  pol = _policy("2d_boundary", n, bq, bk)
+  monkeypatch.setattr(planning, "SCORE_IMPL", "pallas")
+  want = pol.plan(q, k, mod)
+  monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
+  monkeypatch.setattr(planning, "SCORE_TOPK_MAX_K", 2)
+  got = pol.plan(q, k, mod)
+  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  assert "mmjax_pooled_topk" in jaxpr and "mmjax_pooled_scores" in jaxpr
+  assert_same_plan(got, want)
+  monkeypatch.setattr(planning, "SCORE_TOPK_MAX_K", 1)  # (no component's k)
+  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  assert "mmjax_pooled_topk" not in jaxpr
+  monkeypatch.setattr(planning, "SCORE_TOPK_MAX_K", -1)
+  with pytest.raises(ValueError, match="SCORE_TOPK_MAX_K must be an int >= 0"):
+    planning.kernel_settings()
+
+
 def test_scores_and_picks_in_one_kernel_need_the_score_kernel(monkeypatch):
   monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
   monkeypatch.setattr(planning, "SCORE_IMPL", "xla")

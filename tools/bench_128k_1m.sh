@@ -26,7 +26,7 @@ timeout 200 python3 experiments/bench_attention.py --config=$cfg \
 tail -9 "$out/attention_128k_log.txt"
 timeout 330 python3 experiments/bench_attention.py --config=$cfg \
   --workdir="$out/attention_1m" '--config.lengths=(1048576,)' --config.iters=2 \
-  --config.warmup=1 --config.plan_step_tokens=2097152 ${BENCH_FLAGS:-} \
+  --config.warmup=1 ${BENCH_FLAGS:-} \
   > "$out/attention_1m_log.txt" 2>&1
 tail -9 "$out/attention_1m_log.txt"
 # (at most 8 files come back from the device: one archive)

@@ -189,8 +189,15 @@ def main():
     default=0,
     help="1: compile the plans with planning.PLAN_COMPILER_OPTIONS (concurrent scheduling)",
   )
+  ap.add_argument(
+    "--score_topk_max_k",
+    type=int,
+    default=planning.SCORE_TOPK_MAX_K,
+    help="pooled_topk (--score_topk pallas) only for top k <= this (0: every k)",
+  )
   args = ap.parse_args()
   settings = {f"{flag}_impl": getattr(args, flag) or None for flag, _ in IMPL_FLAGS}
+  settings["score_topk_max_k"] = args.score_topk_max_k
   settings |= dict(mass_heads_inner=bool(args.mass_heads_inner), mass_p_dtype=args.mass_p_dtype)
   with planning.settings(**settings):
     trace(args)
