@@ -42,7 +42,8 @@ def get_config(arg: str | None = None):
   # the planner's heads per step = plan_step_tokens // length (all 28 heads up to 512k,
   # 14 at 1M): fewer kernel launches at short lengths, a bounded memory at long ones. On
   # an H200 at 1M, 14 heads per step against 2: mminference's plan 1.22x faster, 2D
-  # boundary's 1.19x, for 7-8 GiB of temp memory (benchmarks/results/h200_2026-12-02b)
+  # boundary's 1.19x; temp memory 3-4 GiB with the fused picks of top k <= 8, 7-8 GiB
+  # without (benchmarks/results/h200_2026-12-02b)
   c.plan_step_tokens = 14 * 1048576
   # up to this length the plan programs compile with mmjax.planning.PLAN_COMPILER_OPTIONS
   # (XLA's concurrent command-buffer scheduling: faster plans, more temp memory; 0: never)
