@@ -251,6 +251,18 @@ def test_one_kernel_only_up_to_a_top_k(monkeypatch):
     planning.kernel_settings()
 
 
+def test_score_topk_default_on_a_gpu(monkeypatch):
+  """SCORE_TOPK_IMPL None on a GPU: pooled_topk for top k <= SCORE_TOPK_MAX_K, the scores +
+  top-k beyond it, and the scores + top-k wherever the score kernel is off."""
+  monkeypatch.setattr(planning, "_on_gpu", lambda: True)
+  assert planning.score_topk_impl() == "pallas"
+  assert planning.score_topk_impl(8) == "pallas" and planning.score_topk_impl(9) == "xla"
+  monkeypatch.setattr(planning, "SCORE_TOPK_MAX_K", 0)
+  assert planning.score_topk_impl(32) == "pallas"
+  monkeypatch.setattr(planning, "SCORE_IMPL", "xla")
+  assert planning.score_topk_impl(8) == "xla"
+
+
 def test_scores_and_picks_in_one_kernel_need_the_score_kernel(monkeypatch):
   monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
   monkeypatch.setattr(planning, "SCORE_IMPL", "xla")
