@@ -51,7 +51,17 @@ def get_config(arg: str | None = None):
   # the planner's kernel settings for the run (mmjax.planning.settings; "": as planning
   # has it), e.g. --config.planner.score_topk_impl=pallas; bench.json records them all
   c.planner = ml_collections.ConfigDict(
-    {n: "" for n in ("score_topk_impl", "mass_p_dtype", "score_impl", "topk_impl", "mass_impl")}
+    {
+      n: ""
+      for n in (
+        "score_topk_impl",
+        "mass_p_dtype",
+        "score_impl",
+        "topk_impl",
+        "mass_impl",
+        "score_dtype",
+      )
+    }
   )
   # pooled_topk (score_topk_impl "pallas", the default on a GPU) only for top k <= this
   # (0: every k; mmjax.planning.SCORE_TOPK_MAX_K)

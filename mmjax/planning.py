@@ -211,6 +211,14 @@ COLS_IMPL = None
 # warps: 1.50x on vertical_slash's shape, 2.32x on q_boundary's;
 # h200_2026-12-01c/cols_bench.json).
 COLS_TILES = (128, 1)
+# The dtype of the pooled means that the pooled-block scores multiply: "float32" (the means
+# as pooled; TF32 products on a GPU, as XLA's f32 dot there), "bfloat16" (the means rounded
+# to the model's dtype, as MInference pools them; exact products, f32 sums: half the
+# bytes each score tile loads and the matrix units' bf16 rate), or None: "float32" until
+# measured (the picks may differ at near-ties between the two; both planners, dense and
+# lists, take the same).
+SCORE_DTYPE = None
+SCORE_DTYPES = ("float32", "bfloat16")
 # The pooled_scores kernel's tile (query blocks, key blocks) and warps.
 SCORE_TILES = (64, 128, 4)
 # rows up to this long go to the Pallas top-k whole, longer ones in chunks (its time grows
@@ -239,6 +247,7 @@ def kernel_settings_dict():
     mass_impl=mass_impl(),
     score_impl=score_impl(),
     score_tiles=SCORE_TILES,
+    score_dtype=score_dtype(),
     merge_lists=merge_lists(),
     score_topk_impl=score_topk_impl(),
     score_topk_max_k=SCORE_TOPK_MAX_K,
@@ -257,6 +266,7 @@ SETTING_NAMES = {
   "score_impl": "SCORE_IMPL",
   "score_topk_impl": "SCORE_TOPK_IMPL",
   "score_topk_max_k": "SCORE_TOPK_MAX_K",
+  "score_dtype": "SCORE_DTYPE",
   "cols_impl": "COLS_IMPL",
   "merge_lists": "MERGE_LISTS",
   "mass_heads_inner": "MASS_HEADS_INNER",
@@ -327,6 +337,15 @@ def score_impl():
 
 def cols_impl():
   return _impl("COLS_IMPL", COLS_IMPL)
+
+
+def score_dtype():
+  """The pooled means' dtype in the pooled-score dot (`SCORE_DTYPE`)."""
+  if SCORE_DTYPE is not None and SCORE_DTYPE not in SCORE_DTYPES:
+    raise ValueError(
+      f"planning.SCORE_DTYPE must be None or one of {SCORE_DTYPES}; got {SCORE_DTYPE!r}"
+    )
+  return SCORE_DTYPE or "float32"
 
 
 def score_topk_impl(k=None):
@@ -871,8 +890,8 @@ def scored_matrix(v: HeadView, q_mod, k_mod, chunk=0):
 
 
 def _score_inputs(v: HeadView, q_mod, k_mod):
-  """(pooled q [nQ, H], pooled k [nK, H], q_lim [nQ], k_lim [nK], present) of a scored
-  component: pair (i, j) allowed iff k_lim[j] <= q_lim[i]."""
+  """(pooled q [nQ, H], pooled k [nK, H] in `score_dtype()`, q_lim [nQ], k_lim [nK],
+  present) of a scored component: pair (i, j) allowed iff k_lim[j] <= q_lim[i]."""
   qp, qany = _pooled(v, "q", q_mod)
   kp, kany = _pooled(v, "k", k_mod)
   _, qmax, _ = _block_min_max(v.q_pos, v.q_ok(None), v.n_q)
@@ -881,7 +900,8 @@ def _score_inputs(v: HeadView, q_mod, k_mod):
   # query block i's last query
   q_lim = jnp.where(qany, qmax, -1).astype(jnp.int32)
   k_lim = jnp.where(kany, kmin, BIG).astype(jnp.int32)
-  return qp, kp, q_lim, k_lim, jnp.any(qany) & jnp.any(kany)
+  dt = jnp.dtype(score_dtype())
+  return qp.astype(dt), kp.astype(dt), q_lim, k_lim, jnp.any(qany) & jnp.any(kany)
 
 
 def scored_top_k(v: HeadView, q_mod, k_mod, k, axis_names=()):
@@ -936,7 +956,7 @@ def pooled_score_matrix(qp, kp, q_lim, k_lim, scale, chunk=0):
       interpret=_interpret(),
     )
     return s, None, cmax
-  s = jnp.einsum("ih,jh->ij", qp, kp) * scale  # [nQ, nK]
+  s = jnp.einsum("ih,jh->ij", qp, kp, preferred_element_type=jnp.float32) * scale  # [nQ, nK]
   return s, lambda: k_lim[None, :] <= q_lim[:, None], None
 
 

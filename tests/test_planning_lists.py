@@ -263,6 +263,30 @@ def test_score_topk_default_on_a_gpu(monkeypatch):
   assert planning.score_topk_impl(8) == "xla"
 
 
+@pytest.mark.parametrize("name", ("block_sparse", "grid", "2d_boundary", "mminference"))
+def test_bfloat16_pooled_means_give_the_same_plan_in_both_planners(name, monkeypatch):
+  """SCORE_DTYPE "bfloat16": the pooled means enter the score dot in bf16 (more bf16 arrays
+  in the trace), in the lists and the dense planner alike, by XLA's dot and by the kernels
+  (scores + top-k, and picks in one kernel)."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(30, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  trace = lambda: str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))  # noqa: E731
+  n_bf16 = trace().count("bf16[")
+  monkeypatch.setattr(planning, "SCORE_DTYPE", "bfloat16")
+  assert trace().count("bf16[") > n_bf16
+  want = pol.plan(q, k, mod)
+  assert int(np.asarray(want.block_count).sum()) > 0
+  assert_same_plan(pol.plan(q, k, mod, planner="dense"), want)
+  monkeypatch.setattr(planning, "SCORE_IMPL", "pallas")
+  assert_same_plan(pol.plan(q, k, mod), want)
+  monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
+  assert_same_plan(pol.plan(q, k, mod), want)
+  monkeypatch.setattr(planning, "SCORE_DTYPE", "float16")
+  with pytest.raises(ValueError, match="SCORE_DTYPE must be None or one of"):
+    planning.kernel_settings()
+
+
 def test_scores_and_picks_in_one_kernel_need_the_score_kernel(monkeypatch):
   monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
   monkeypatch.setattr(planning, "SCORE_IMPL", "xla")

@@ -73,6 +73,19 @@ class PooledScoreTests:
     assert live.any() and (~live).any()
     np.testing.assert_array_equal(np.asarray(s)[live], np.asarray(s_full)[live])
 
+  def test_bfloat16_inputs(self):
+    # bf16 products are exact in f32: only the order of the f32 sums differs
+    qp, kp, q_lim, k_lim = inputs(5, 64, 256, 128)
+    qp, kp = qp.astype(jnp.bfloat16), kp.astype(jnp.bfloat16)
+    s, cmax = pooled_scores(qp, kp, q_lim, k_lim, scale=0.2, chunk=16, interpret=self.interpret)
+    ref_s, ref_c = pooled_scores_reference(qp, kp, q_lim, k_lim, scale=0.2, chunk=16)
+    assert s.dtype == cmax.dtype == jnp.float32
+    fin = np.isfinite(np.asarray(ref_s))
+    assert fin.any() and (~fin).any()
+    np.testing.assert_array_equal(np.isfinite(np.asarray(s)), fin)
+    np.testing.assert_allclose(np.asarray(s)[fin], np.asarray(ref_s)[fin], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cmax), np.asarray(ref_c), rtol=1e-5, atol=1e-5)
+
   def test_vmapped_over_heads(self):
     qps, kps, qls, kls = zip(*(inputs(20 + i, 64, 64, 32) for i in range(2)), strict=True)
     qp, kp, ql, kl = map(jnp.stack, (qps, kps, qls, kls))
@@ -95,8 +108,10 @@ class TestInterpret(PooledScoreTests):
     call = lambda *a, **kw: pooled_scores(*a, scale=1.0, interpret=True, **kw)  # noqa: E731
     with pytest.raises(ValueError, match=r"\[nQ, H\]"):
       call(qp, kp[:, :16], q_lim, k_lim)
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="both float32 or both bfloat16"):
       call(qp.astype(jnp.bfloat16), kp, q_lim, k_lim)
+    with pytest.raises(ValueError, match="both float32 or both bfloat16"):
+      call(qp.astype(jnp.float16), kp.astype(jnp.float16), q_lim, k_lim)
     with pytest.raises(ValueError, match="power of two"):
       call(qp, kp, q_lim, k_lim, block_m=48)
     with pytest.raises(ValueError, match="chunk"):

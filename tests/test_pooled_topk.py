@@ -83,6 +83,11 @@ class TopKTests:
   def test_full_f32_products(self):
     self.check(*inputs(3, 64, 128, 64), 8, tf32=False, block_m=32, block_n=32)
 
+  def test_bfloat16_inputs(self):
+    qp, kp, q_lim, k_lim = inputs(6, 64, 256, 128)
+    qp, kp = qp.astype(jnp.bfloat16), kp.astype(jnp.bfloat16)
+    self.check(qp, kp, q_lim, k_lim, 8, block_m=32, block_n=64)
+
 
 class TestInterpret(TopKTests):
   interpret = True
@@ -94,7 +99,7 @@ class TestInterpret(TopKTests):
       call(qp, kp, q_lim, k_lim, k=0)
     with pytest.raises(ValueError, match="k=33 must be in"):
       call(qp, kp, q_lim, k_lim, k=33)
-    with pytest.raises(ValueError, match="must be float32"):
+    with pytest.raises(ValueError, match="both float32 or both bfloat16"):
       call(qp.astype(jnp.bfloat16), kp, q_lim, k_lim, k=2)
     with pytest.raises(ValueError, match="power of two"):
       call(qp, kp, q_lim, k_lim, k=2, block_n=48)

@@ -12,10 +12,14 @@
 #         --check), as the planner is now and with the pooled-score picks in one kernel.
 # traces: mminference's 1M plan by function (2 heads per step) as it is, with p in f16,
 #         and with the picks in one kernel; mass_bench and score_bench (planner vs fused).
+# bf16:   the pooled means in bfloat16 (planning.SCORE_DTYPE): the pooled kernels' GPU
+#         tests, score_bench's bf16 variants (tiles), every 128k plan against the dense
+#         planner's with bf16, 1M plans by function (f32 and bf16), and mminference at 512k
+#         with and without concurrent scheduling. TILES="64,128,4" picks the bf16 tile.
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
 out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces}
-part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces}
+part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16}
 mkdir -p "$out"
 python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -50,8 +54,33 @@ elif [ "$part" = traces ]; then
   XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python3 tools/score_bench.py \
     --variants planner,fused --out "$out/score_bench.json" > "$out/score_bench.txt" 2>&1
   grep same "$out/score_bench.txt"
+elif [ "$part" = bf16 ]; then
+  timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
+    tests/test_pooled_scores.py tests/test_pooled_topk.py > "$out/gpu_tests_pooled.txt" 2>&1
+  tail -2 "$out/gpu_tests_pooled.txt"
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 200 python3 tools/score_bench.py \
+    --cases block_sparse_1m,grid_1m,block_sparse_128k --out "$out/score_bench_bf16.json" \
+    --variants "${SCORE_VARIANTS:-planner,planner_bf16,bf16_128x128,bf16_128x128_w8,bf16_64x256,bf16_128x64,fused,fused_bf16,fused_bf16_128}" \
+    > "$out/score_bench_bf16.txt" 2>&1
+  grep same "$out/score_bench_bf16.txt"
+  tiles=${TILES:-64,128,4}
+  timeout 150 python3 tools/plan_trace.py --length 131072 --check --top 2 \
+    --score_dtype bfloat16 --score_tiles "$tiles" --out "$out/plan_trace_128k_check_bf16.json" \
+    > "$out/plan_trace_128k_check_bf16.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check_bf16.txt"
+  for dt in float32 bfloat16; do
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 150 python3 tools/plan_trace.py \
+      --length 1048576 --policies block_sparse,grid,mminference --by function --top 10 \
+      --score_dtype $dt --score_tiles "$tiles" > "$out/plan_trace_1m_$dt.txt" 2>&1
+    grep "plan " "$out/plan_trace_1m_$dt.txt"
+  done
+  for c in 0 1; do
+    timeout 100 python3 tools/plan_trace.py --length 524288 --policies mminference --top 3 \
+      --concurrent $c > "$out/plan_trace_512k_concurrent$c.txt" 2>&1
+    grep "plan " "$out/plan_trace_512k_concurrent$c.txt"
+  done
 else
-  echo "part must be tests or traces, got $part"
+  echo "part must be tests, traces or bf16, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

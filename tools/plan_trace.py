@@ -195,8 +195,22 @@ def main():
     default=planning.SCORE_TOPK_MAX_K,
     help="pooled_topk (--score_topk pallas) only for top k <= this (0: every k)",
   )
+  ap.add_argument(
+    "--score_dtype",
+    default="",
+    choices=["", *planning.SCORE_DTYPES],
+    help="the pooled means' dtype in the score dot (planning.SCORE_DTYPE); default: the planner's",
+  )
+  ap.add_argument(
+    "--score_tiles",
+    default="",
+    help="the pooled_scores / pooled_topk tile 'block_m,block_n,warps' (planning.SCORE_TILES)",
+  )
   args = ap.parse_args()
+  if args.score_tiles:
+    planning.SCORE_TILES = tuple(int(x) for x in args.score_tiles.split(","))
   settings = {f"{flag}_impl": getattr(args, flag) or None for flag, _ in IMPL_FLAGS}
+  settings["score_dtype"] = args.score_dtype or planning.SCORE_DTYPE
   settings["score_topk_max_k"] = args.score_topk_max_k
   settings |= dict(mass_heads_inner=bool(args.mass_heads_inner), mass_p_dtype=args.mass_p_dtype)
   with planning.settings(**settings):

@@ -46,6 +46,14 @@ VARIANTS = {
   "planner": ("pallas", (64, 128, 4), 512),  # the planner's default since 2026-12-01b
   "pallas_64x64": ("pallas", (64, 64, 4), 512),
   "fused": ("fused", (64, 128, 4), 512),  # scores and picks in one kernel
+  # the pooled means in bfloat16 (planning.SCORE_DTYPE), with some tiles
+  "planner_bf16": ("pallas", (64, 128, 4), 512, "bfloat16"),
+  "bf16_128x128": ("pallas", (128, 128, 4), 512, "bfloat16"),
+  "bf16_128x128_w8": ("pallas", (128, 128, 8), 512, "bfloat16"),
+  "bf16_64x256": ("pallas", (64, 256, 4), 512, "bfloat16"),
+  "bf16_128x64": ("pallas", (128, 64, 4), 512, "bfloat16"),
+  "fused_bf16": ("fused", (64, 128, 4), 512, "bfloat16"),
+  "fused_bf16_128": ("fused", (128, 128, 8), 512, "bfloat16"),
 }
 
 
@@ -65,10 +73,11 @@ def inputs(n_q, n_k, qband, kband, seed=0):
   return qp, kp, *lims
 
 
-def picker(n_k, k, fused=False):
+def picker(n_k, k, fused=False, dtype="float32"):
   chunk = planning.topk_chunk(n_k, k)
 
   def one(qp, kp, q_lim, k_lim):
+    qp, kp = qp.astype(dtype), kp.astype(dtype)  # (as planning._score_inputs casts them)
     if fused:  # as planning.scored_top_k calls it
       bm, bn, warps = planning.SCORE_TILES
       idx, vals = pooled_top_k(
@@ -112,11 +121,12 @@ def main():
     x = inputs(n_q, n_k, qband, kband)
     want, t_base = None, None
     for variant in args.variants.split(","):
-      impl, tiles, kernel_row = VARIANTS[variant]
+      impl, tiles, kernel_row, *dtype = VARIANTS[variant]
+      dtype = dtype[0] if dtype else "float32"
       planning.SCORE_IMPL = "pallas" if impl == "fused" else impl
       planning._KERNEL_ROW = kernel_row
       planning.SCORE_TILES = tiles or planning.SCORE_TILES
-      f = picker(n_k, k, fused=impl == "fused")
+      f = picker(n_k, k, fused=impl == "fused", dtype=dtype)
       got = np.asarray(f(*x))
       want = got if want is None else want
       same = float(np.mean(np.all(got == want, axis=2)))
@@ -124,11 +134,12 @@ def main():
       t_base = t_base or t
       chunk = planning.topk_chunk(n_k, k)
       print(
-        f"{name} {impl} {tiles} rows<={kernel_row} (chunk {chunk}): {t:.3f} ms, "
+        f"{name} {impl} {dtype} {tiles} rows<={kernel_row} (chunk {chunk}): {t:.3f} ms, "
         f"{t_base / t:.2f}x, same rows {same:.5f}",
         flush=True,
       )
       row = dict(case=name, variant=variant, impl=impl, tiles=tiles, kernel_row=kernel_row)
+      row["dtype"] = dtype
       row["chunk"] = chunk
       rows.append(dict(row, ms=t, ratio=t_base / t, same=same, ops=top_ops(f, x)))
   bench.write_report(args.out, rows)

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+POOLED_DTYPES = (jnp.float32, jnp.bfloat16)
+
 
 def _kernel(qp_ref, kp_ref, qlim_ref, klim_ref, s_ref, cmax_ref, *, scale, chunk, tf32, fill):
   bm, bn = s_ref.shape
@@ -66,14 +68,15 @@ def pooled_scores(
   """Masked scores of pooled blocks and, if `chunk`, their maxima per chunk of columns.
 
   Args:
-    qp: [nQ, H] f32 pooled queries; kp: [nK, H] f32 pooled keys (padded inside to
-      multiples of the tile: padded pairs are not allowed).
+    qp: [nQ, H] pooled queries; kp: [nK, H] pooled keys (padded inside to multiples of
+      the tile: padded pairs are not allowed), both float32 or both bfloat16 (products of
+      bfloat16 inputs are exact in f32; the sums are f32 either way).
     q_lim: [nQ] int32; k_lim: [nK] int32: pair (i, j) is allowed iff k_lim[j] <= q_lim[i].
     scale: the scores' scale.
     chunk: columns per chunk maximum (a power of two dividing block_n), or 0 for none.
     block_m, block_n: the tile (powers of two >= 16; at most the padded nQ / nK).
-    tf32: the dot's inputs rounded to TF32 (the matrix units' f32 mode, as XLA's default
-      f32 dot on a GPU); False: full f32 products.
+    tf32: f32 inputs rounded to TF32 for the dot (the matrix units' f32 mode, as XLA's
+      default f32 dot on a GPU); False: full f32 products. (No effect on bfloat16.)
     fill: False (needs `chunk`): a tile without an allowed pair is skipped, its s left
       unwritten (undefined) and its chunk maxima -inf; read s only in chunks whose maximum
       is finite.
@@ -110,8 +113,8 @@ def check_pooled(qp, kp, q_lim, k_lim, block_m, block_n):
   (block_m, block_n) cut to the padded sizes."""
   if qp.ndim != 2 or kp.ndim != 2 or qp.shape[1] != kp.shape[1]:
     raise ValueError(f"qp must be [nQ, H] and kp [nK, H]; got {qp.shape}, {kp.shape}")
-  if qp.dtype != jnp.float32 or kp.dtype != jnp.float32:
-    raise ValueError(f"qp and kp must be float32; got {qp.dtype}, {kp.dtype}")
+  if qp.dtype != kp.dtype or qp.dtype not in POOLED_DTYPES:
+    raise ValueError(f"qp and kp must be both float32 or both bfloat16; got {qp.dtype}, {kp.dtype}")
   n_q, n_k = qp.shape[0], kp.shape[0]
   for name, b in (("block_m", block_m), ("block_n", block_n)):
     if b < 16 or b & (b - 1):
@@ -161,6 +164,7 @@ def _call(
   if chunk:
     out_specs.append(pl.BlockSpec((block_m, block_n // chunk), lambda i, j: (i, j)))
     out_shape.append(jax.ShapeDtypeStruct((n_q, n_k // chunk), jnp.float32))
+  tf32 = tf32 if qp.dtype == jnp.float32 else None  # (a precision only for f32 inputs)
   kernel = functools.partial(_kernel, scale=scale, chunk=chunk, tf32=tf32, fill=fill)
   if not chunk:
     kernel = functools.partial(_no_chunks, kernel)

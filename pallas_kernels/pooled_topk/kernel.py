@@ -109,14 +109,14 @@ def pooled_top_k(
   """Per row, the k highest allowed pooled scores (ties to the lower column), as a set.
 
   Args:
-    qp: [nQ, H] f32 pooled queries; kp: [nK, H] f32 pooled keys (padded inside to whole
-      tiles: padded pairs are not allowed).
+    qp: [nQ, H] pooled queries; kp: [nK, H] pooled keys (padded inside to whole tiles:
+      padded pairs are not allowed), both float32 or both bfloat16 (as pooled_scores).
     q_lim: [nQ] int32; k_lim: [nK] int32: pair (i, j) is allowed iff k_lim[j] <= q_lim[i].
     k: entries per row (>= 1; at most nK).
     scale: the scores' scale.
     block_m, block_n: the tile (powers of two >= 16; pooled_scores' tile, so that both
       compute each score by the same dot).
-    tf32: the dot's inputs rounded to TF32 (as pooled_scores); False: full f32 products.
+    tf32: f32 inputs rounded to TF32 (as pooled_scores); False: full f32 products.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -151,6 +151,7 @@ def _call(qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, 
   qp, kp, q_lim, k_lim = pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n)
   n_q, n_k = qp.shape[0], kp.shape[0]
   slots = max(2, 1 << (k - 1).bit_length())  # (a power of two for the register arrays)
+  tf32 = tf32 if qp.dtype == jnp.float32 else None  # (a precision only for f32 inputs)
   kernel = functools.partial(
     _kernel, scale=scale, k=k, block_n=block_n, n_tiles=n_k // block_n, tf32=tf32
   )
