@@ -211,12 +211,13 @@ COLS_IMPL = None
 # warps: 1.50x on vertical_slash's shape, 2.32x on q_boundary's;
 # h200_2026-12-01c/cols_bench.json).
 COLS_TILES = (128, 1)
-# The dtype of the pooled means that the pooled-block scores multiply: "float32" (the means
-# as pooled; TF32 products on a GPU, as XLA's f32 dot there), "bfloat16" (the means rounded
-# to the model's dtype, as MInference pools them; exact products, f32 sums: half the
-# bytes each score tile loads and the matrix units' bf16 rate), or None: "float32" until
-# measured (the picks may differ at near-ties between the two; both planners, dense and
-# lists, take the same).
+# The dtype of the pooled-block scores and of the pooled means they multiply: "float32"
+# (the means as pooled; TF32 products on a GPU, as XLA's f32 dot there), "bfloat16" (the
+# means rounded to the model's dtype, exact products, f32 sums rounded once to bf16: the
+# pooled scores as MInference's bf16 matmul gives them; half the bytes each score tile
+# loads and stores, the matrix units' bf16 rate), or None: "float32" until measured. The
+# picks may differ between the two at near-ties (bf16 scores tie more often: ties go to
+# the lower key block); the dense and the lists planner take the same.
 SCORE_DTYPE = None
 SCORE_DTYPES = ("float32", "bfloat16")
 # The pooled_scores kernel's tile (query blocks, key blocks) and warps.
@@ -930,7 +931,7 @@ def scored_top_k(v: HeadView, q_mod, k_mod, k, axis_names=()):
     )
 
   def empty(qp, kp, q_lim, k_lim):
-    return jnp.zeros((v.n_q, k), jnp.int32), jnp.full((v.n_q, k), NEG, jnp.float32)
+    return jnp.zeros((v.n_q, k), jnp.int32), jnp.full((v.n_q, k), NEG, qp.dtype)
 
   if not SKIP_EMPTY_TOPK:
     return run(qp, kp, q_lim, k_lim)
@@ -956,7 +957,8 @@ def pooled_score_matrix(qp, kp, q_lim, k_lim, scale, chunk=0):
       interpret=_interpret(),
     )
     return s, None, cmax
-  s = jnp.einsum("ih,jh->ij", qp, kp, preferred_element_type=jnp.float32) * scale  # [nQ, nK]
+  # [nQ, nK] f32 sums, rounded to the inputs' dtype (as the kernel stores them)
+  s = (jnp.einsum("ih,jh->ij", qp, kp, preferred_element_type=jnp.float32) * scale).astype(qp.dtype)
   return s, lambda: k_lim[None, :] <= q_lim[:, None], None
 
 
@@ -1051,7 +1053,7 @@ def _scored(v, q_mod, k_mod, top_k, axis_names=()):
   s, valid, _, present = scored_matrix(v, q_mod, k_mod)
   valid = s > NEG if valid is None else valid()
   keep = _topk_threshold_mask(s, valid, top_k, axis_names, present)
-  return jnp.where(keep, 1.0 + jax.nn.sigmoid(s), NEG)
+  return jnp.where(keep, 1.0 + jax.nn.sigmoid(s.astype(jnp.float32)), NEG)
 
 
 def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()):

@@ -120,6 +120,7 @@ def _scored(v: HeadView, q_mod, k_mod, top_k, axis_names):
   else:
     s, valid, cmax, present = pl.scored_matrix(v, q_mod, k_mod, pl.topk_chunk(v.n_k, top_k))
     idx, vals = pl.top_k_entries(s, valid, top_k, axis_names, present, chunk_max=cmax)
+  vals = vals.astype(jnp.float32)  # (bf16 scores: `planning.SCORE_DTYPE`)
   return idx, jnp.where(vals > NEG, 1.0 + jax.nn.sigmoid(vals), NEG), False
 
 

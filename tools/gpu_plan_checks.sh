@@ -12,10 +12,10 @@
 #         --check), as the planner is now and with the pooled-score picks in one kernel.
 # traces: mminference's 1M plan by function (2 heads per step) as it is, with p in f16,
 #         and with the picks in one kernel; mass_bench and score_bench (planner vs fused).
-# bf16:   the pooled means in bfloat16 (planning.SCORE_DTYPE): the pooled kernels' GPU
-#         tests, score_bench's bf16 variants (tiles), every 128k plan against the dense
-#         planner's with bf16, 1M plans by function (f32 and bf16), and mminference at 512k
-#         with and without concurrent scheduling. TILES="64,128,4" picks the bf16 tile.
+# bf16:   the pooled scores in bfloat16 (planning.SCORE_DTYPE): the pooled kernels' GPU
+#         tests, score_bench's bf16 variants, every 128k plan against the dense planner's
+#         with bf16, mminference's 128k plan (concurrent) in f32 and bf16, 1M plans in
+#         bf16 by function with 14 and 28 heads per step (HPS_1M). TILES="64,128,4": the tile.
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
 out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces}
@@ -60,7 +60,7 @@ elif [ "$part" = bf16 ]; then
   tail -2 "$out/gpu_tests_pooled.txt"
   XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 200 python3 tools/score_bench.py \
     --cases block_sparse_1m,grid_1m,block_sparse_128k --out "$out/score_bench_bf16.json" \
-    --variants "${SCORE_VARIANTS:-planner,planner_bf16,bf16_128x128,bf16_128x128_w8,bf16_64x256,bf16_128x64,fused,fused_bf16,fused_bf16_128}" \
+    --variants "${SCORE_VARIANTS:-planner,planner_bf16,fused,fused_bf16}" \
     > "$out/score_bench_bf16.txt" 2>&1
   grep same "$out/score_bench_bf16.txt"
   tiles=${TILES:-64,128,4}
@@ -69,15 +69,16 @@ elif [ "$part" = bf16 ]; then
     > "$out/plan_trace_128k_check_bf16.txt" 2>&1
   grep "plan \|identical" "$out/plan_trace_128k_check_bf16.txt"
   for dt in float32 bfloat16; do
-    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 150 python3 tools/plan_trace.py \
-      --length 1048576 --policies block_sparse,grid,mminference --by function --top 10 \
-      --score_dtype $dt --score_tiles "$tiles" > "$out/plan_trace_1m_$dt.txt" 2>&1
-    grep "plan " "$out/plan_trace_1m_$dt.txt"
+    timeout 60 python3 tools/plan_trace.py --length 131072 --policies mminference --top 2 \
+      --concurrent 1 --score_dtype $dt > "$out/plan_trace_128k_mminference_$dt.txt" 2>&1
+    grep "plan " "$out/plan_trace_128k_mminference_$dt.txt"
   done
-  for c in 0 1; do
-    timeout 100 python3 tools/plan_trace.py --length 524288 --policies mminference --top 3 \
-      --concurrent $c > "$out/plan_trace_512k_concurrent$c.txt" 2>&1
-    grep "plan " "$out/plan_trace_512k_concurrent$c.txt"
+  for hps in ${HPS_1M:-14 28}; do
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 200 python3 tools/plan_trace.py \
+      --length 1048576 --policies block_sparse,grid,2d_boundary,mminference --by function \
+      --top 12 --heads_per_step $hps --score_dtype bfloat16 --score_tiles "$tiles" \
+      > "$out/plan_trace_1m_bfloat16_hps$hps.txt" 2>&1
+    grep "plan " "$out/plan_trace_1m_bfloat16_hps$hps.txt"
   done
 else
   echo "part must be tests, traces or bf16, got $part"

@@ -13,6 +13,7 @@ Algorithm, one program per [bm, bn] tile of S:
       an identity view, the other modalities' blocks of a grouped one)
   s = qp[i-tile] kp[j-tile]^T * scale                        [bm, bn] f32
   s = -inf where k_lim[j] > q_lim[i]                         (the caller's mask)
+  s rounded to the inputs' dtype (f32 or bf16)
   store s; store max over each run of `chunk` columns        [bm, bn / chunk]
 """
 
@@ -34,7 +35,7 @@ def _kernel(qp_ref, kp_ref, qlim_ref, klim_ref, s_ref, cmax_ref, *, scale, chunk
 
   def scores():
     s = plgpu.dot(qp_ref[...], kp_ref[...], trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
-    s = jnp.where(k_lim[None, :] <= q_lim[:, None], s, -jnp.inf)
+    s = jnp.where(k_lim[None, :] <= q_lim[:, None], s, -jnp.inf).astype(s_ref.dtype)
     s_ref[...] = s
     if cmax_ref is not None:
       cmax_ref[...] = jnp.max(s.reshape(bm, bn // chunk, chunk), axis=2)
@@ -47,7 +48,7 @@ def _kernel(qp_ref, kp_ref, qlim_ref, klim_ref, s_ref, cmax_ref, *, scale, chunk
 
   @pl.when(jnp.logical_not(some))
   def _():
-    cmax_ref[...] = jnp.full(cmax_ref.shape, -jnp.inf, jnp.float32)
+    cmax_ref[...] = jnp.full(cmax_ref.shape, -jnp.inf, cmax_ref.dtype)
 
 
 def pooled_scores(
@@ -83,8 +84,10 @@ def pooled_scores(
     interpret: Pallas interpret mode (CPU).
 
   Returns:
-    (s [nQ, nK] f32, -inf where not allowed; chunk maxima [nQ, ceil(nK / chunk)] or
-    None; a partial last chunk is the maximum of its columns).
+    (s [nQ, nK] in the inputs' dtype (bfloat16: the f32 sums rounded once, as a bf16
+    matmul gives them; half the bytes written), -inf where not allowed; chunk maxima
+    [nQ, ceil(nK / chunk)] of s or None; a partial last chunk is the maximum of its
+    columns).
   """
   block_m, block_n = check_pooled(qp, kp, q_lim, k_lim, block_m, block_n)
   block_n = max(block_n, chunk)
@@ -160,10 +163,10 @@ def _call(
   qp, kp, q_lim, k_lim = pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n)
   n_q, n_k = qp.shape[0], kp.shape[0]
   out_specs = [pl.BlockSpec((block_m, block_n), lambda i, j: (i, j))]
-  out_shape = [jax.ShapeDtypeStruct((n_q, n_k), jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct((n_q, n_k), qp.dtype)]
   if chunk:
     out_specs.append(pl.BlockSpec((block_m, block_n // chunk), lambda i, j: (i, j)))
-    out_shape.append(jax.ShapeDtypeStruct((n_q, n_k // chunk), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((n_q, n_k // chunk), qp.dtype))
   tf32 = tf32 if qp.dtype == jnp.float32 else None  # (a precision only for f32 inputs)
   kernel = functools.partial(_kernel, scale=scale, chunk=chunk, tf32=tf32, fill=fill)
   if not chunk:

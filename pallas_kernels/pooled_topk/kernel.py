@@ -45,6 +45,7 @@ _BIG = 2**30
 def _kernel(
   qp_ref, kp_ref, qlim_ref, klim_ref, idx_ref, val_ref, *, scale, k, block_n, n_tiles, tf32
 ):
+  dtype = qp_ref.dtype
   bm, slots = val_ref.shape
   q, q_lim = qp_ref[...], qlim_ref[...]
   slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
@@ -61,6 +62,7 @@ def _kernel(
       kp = kp_ref[pl.ds(t * block_n, block_n), :]
       s = plgpu.dot(q, kp, trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
       s = jnp.where(k_lim[None, :] <= q_lim[:, None], s, -jnp.inf)
+      s = s.astype(dtype).astype(jnp.float32)  # (pooled_scores' values: rounded to bf16)
 
       def more(state):  # some row's best remaining entry b beats its worst slot w
         *_, b, w = state
@@ -120,8 +122,8 @@ def pooled_top_k(
     interpret: Pallas interpret mode (CPU).
 
   Returns:
-    (idx [nQ, k] int32, vals [nQ, k] f32): the entries `lax.top_k` picks from the masked
-    scores, in no particular order; a row with fewer than k allowed pairs has -inf
+    (idx [nQ, k] int32, vals [nQ, k] in the inputs' dtype): the entries `lax.top_k`
+    picks from the masked scores (rounded to the inputs' dtype, as pooled_scores gives them), in no particular order; a row with fewer than k allowed pairs has -inf
     values (column 0) in the rest.
   """
   block_m, block_n = check_pooled(qp, kp, q_lim, k_lim, block_m, block_n)
@@ -173,4 +175,4 @@ def _call(qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, 
     interpret=interpret,
     name="mmjax_pooled_topk",
   )(qp, kp, q_lim, k_lim)
-  return idx[:n_q0, :k], vals[:n_q0, :k]
+  return idx[:n_q0, :k], vals[:n_q0, :k].astype(qp.dtype)  # (exact: rounded in the kernel)
