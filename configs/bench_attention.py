@@ -39,15 +39,18 @@ def get_config(arg: str | None = None):
   c.block_q = 128  # tools/kernel_tiles.py: 128x64, 4 warps, 2 stages was the best tile
   c.block_k = 64
   c.heads_per_step = 4  # used when plan_step_tokens is 0
-  # the planner's heads per step = plan_step_tokens // length (all 28 heads up to 512k,
-  # 14 at 1M): fewer kernel launches at short lengths, a bounded memory at long ones. On
-  # an H200 at 1M, 14 heads per step against 2: mminference's plan 1.22x faster, 2D
-  # boundary's 1.19x; temp memory 3-4 GiB with the fused picks of top k <= 8, 7-8 GiB
-  # without (benchmarks/results/h200_2026-12-02b)
-  c.plan_step_tokens = 14 * 1048576
+  # the planner's heads per step = plan_step_tokens // length (all 28 heads up to 1M, 14
+  # at 2M): fewer kernel launches at short lengths, a bounded memory at long ones. On an
+  # H200 at 1M, 14 heads per step against 2: mminference's plan 1.22x faster, 2D
+  # boundary's 1.19x (h200_2026-12-02b); 28 against 14 with bf16 scores: block_sparse
+  # 9.19 -> 8.75 ms, grid 19.41 -> 18.32, 2D boundary 47.81 -> 45.71, temp memory 7-7.7
+  # GiB (h200_2026-12-02c)
+  c.plan_step_tokens = 28 * 1048576
   # up to this length the plan programs compile with mmjax.planning.PLAN_COMPILER_OPTIONS
-  # (XLA's concurrent command-buffer scheduling: faster plans, more temp memory; 0: never)
-  c.concurrent_plan_max_len = 262144
+  # (XLA's concurrent command-buffer scheduling: faster plans, more temp memory; 0:
+  # never). mminference's 512k plan on an H200: 14.86 -> 11.67 ms, 0.8 -> 5.0 GiB temp
+  # (h200_2026-12-02c)
+  c.concurrent_plan_max_len = 524288
   # the planner's kernel settings for the run (mmjax.planning.settings; "": as planning
   # has it), e.g. --config.planner.score_topk_impl=pallas; bench.json records them all
   c.planner = ml_collections.ConfigDict(

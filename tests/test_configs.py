@@ -119,11 +119,11 @@ def test_bench_heads_per_step_follows_the_length():
   """plan_step_tokens // T heads per plan step (0 = all heads once they fit); without it,
   heads_per_step; the mminference table policy gets the same."""
   cfg = importlib.import_module("configs.bench_attention").get_config("")
-  assert cfg.plan_step_tokens == 14 * 1048576
-  lengths = (131072, 524288, 1048576, 2097152, 16 * 1048576)
+  assert cfg.plan_step_tokens == 28 * 1048576
+  lengths = (131072, 524288, 1048576, 2097152, 32 * 1048576)
   got = {t: bench.heads_per_step(cfg, t, 28) for t in lengths}
-  assert got == {131072: 0, 524288: 0, 1048576: 14, 2097152: 7, 16 * 1048576: 1}
-  assert bench.cycle_table_policy(cfg, 28, 1048576).heads_per_step == 14
+  assert got == {131072: 0, 524288: 0, 1048576: 0, 2097152: 14, 32 * 1048576: 1}
+  assert bench.cycle_table_policy(cfg, 28, 2097152).heads_per_step == 14
   cfg.plan_step_tokens, cfg.heads_per_step = 0, 3
   assert bench.heads_per_step(cfg, 131072, 28) == 3
 

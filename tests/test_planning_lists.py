@@ -287,6 +287,14 @@ def test_bfloat16_pooled_means_give_the_same_plan_in_both_planners(name, monkeyp
     planning.kernel_settings()
 
 
+def test_score_dtype_default_is_bfloat16_on_a_gpu_only(monkeypatch):
+  assert planning.score_dtype() == "float32"  # (here: the CPU)
+  monkeypatch.setattr(planning, "_on_gpu", lambda: True)
+  assert planning.score_dtype() == "bfloat16"
+  monkeypatch.setattr(planning, "SCORE_DTYPE", "float32")
+  assert planning.score_dtype() == "float32"
+
+
 def test_scores_and_picks_in_one_kernel_need_the_score_kernel(monkeypatch):
   monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
   monkeypatch.setattr(planning, "SCORE_IMPL", "xla")

@@ -123,7 +123,8 @@ def pooled_top_k(
 
   Returns:
     (idx [nQ, k] int32, vals [nQ, k] in the inputs' dtype): the entries `lax.top_k`
-    picks from the masked scores (rounded to the inputs' dtype, as pooled_scores gives them), in no particular order; a row with fewer than k allowed pairs has -inf
+    picks from the masked scores (rounded to the inputs' dtype, as pooled_scores gives
+    them), in no particular order; a row with fewer than k allowed pairs has -inf
     values (column 0) in the rest.
   """
   block_m, block_n = check_pooled(qp, kp, q_lim, k_lim, block_m, block_n)
