@@ -51,6 +51,10 @@ def get_config(arg: str | None = None):
   # never). mminference's 512k plan on an H200: 14.86 -> 11.67 ms, 0.8 -> 5.0 GiB temp
   # (h200_2026-12-02c)
   c.concurrent_plan_max_len = 524288
+  # from this length on the plan programs compile without command buffers (0: never). Not
+  # yet measured in the benchmark: at 1M a block_sparse plan traced without them took 8.75
+  # ms and 10.00 in the benchmark with them (h200_2026-12-02c)
+  c.plan_no_command_buffers_from = 0
   # the planner's kernel settings for the run (mmjax.planning.settings; "": as planning
   # has it), e.g. --config.planner.score_topk_impl=pallas; bench.json records them all
   c.planner = ml_collections.ConfigDict(

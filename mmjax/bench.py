@@ -262,10 +262,25 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
   )
 
 
+# XLA's option for a program without command buffers (each kernel launched on its own)
+NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
+
+
 def plan_compiler_options(cfg, length: int) -> dict | None:
   """The XLA compile options of the programs that build a plan (plan alone, plan +
   kernel): `planning.PLAN_COMPILER_OPTIONS` up to `cfg.concurrent_plan_max_len` tokens
-  (their temp memory grows with the length), None beyond."""
+  (their temp memory grows with the length); from `cfg.plan_no_command_buffers_from`
+  tokens on (if > 0) no command buffers (`NO_COMMAND_BUFFERS`); else None (XLA's
+  defaults)."""
+  off_from = cfg.get("plan_no_command_buffers_from", 0)
+  if off_from > 0 and length >= off_from:
+    if length <= cfg.concurrent_plan_max_len:
+      raise ValueError(
+        f"bench: length {length} is both <= concurrent_plan_max_len "
+        f"({cfg.concurrent_plan_max_len}: concurrent command buffers) and >= "
+        f"plan_no_command_buffers_from ({off_from}: none); make the ranges disjoint"
+      )
+    return dict(NO_COMMAND_BUFFERS)
   if length <= cfg.concurrent_plan_max_len:
     return dict(planning.PLAN_COMPILER_OPTIONS)
   return None

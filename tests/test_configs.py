@@ -4,6 +4,8 @@ import importlib
 import json
 import pkgutil
 
+import jax
+import numpy as np
 import pytest
 
 import configs
@@ -60,6 +62,16 @@ def test_bench_smoke_runs(tmp_path):
   assert (tmp_path / "speedup.png").exists() and (tmp_path / "plan_share.png").exists()
   # past concurrent_plan_max_len the plan programs compile with XLA's defaults
   assert bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len + 1) is None
+  cfg.plan_no_command_buffers_from = cfg.concurrent_plan_max_len + 1
+  assert bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len + 1) == {
+    "xla_gpu_enable_command_buffer": ""
+  }
+  assert bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len) is not None
+  # (XLA parses the option: an unknown value would raise here)
+  jax.jit(lambda x: x + 1, compiler_options=bench.NO_COMMAND_BUFFERS)(np.ones(2))
+  cfg.plan_no_command_buffers_from = cfg.concurrent_plan_max_len
+  with pytest.raises(ValueError, match="make the ranges disjoint"):
+    bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len)
 
 
 @pytest.mark.parametrize(
