@@ -345,7 +345,7 @@ def cols_impl():
 
 
 def score_dtype():
-  """The pooled means' dtype in the pooled-score dot (`SCORE_DTYPE`)."""
+  """The dtype of the pooled scores and of the pooled means they multiply (`SCORE_DTYPE`)."""
   if SCORE_DTYPE is not None and SCORE_DTYPE not in SCORE_DTYPES:
     raise ValueError(
       f"planning.SCORE_DTYPE must be None or one of {SCORE_DTYPES}; got {SCORE_DTYPE!r}"

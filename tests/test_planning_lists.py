@@ -264,10 +264,10 @@ def test_score_topk_default_on_a_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ("block_sparse", "grid", "2d_boundary", "mminference"))
-def test_bfloat16_pooled_means_give_the_same_plan_in_both_planners(name, monkeypatch):
-  """SCORE_DTYPE "bfloat16": the pooled means enter the score dot in bf16 (more bf16 arrays
-  in the trace), in the lists and the dense planner alike, by XLA's dot and by the kernels
-  (scores + top-k, and picks in one kernel)."""
+def test_bfloat16_pooled_scores_give_the_same_plan_in_both_planners(name, monkeypatch):
+  """SCORE_DTYPE "bfloat16": the pooled means enter the score dot in bf16 and the scores
+  come out in bf16 (more bf16 arrays in the trace), in the lists and the dense planner
+  alike, by XLA's dot and by the kernels (scores + top-k, and picks in one kernel)."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
   q, k, _, mod = helpers.random_inputs(30, b, t, n, kh, h, dtype, modk)
   pol = _policy(name, n, bq, bk)

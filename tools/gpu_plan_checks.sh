@@ -18,7 +18,7 @@
 #         bf16 by function with 14 and 28 heads per step (HPS_1M). TILES="64,128,4": the tile.
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces}
+out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16}
 part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16}
 mkdir -p "$out"
 python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
