@@ -33,19 +33,26 @@ class PooledScoreTests:
       qp, kp, q_lim, k_lim, scale=0.2, chunk=chunk, interpret=self.interpret, **kw
     )
     ref_s, ref_c = pooled_scores_reference(qp, kp, q_lim, k_lim, scale=0.2, chunk=chunk)
-    fin = np.isfinite(np.asarray(ref_s))
+    assert s.dtype == ref_s.dtype == qp.dtype
+    s, ref_s = np.asarray(s, np.float32), np.asarray(ref_s, np.float32)
+    fin = np.isfinite(ref_s)
     assert fin.any() and (~fin).any()
-    np.testing.assert_array_equal(np.isfinite(np.asarray(s)), fin)
-    # TF32 products on a GPU (10-bit mantissas): relative error ~1e-3 of |q||k| / sqrt(H)
-    tol = 2e-2 if (kw.get("tf32", True) and not self.interpret) else 1e-5
-    np.testing.assert_allclose(np.asarray(s)[fin], np.asarray(ref_s)[fin], rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.isfinite(s), fin)
+    if qp.dtype == jnp.bfloat16:
+      # bf16 products are exact in f32, the sums f32 in another order, rounded once to
+      # bf16: at most one bf16 step (2^-8 relative) from the reference's
+      np.testing.assert_allclose(s[fin], ref_s[fin], rtol=2**-8, atol=1e-6)
+    else:
+      # TF32 products on a GPU (10-bit mantissas): relative error ~1e-3 of |q||k| / sqrt(H)
+      tol = 2e-2 if (kw.get("tf32", True) and not self.interpret) else 1e-5
+      np.testing.assert_allclose(s[fin], ref_s[fin], rtol=tol, atol=tol)
     if chunk:
       # the maxima are exactly those of the kernel's own scores
       pad = -s.shape[1] % chunk
-      padded = np.pad(np.asarray(s), ((0, 0), (0, pad)), constant_values=-np.inf)
+      padded = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
       want = padded.reshape(s.shape[0], -1, chunk).max(-1)
-      np.testing.assert_array_equal(np.asarray(cmax), want)
-      assert cmax.shape == ref_c.shape
+      assert cmax.dtype == qp.dtype and cmax.shape == ref_c.shape
+      np.testing.assert_array_equal(np.asarray(cmax, np.float32), want)
     else:
       assert cmax is None
 
@@ -74,20 +81,8 @@ class PooledScoreTests:
     np.testing.assert_array_equal(np.asarray(s)[live], np.asarray(s_full)[live])
 
   def test_bfloat16_inputs(self):
-    # bf16 products are exact in f32, the sums f32 in another order, rounded once to bf16:
-    # at most one bf16 step (2^-8 relative) from the reference's
     qp, kp, q_lim, k_lim = inputs(5, 64, 256, 128)
-    qp, kp = qp.astype(jnp.bfloat16), kp.astype(jnp.bfloat16)
-    s, cmax = pooled_scores(qp, kp, q_lim, k_lim, scale=0.2, chunk=16, interpret=self.interpret)
-    ref_s, _ = pooled_scores_reference(qp, kp, q_lim, k_lim, scale=0.2, chunk=16)
-    assert s.dtype == cmax.dtype == ref_s.dtype == jnp.bfloat16
-    s, ref_s = np.asarray(s, np.float32), np.asarray(ref_s, np.float32)
-    fin = np.isfinite(ref_s)
-    assert fin.any() and (~fin).any()
-    np.testing.assert_array_equal(np.isfinite(s), fin)
-    np.testing.assert_allclose(s[fin], ref_s[fin], rtol=2**-8, atol=1e-6)
-    want = np.pad(s, ((0, 0), (0, -s.shape[1] % 16)), constant_values=-np.inf)
-    np.testing.assert_array_equal(np.asarray(cmax, np.float32), want.reshape(64, -1, 16).max(-1))
+    self.check(qp.astype(jnp.bfloat16), kp.astype(jnp.bfloat16), q_lim, k_lim, 16)
 
   def test_vmapped_over_heads(self):
     qps, kps, qls, kls = zip(*(inputs(20 + i, 64, 64, 32) for i in range(2)), strict=True)

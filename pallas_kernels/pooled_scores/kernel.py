@@ -131,6 +131,12 @@ def check_pooled(qp, kp, q_lim, k_lim, block_m, block_n):
   )
 
 
+def dot_tf32(dtype, tf32):
+  """The `allow_tf32` of the pooled kernels' dot (this one's and pooled_topk's: the same
+  dot) for inputs of `dtype`: a precision only for f32 inputs, None for bf16."""
+  return tf32 if dtype == jnp.float32 else None
+
+
 def pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n):
   """The inputs padded to whole tiles; padded rows and columns allow nothing."""
   (n_q0, _), n_k0 = qp.shape, kp.shape[0]
@@ -167,7 +173,7 @@ def _call(
   if chunk:
     out_specs.append(pl.BlockSpec((block_m, block_n // chunk), lambda i, j: (i, j)))
     out_shape.append(jax.ShapeDtypeStruct((n_q, n_k // chunk), qp.dtype))
-  tf32 = tf32 if qp.dtype == jnp.float32 else None  # (a precision only for f32 inputs)
+  tf32 = dot_tf32(qp.dtype, tf32)
   kernel = functools.partial(_kernel, scale=scale, chunk=chunk, tf32=tf32, fill=fill)
   if not chunk:
     kernel = functools.partial(_no_chunks, kernel)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.pooled_scores.kernel import check_pooled, pad_to_tiles
+from pallas_kernels.pooled_scores.kernel import check_pooled, dot_tf32, pad_to_tiles
 
 _BIG = 2**30
 
@@ -154,7 +154,7 @@ def _call(qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, 
   qp, kp, q_lim, k_lim = pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n)
   n_q, n_k = qp.shape[0], kp.shape[0]
   slots = max(2, 1 << (k - 1).bit_length())  # (a power of two for the register arrays)
-  tf32 = tf32 if qp.dtype == jnp.float32 else None  # (a precision only for f32 inputs)
+  tf32 = dot_tf32(qp.dtype, tf32)
   kernel = functools.partial(
     _kernel, scale=scale, k=k, block_n=block_n, n_tiles=n_k // block_n, tf32=tf32
   )
