@@ -75,6 +75,9 @@ def get_config(arg: str | None = None):
   c.planner.score_topk_max_k = 8
   c.warmup = 2
   c.iters = 10
+  # the plan alone is timed over max(iters, plan_iters) calls: a plan takes milliseconds,
+  # and the 1M runs take iters=2 (cuDNN's call there takes 16 s), a noisy median
+  c.plan_iters = 20
   c.lengths = (16384, 65536, 131072, 262144, 524288, 1048576)
   c.dense_ours_max_len = 262144  # the dense plan's index lists grow as T^2
   c.frame_tokens = 576  # 24 x 24 merged patches per frame
@@ -91,6 +94,7 @@ def get_config(arg: str | None = None):
     c.num_heads, c.num_kv_heads, c.head_dim = 4, 2, 32
     c.lengths = (256, 512)
     c.iters = 2
+    c.plan_iters = 2
     c.frame_tokens, c.text_between, c.text_prefix = 64, 8, 32
     c.block_q = 64
     c.dense_ours_max_len = 512

@@ -150,6 +150,14 @@ TOPK_IMPL = None
 # view), or None: the kernel on a GPU, XLA elsewhere. The same means up to the order of
 # the f32 sums.
 POOL_IMPL = None
+# The pooled means of a policy's heads as one block_pool call with the heads innermost in
+# its grid (`heads_inner`: the programs of one block for every head run together, so a
+# view the heads share reads neighbouring bytes of [B, L, N, H] at once), rather than
+# vmap's usual batching (the heads outermost: each head sweeps its strided [L, H] slice).
+# The same means. On an H200 at 1M tokens (28 heads): block_sparse's query means 2.01 ->
+# 1.92 ms, the 2D boundary's 3.69 -> 3.59; grid's (each head its own order) unchanged
+# (benchmarks/results/h200_2026-12-02d; tools/pool_bench.py times both).
+POOL_HEADS_INNER = True
 # The last-query estimates' column and diagonal sums: "pallas" (pallas_kernels.attn_mass:
 # the scores stay in registers, two passes over the keys read in place, p written once
 # and its diagonals summed by a third), "xla" (scores and softmax in XLA, `slash_sums`),
@@ -260,6 +268,7 @@ def kernel_settings_dict():
     cols_tiles=COLS_TILES,
     mass_heads_inner=bool(MASS_HEADS_INNER),
     mass_p_dtype=MASS_P_DTYPE,
+    pool_heads_inner=bool(POOL_HEADS_INNER),
   )
 
 
@@ -276,6 +285,7 @@ SETTING_NAMES = {
   "merge_lists": "MERGE_LISTS",
   "mass_heads_inner": "MASS_HEADS_INNER",
   "mass_p_dtype": "MASS_P_DTYPE",
+  "pool_heads_inner": "POOL_HEADS_INNER",
 }
 
 
@@ -790,6 +800,11 @@ def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of, max_off
     return (p.sum(0), slash) if max_offset is None else (None, slash[:max_offset])
   n_r = rows.shape[0]
   n_pad = max(16, 1 << (n_r - 1).bit_length()) - n_r  # the kernel's rows: a power of 2
+  # the view indices holding k_mod's keys, [lo, hi): the kernel reads only those tiles (a
+  # modality group of a grouped view: the 2D boundary's text estimate reads the text keys)
+  at = jnp.arange(v.length, dtype=jnp.int32)
+  lo = jnp.min(jnp.where(kok, at, v.length))
+  hi = jnp.maximum(jnp.max(jnp.where(kok, at, -1)) + 1, lo)
   q_rows = jnp.pad(v.q_src.rows(v.q_pos[rows]), ((0, n_pad), (0, 0)))
   q_lim = jnp.pad(jnp.where(row_ok, v.q_pos[rows], -1), (0, n_pad), constant_values=-1)
   return attention_mass(
@@ -805,6 +820,7 @@ def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of, max_off
     heads_inner=bool(MASS_HEADS_INNER),
     p_dtype=MASS_P_DTYPE,
     max_offset=max_offset,
+    key_range=jnp.stack([lo, hi]).astype(jnp.int32),
     interpret=_interpret(),
   )
 
@@ -1044,6 +1060,7 @@ def pool_side(v: HeadView, side, sels):
       n_sel=len(sels),
       rows=perm,
       index=x.index(),
+      heads_inner=bool(POOL_HEADS_INNER),
       interpret=_interpret(),
     )
   else:

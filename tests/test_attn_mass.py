@@ -136,6 +136,44 @@ class MassTests:
       )
       assert float(got.min()) >= 0 and float(got.sum()) > 0.1  # some mass in the window
 
+  @pytest.mark.parametrize(
+    "max_offset, heads_inner", [(None, False), (None, True), (40, True), (40, False)]
+  )
+  def test_key_range(self, max_offset, heads_inner):
+    """key_range (lo, hi): the numbers of the keys outside it barred by key_lim (bit for
+    bit: the skipped tiles add nothing), and the reference's; per head under vmap (a range
+    inside tiles, one over every key, an empty one), heads innermost or not, with and
+    without the window of offsets."""
+    q, k, key_lim, q_lim, base, perm = inputs(31, 16, 512, 32)
+    ranges = jnp.asarray([[300, 500], [0, 512], [200, 200]], jnp.int32)
+    qs = jnp.stack([q, -q, q * 0.5])
+    kw = dict(scale=0.3, perm=perm)
+
+    def run(qh, kl, r):
+      return attention_mass(
+        qh, k, kl, q_lim, base, key_range=r, tile=32, heads_inner=heads_inner,
+        max_offset=max_offset, interpret=self.interpret, **kw,
+      )  # fmt: skip
+
+    j = jnp.arange(512)
+    barred = jnp.stack([jnp.where((j < r[0]) | (j >= r[1]), 2**30, key_lim) for r in ranges])
+    col, slash = jax.vmap(run, (0, None, 0))(qs, key_lim, ranges)
+    col_b, slash_b = jax.vmap(lambda qh, kl: run(qh, kl, None))(qs, barred)
+    np.testing.assert_array_equal(np.asarray(slash), np.asarray(slash_b))
+    if max_offset is None:
+      np.testing.assert_array_equal(np.asarray(col), np.asarray(col_b))
+    else:
+      assert col is None and slash.shape == (3, max_offset)
+    for i in range(3):
+      ref_col, ref_slash = attention_mass_reference(qs[i], k, barred[i], q_lim, base, **kw)
+      np.testing.assert_allclose(
+        np.asarray(slash[i]), np.asarray(ref_slash[: slash.shape[1]]), rtol=2e-5, atol=1e-6
+      )
+      if max_offset is None:
+        np.testing.assert_allclose(np.asarray(col[i]), np.asarray(ref_col), rtol=2e-5, atol=1e-6)
+        assert not np.asarray(col[i])[np.asarray(barred[i]) == 2**30].any()
+    assert float(slash[0].sum()) > 0.1 and not np.asarray(slash[2]).any()  # the empty range
+
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
   def test_other_dtypes(self, dtype):
     self.check(*inputs(3, 16, 256, 64, dtype), tile=64)
@@ -268,6 +306,10 @@ class TestInterpret(MassTests):
       call(q, k, key_lim, q_lim, base, p_dtype="bfloat16")
     with pytest.raises(ValueError, match="max_offset must be in"):
       call(q, k, key_lim, q_lim, base, max_offset=129)
+    with pytest.raises(ValueError, match="key_range must be int32"):
+      call(q, k, key_lim, q_lim, base, key_range=jnp.asarray([0, 5, 9], jnp.int32))
+    with pytest.raises(ValueError, match="key_range must be int32"):
+      call(q, k, key_lim, q_lim, base, key_range=jnp.asarray([0.0, 5.0]))
 
 
 @pytest.mark.gpu

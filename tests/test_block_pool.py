@@ -77,6 +77,44 @@ class BlockPoolTests:
       ref = block_mean_reference(x4[b, :, h], bits, rows=rows, block=16, n_sel=1)
       np.testing.assert_allclose(np.asarray(out[i]), np.asarray(ref), rtol=RTOL, atol=1e-5)
 
+  @pytest.mark.parametrize("rows_per_head, bits_per_head", [(False, False), (True, True)])
+  def test_heads_inner_under_vmap(self, rows_per_head, bits_per_head):
+    """heads_inner: vmapped over (batch, head) indices, one call with the heads first in
+    its grid; rows and bits shared by the heads or each head's own; x never batched.
+    Nested in a vmap over the batch, as the planner calls it."""
+    rng = np.random.default_rng(21)
+    x4 = jnp.asarray(rng.standard_normal((2, 128, 5, 32)) * 2 + 0.5, jnp.bfloat16)
+    index = jnp.asarray([[[0, 3], [0, 0], [0, 4]], [[1, 1], [1, 3], [1, 2]]], jnp.int32)
+    n_h = index.shape[1]
+    per = [inputs(30 + i, 128, 32, 2) for i in range(n_h)]
+    bits = jnp.stack([b for _, b, _ in per]) if bits_per_head else per[0][1]
+    rows = jnp.stack([r for _, _, r in per]) if rows_per_head else per[0][2]
+
+    def pool(inner):
+      def head(ix, b, r):
+        return block_mean(
+          x4, b, rows=r, index=ix, block=16, n_sel=2, heads_inner=inner,
+          interpret=self.interpret, poison=POISON,
+        )  # fmt: skip
+
+      axes = (0, 0 if bits_per_head else None, 0 if rows_per_head else None)
+      return jax.vmap(jax.vmap(head, axes), (0, None, None))(index, bits, rows)
+
+    out = pool(True)
+    assert out.shape == (2, n_h, 2, 8, 32)
+    for bi in range(2):
+      for j in range(n_h):
+        b, h = np.asarray(index[bi, j])
+        ref = block_mean_reference(
+          x4[b, :, h],
+          bits[j] if bits_per_head else bits,
+          rows=rows[j] if rows_per_head else rows,
+          block=16,
+          n_sel=2,
+        )
+        np.testing.assert_allclose(np.asarray(out[bi, j]), np.asarray(ref), rtol=RTOL, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(pool(False)))
+
   def test_vmapped_over_heads(self):
     # the planner calls it per head under vmap (the batching rule adds a grid axis)
     xs, bs, rs = zip(*(inputs(11 + i, 256, 64, 2) for i in range(3)), strict=True)

@@ -370,6 +370,42 @@ def test_estimates_with_the_heads_innermost_give_the_same_plan(monkeypatch):
   assert_same_plan(got, want)
 
 
+@pytest.mark.parametrize("name", ["block_sparse", "2d_boundary"])
+def test_pooled_means_with_the_heads_innermost_give_the_same_plan(name, monkeypatch):
+  """planning.POOL_HEADS_INNER: the pooled means of the vmapped heads as one block_mean
+  call (heads first in its grid) give the plan of vmap's usual batching: block_sparse's
+  shared identity view (its kv heads' keys pooled together too) and the 2D boundary's
+  per-head grid-permuted view."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(29, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "POOL_IMPL", "pallas")
+  monkeypatch.setattr(planning, "POOL_HEADS_INNER", False)
+  want = pol.plan(q, k, mod)
+
+  def pool_grids():  # (grid, vmapped dims) of each block_mean call in the plan's jaxpr
+    found = []
+
+    def walk(jaxpr):
+      for e in jaxpr.eqns:
+        if e.params.get("name") == "mmjax_block_mean" and "grid_mapping" in e.params:
+          found.append(e.params["grid_mapping"].vmapped_dims)
+        for v in e.params.values():
+          for sub in v if isinstance(v, (tuple, list)) else (v,):
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+              walk(inner)
+
+    walk(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod).jaxpr)
+    return found
+
+  assert pool_grids() and all(len(d) == 2 for d in pool_grids())  # (batch, head) vmapped
+  monkeypatch.setattr(planning, "POOL_HEADS_INNER", True)
+  got = pol.plan(q, k, mod)
+  assert pool_grids() and all(len(d) == 1 for d in pool_grids())  # the heads in the grid
+  assert_same_plan(got, want)
+
+
 def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
   """The kernel's pooled means of a grid-permuted, modality-grouped view (both sides,
   two selectors each) against the XLA path's."""

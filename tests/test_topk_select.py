@@ -61,6 +61,26 @@ class TopKTests:
     self.check(tied_rows(5, 10, 300, jnp.bfloat16), 40)
     self.check(tied_rows(6, 10, 300, jnp.float16), 40)
 
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  def test_sixteen_bit_keys(self, dtype):
+    """bf16 / f16 rows take 16 counting passes over their own bit patterns: the extremes
+    (+-inf, the largest finite values, signed zeros, the smallest subnormals) in every
+    row, rows of one value, rows longer than a tile (the masked tail of the last tile
+    must stay below -inf), and continuous values."""
+    info = jnp.finfo(dtype)
+    extremes = [np.inf, -np.inf, float(info.max), -float(info.max), 0.0, -0.0]
+    extremes += [float(info.smallest_subnormal), -float(info.smallest_subnormal)]
+    x = np.array(tied_rows(8, 12, 300), np.float32)
+    x[:, : len(extremes)] = extremes
+    x[3] = -np.inf
+    x[4] = 1.5
+    x = jnp.asarray(x).astype(dtype)
+    for k in (1, 8, 40, 300):
+      self.check(x, k)
+    self.check(x, 40, tile=128, block_rows=4)  # 300 = 2 tiles + a masked tail
+    rng = np.random.default_rng(9)
+    self.check(jnp.asarray(rng.standard_normal((21, 512)), dtype), 32)
+
 
 class TestInterpret(TopKTests):
   interpret = True

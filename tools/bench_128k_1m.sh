@@ -4,6 +4,8 @@
 #
 #   bash tools/bench_128k_1m.sh "$OUT/bench"   # -> $OUT/bench.tgz (attention_128k/, attention_1m/, logs)
 #
+# PACK=$OUT/bench.tgz with OUT_DIR outside $OUT: the archive goes there, written after
+# each length (a call cut short keeps what ran).
 # Optional: PLAN_CHECK=1 first checks every 128k plan against the dense planner (~50 s);
 # BENCH_FLAGS="--config.planner.score_topk_impl=pallas ..." adds flags to both runs.
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
@@ -24,10 +26,13 @@ timeout 200 python3 experiments/bench_attention.py --config=$cfg \
   --workdir="$out/attention_128k" '--config.lengths=(131072,)' --config.iters=5 \
   ${BENCH_FLAGS:-} > "$out/attention_128k_log.txt" 2>&1
 tail -9 "$out/attention_128k_log.txt"
+# (at most 8 files come back from the device: one archive, written after each length so
+# that a call cut short keeps the 128k run)
+tar czf "${PACK:-$out.tgz}" -C "$(dirname "$out")" "$(basename "$out")"
 timeout 330 python3 experiments/bench_attention.py --config=$cfg \
   --workdir="$out/attention_1m" '--config.lengths=(1048576,)' --config.iters=2 \
   --config.warmup=1 ${BENCH_FLAGS:-} \
   > "$out/attention_1m_log.txt" 2>&1
 tail -9 "$out/attention_1m_log.txt"
 # (at most 8 files come back from the device: one archive)
-tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+tar czf "${PACK:-$out.tgz}" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"

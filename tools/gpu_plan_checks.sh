@@ -16,10 +16,17 @@
 #         tests, score_bench's bf16 variants, every 128k plan against the dense planner's
 #         with bf16, mminference's 128k plan (concurrent) in f32 and bf16, 1M plans in
 #         bf16 by function with 14 and 28 heads per step (HPS_1M). TILES="64,128,4": the tile.
+# quick:  the planner kernels' GPU tests (topk_select, attn_mass, block_pool), then every
+#         128k plan against the dense planner's (about 120 s), before a benchmark call.
+# pool:   the pooled means with the heads innermost (planning.POOL_HEADS_INNER): block_pool's
+#         GPU tests, pool_bench at 1M, every 128k plan against the dense planner's with
+#         it; 1M plans by kernel (28 heads per step) without and with it, and with command
+#         buffers (the benchmark's default); 128k plans (concurrent) without and with it;
+#         each pattern of the mminference table alone on 5 heads at 128k (its groups' chains).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16}
-part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16}
+out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|pool}
+part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|pool}
 mkdir -p "$out"
 python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -80,8 +87,54 @@ elif [ "$part" = bf16 ]; then
       > "$out/plan_trace_1m_bfloat16_hps$hps.txt" 2>&1
     grep "plan " "$out/plan_trace_1m_bfloat16_hps$hps.txt"
   done
+elif [ "$part" = quick ]; then
+  timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_topk_select.py \
+    tests/test_attn_mass.py tests/test_block_pool.py > "$out/gpu_tests_kernels.txt" 2>&1
+  tail -2 "$out/gpu_tests_kernels.txt"
+  timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 \
+    --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+elif [ "$part" = pool ]; then
+  # (the archive is rewritten after each step, so that a call cut short still brings back
+  # what ran: give OUT_DIR outside $OUT and PACK=$OUT/pool.tgz)
+  pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
+  timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
+    tests/test_block_pool.py > "$out/gpu_tests_pool.txt" 2>&1
+  tail -2 "$out/gpu_tests_pool.txt"
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python3 tools/pool_bench.py \
+    --out "$out/pool_bench.json" > "$out/pool_bench.txt" 2>&1
+  cat "$out/pool_bench.txt"
+  pack
+  pols=block_sparse,grid,2d_boundary,mminference
+  for inner in 0 1; do
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python3 tools/plan_trace.py \
+      --length 1048576 --policies $pols --by kernel --top 14 --pool_heads_inner $inner \
+      > "$out/plan_trace_1m_pool_inner$inner.txt" 2>&1
+    grep "plan " "$out/plan_trace_1m_pool_inner$inner.txt"
+    timeout 60 python3 tools/plan_trace.py --length 131072 --policies block_sparse,mminference \
+      --top 2 --concurrent 1 --pool_heads_inner $inner > "$out/plan_trace_128k_inner$inner.txt" 2>&1
+    grep "plan " "$out/plan_trace_128k_inner$inner.txt"
+    pack
+  done
+  timeout 80 python3 tools/plan_trace.py --length 1048576 --policies $pols --top 2 \
+    --pool_heads_inner 1 > "$out/plan_trace_1m_command_buffers.txt" 2>&1
+  grep "plan " "$out/plan_trace_1m_command_buffers.txt"
+  timeout 60 python3 tools/plan_trace.py --length 131072 --heads 5 --kv_heads 5 --top 2 \
+    --concurrent 1 --policies a_shape,vertical_slash,block_sparse,grid,q_boundary,2d_boundary \
+    > "$out/plan_trace_128k_5_heads.txt" 2>&1
+  grep "plan " "$out/plan_trace_128k_5_heads.txt"
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 python3 tools/plan_trace.py \
+    --length 131072 --policies mminference --by function --top 30 \
+    > "$out/plan_trace_128k_mminference_by_function.txt" 2>&1
+  head -4 "$out/plan_trace_128k_mminference_by_function.txt"
+  pack
+  timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 --pool_heads_inner 1 \
+    > "$out/plan_trace_128k_check_pool_inner.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check_pool_inner.txt"
+  pack
+  exit 0
 else
-  echo "part must be tests, traces or bf16, got $part"
+  echo "part must be tests, traces, bf16, quick or pool, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

@@ -81,9 +81,10 @@ def op_sources(hlo_text: str, package: str = "mmjax") -> dict[str, str]:
   return out
 
 
-def kernel_times(fn, *args, counts=None) -> tuple[dict[str, float], float]:
+def kernel_times(fn, *args, counts=None, names=None) -> tuple[dict[str, float], float]:
   """Device time (us) per HLO op of one profiled call of jitted `fn`, and the total;
-  `counts` (a Counter), if given, gets the number of kernels each op launched."""
+  `counts` (a Counter), if given, gets the number of kernels each op launched, `names` (a
+  dict) each op's kernel name."""
   jax.block_until_ready(fn(*args))
   d = tempfile.mkdtemp(prefix="plantrace_")
   with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -99,6 +100,8 @@ def kernel_times(fn, *args, counts=None) -> tuple[dict[str, float], float]:
       times[a["hlo_op"]] += float(e.get("dur", 0.0))
       if counts is not None:
         counts[a["hlo_op"]] += 1
+      if names is not None:
+        names[a["hlo_op"]] = e["name"]
   return dict(times), sum(times.values())
 
 
@@ -155,8 +158,9 @@ def main():
   ap.add_argument(
     "--by",
     default="line",
-    choices=["line", "function"],
-    help="sum the kernel time by source line or by the planner's function",
+    choices=["line", "function", "kernel"],
+    help="sum the kernel time by source line, by the planner's function, or by function"
+    " with each Pallas kernel (mmjax_*) on its own",
   )
   ap.add_argument("--out", default="")
   ap.add_argument("--hlo_dir", default="", help="write each plan's compiled HLO text here")
@@ -182,6 +186,12 @@ def main():
     default=planning.MASS_P_DTYPE,
     choices=["float32", "float16"],
     help="how the last-query estimates store p between passes (planning.MASS_P_DTYPE)",
+  )
+  ap.add_argument(
+    "--pool_heads_inner",
+    type=int,
+    default=int(planning.POOL_HEADS_INNER),
+    help="1: the pooled means with the heads innermost (planning.POOL_HEADS_INNER)",
   )
   ap.add_argument(
     "--concurrent",
@@ -213,6 +223,7 @@ def main():
   settings["score_dtype"] = args.score_dtype or planning.SCORE_DTYPE
   settings["score_topk_max_k"] = args.score_topk_max_k
   settings |= dict(mass_heads_inner=bool(args.mass_heads_inner), mass_p_dtype=args.mass_p_dtype)
+  settings["pool_heads_inner"] = bool(args.pool_heads_inner)
   with planning.settings(**settings):
     trace(args)
 
@@ -251,12 +262,15 @@ def trace(args):
       os.makedirs(args.hlo_dir, exist_ok=True)
       with open(os.path.join(args.hlo_dir, f"{name}.hlo.txt"), "w") as f:
         f.write(hlo)
-    counts = collections.Counter()
-    times, total = kernel_times(fn, q, k, mod, counts=counts)
+    counts, names = collections.Counter(), {}
+    times, total = kernel_times(fn, q, k, mod, counts=counts, names=names)
     by_src, n_by_src = collections.Counter(), collections.Counter()
     for op, us in times.items():
       where = src.get(op, op)
-      if args.by == "function":  # "file:line func [op]" -> "file func"
+      pallas = re.search(r"mmjax_\w+", names.get(op, ""))
+      if args.by == "kernel" and pallas:
+        where = pallas.group(0)
+      elif args.by in ("function", "kernel"):  # "file:line func [op]" -> "file func"
         where = re.sub(r":\d+ ", " ", where).split(" [")[0]
       by_src[where] += us
       n_by_src[where] += counts[op]

@@ -31,7 +31,12 @@ passes 2 and 3; p <= 1 stays below f16's maximum and p >= 2e-9 stays a normal nu
 each entry keeps 11 significant bits); the sums are f32 either way.
 
 A key j is allowed for row r iff key_lim[j] <= q_lim[r] (the caller folds causality,
-the key's modality and the row's validity into these two integer vectors).
+the key's modality and the row's validity into these two integer vectors). With
+`key_range` (lo, hi) only keys lo <= j < hi can be allowed, and the passes visit only the
+tiles that hold them: a modality's keys in a modality-grouped view (the 2D boundary's
+text-text estimate reads its text group, not the whole sequence). Pass 1 skips the other
+tiles of its programs, pass 2's other programs write zero column sums and return, and pass
+3 reads p only inside the range: the same numbers as masking those keys by key_lim.
 """
 
 from __future__ import annotations
@@ -73,8 +78,11 @@ def _program(axis, heads):
   return pl.program_id(axis + (heads.h is not None))
 
 
-def _scores(q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, *, tile, scale):
-  """The masked scores of key tile t: (s [R, tile] f32, -inf where not allowed; allowed)."""
+def _scores(
+  q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, *, tile, scale, key_range=None
+):
+  """The masked scores of key tile t: (s [R, tile] f32, -inf where not allowed; allowed).
+  key_range: (lo, hi) scalars, keys outside [lo, hi) not allowed, or None."""
   sl = pl.ds(t * tile, tile)
   rows = heads.get("perm", perm_ref, sl) if perm_ref is not None else sl
   if index_ref is not None:  # k [B, L, N, H]: the (batch, head) slice, read in place
@@ -86,6 +94,9 @@ def _scores(q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, *, 
   tf32 = q.dtype != jnp.float32  # f32 inputs get f32 dots
   s = plgpu.dot(q, k, trans_b=True, allow_tf32=tf32) * scale  # [R, tile]
   allowed = heads.get("key_lim", klim_ref, sl)[None, :] <= heads.get("q_lim", qlim_ref)[:, None]
+  if key_range is not None:
+    j = t * tile + jnp.arange(tile, dtype=jnp.int32)
+    allowed = allowed & ((j >= key_range[0]) & (j < key_range[1]))[None, :]
   return jnp.where(allowed, s, -jnp.inf), allowed
 
 
@@ -94,6 +105,14 @@ def _split(refs, gather, in_place):
   index_ref = refs.pop(0) if in_place else None
   perm_ref = refs.pop(0) if gather else None
   return index_ref, perm_ref, refs
+
+
+def _range_of(range_ref, heads, tile):
+  """((lo, hi) keys, (first, end) tiles) of `key_range`, or Nones without one."""
+  if range_ref is None:
+    return None, None
+  lo, hi = heads.get("key_range", range_ref, 0), heads.get("key_range", range_ref, 1)
+  return (lo, hi), (lo // tile, (hi + tile - 1) // tile)
 
 
 def _tile_range(tiles, n_tiles, heads):
@@ -112,11 +131,16 @@ def _with_heads(kernel, per_head):
   return wrapped
 
 
-def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, heads):
-  index_ref, perm_ref, (q_ref, k_ref, klim_ref, qlim_ref, m_ref, l_ref) = _split(
-    refs, gather, in_place
-  )
+def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, ranged, heads):
+  index_ref, perm_ref, rest = _split(refs, gather, in_place)
+  range_ref = rest.pop(0) if ranged else None
+  q_ref, k_ref, klim_ref, qlim_ref, m_ref, l_ref = rest
   first, count = _tile_range(tiles, n_tiles, heads)
+  key_range, tile_range = _range_of(range_ref, heads, tile)
+  if ranged:  # only this program's tiles that hold keys of the range
+    end = jnp.minimum(first + count, tile_range[1])
+    first = jnp.maximum(first, tile_range[0])
+    count = jnp.maximum(end - first, 0)
 
   def body(i, carry):  # online max and sum over this program's tiles
     m, l = carry
@@ -131,6 +155,7 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, 
       heads,
       tile=tile,
       scale=scale,
+      key_range=key_range,
     )
     m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [R], -inf where nothing is allowed yet
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -144,21 +169,34 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, 
   heads.set("out", l_ref, (p, slice(None)), l)
 
 
-def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, heads):
+def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged, heads):
   """One key tile per program, as straight-line code (a loop over tiles, with the stores
   inside it, ran 1.4-1.6x slower on an H200). windowed: no column sums, and only the
-  tiles in [window[0], window[1]] are computed (the others return)."""
+  tiles in [window[0], window[1]] are computed (the others return). ranged: tiles outside
+  the key range write zero column sums and return."""
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
+  range_ref = rest.pop(0) if ranged else None
   if windowed:
     q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, win_ref, p_ref = rest
   else:
     q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, col_ref, p_ref = rest
   t = _program(0, heads)
+  key_range, tile_range = _range_of(range_ref, heads, tile)
 
   def body():
     m, inv = heads.get("out", m_ref), heads.get("out", inv_ref)
     s, allowed = _scores(
-      q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, tile=tile, scale=scale
+      q_ref,
+      k_ref,
+      klim_ref,
+      qlim_ref,
+      index_ref,
+      perm_ref,
+      t,
+      heads,
+      tile=tile,
+      scale=scale,
+      key_range=key_range,
     )
     p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
     if not windowed:
@@ -167,19 +205,37 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, heads)
       p = (p * P_SCALE_F16).astype(jnp.float16)
     heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), p)
 
+  run = None
   if windowed:
     # (the window comes from base: per head where base is)
-    pl.when((t >= heads.get("base", win_ref, 0)) & (t <= heads.get("base", win_ref, 1)))(body)
-  else:
+    run = (t >= heads.get("base", win_ref, 0)) & (t <= heads.get("base", win_ref, 1))
+  if ranged:
+    inside = (t >= tile_range[0]) & (t < tile_range[1])
+    run = inside if run is None else run & inside
+    if not windowed:
+
+      @pl.when(jnp.logical_not(inside))
+      def _():
+        heads.set("out", col_ref, (pl.ds(t * tile, tile),), jnp.zeros((tile,), jnp.float32))
+
+  if run is None:
     body()
+  else:
+    pl.when(run)(body)
 
 
-def _diag_kernel(p_ref, base_ref, slash_ref, *, diag_tile, length, n_rows, n_offsets, p_dtype):
+def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged):
   """slash[o] = sum_r p[r, base_r - o] for this program's offsets o < n_offsets (p flat
-  [R * L])."""
+  [R * L]); ranged: only keys inside the key range are read (p is written there only)."""
+  if ranged:
+    p_ref, base_ref, range_ref, slash_ref = refs
+  else:
+    p_ref, base_ref, slash_ref = refs
   o = pl.program_id(0) * diag_tile + jnp.arange(diag_tile, dtype=jnp.int32)
   j = base_ref[...][:, None] - o[None, :]  # [R, diag_tile]: key of row r at offset o
   ok = j >= 0
+  if ranged:
+    ok = ok & (j >= range_ref[0]) & (j < range_ref[1])
   if n_offsets < length:  # (p is written only where these offsets read it)
     ok = ok & (o < n_offsets)[None, :]
   r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
@@ -206,6 +262,7 @@ def attention_mass(
   heads_inner: bool = False,
   p_dtype: str = "float32",
   max_offset: int | None = None,
+  key_range=None,
   interpret: bool = False,
 ):
   """Column and diagonal sums of the softmax of a few query rows against all keys.
@@ -231,6 +288,10 @@ def attention_mass(
       relative of the f32 ones; the column sums are the same).
     max_offset: W in [1, L]: only slash[:W] is wanted, and no column sums (col is None);
       p is computed and stored only for the key tiles within W of some row's base.
+    key_range: int32 [2] (lo, hi), 0 <= lo <= hi <= L, or None: only keys lo <= j < hi can
+      be allowed (the others are not, whatever key_lim says), and only the key tiles
+      that hold them are read (the caller's range of the allowed keys: the same numbers,
+      fewer reads).
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -271,6 +332,9 @@ def attention_mass(
     raise ValueError(f"p_dtype must be one of {P_DTYPES}; got {p_dtype!r}")
   if max_offset is not None and not 1 <= int(max_offset) <= length:
     raise ValueError(f"max_offset must be in [1, L={length}] or None; got {max_offset}")
+  if key_range is not None and (key_range.shape != (2,) or key_range.dtype != jnp.int32):
+    got = f"{key_range.dtype} {key_range.shape}"
+    raise ValueError(f"key_range must be int32 (lo, hi) of shape (2,) or None; got {got}")
   static = dict(
     scale=float(scale),
     p_dtype=p_dtype,
@@ -281,16 +345,18 @@ def attention_mass(
     interpret=interpret,
   )
   if not heads_inner:
-    return _call(q, k, key_lim, q_lim, base, perm, index, **static)
-  fn = _heads_inner(perm is not None, index is not None, tuple(sorted(static.items())))
-  extra = ([perm] if perm is not None else []) + ([index] if index is not None else [])
-  return fn(q, k, key_lim, q_lim, base, *extra)
+    return _call(q, k, key_lim, q_lim, base, perm, index, key_range, **static)
+  optional = {"perm": perm, "index": index, "key_range": key_range}
+  fn = _heads_inner(
+    tuple(n for n, a in optional.items() if a is not None), tuple(sorted(static.items()))
+  )
+  return fn(q, k, key_lim, q_lim, base, *(a for a in optional.values() if a is not None))
 
 
-_ARGS = ("q", "k", "key_lim", "q_lim", "base", "perm", "index")
+_ARGS = ("q", "k", "key_lim", "q_lim", "base", "perm", "index", "key_range")
 
 
-def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **static):
+def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_heads, **static):
   """The three passes. per_head: the names of the arguments with a leading head axis of
   n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
   scale, tile, tiles = static["scale"], static["tile"], static["tiles"]
@@ -301,8 +367,9 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
   length = key_lim.shape[-1]
   n_tiles = length // tile
   n_progs = -(-n_tiles // tiles)
-  gather, in_place = perm is not None, index is not None
+  gather, in_place, ranged = perm is not None, index is not None, key_range is not None
   head = ([index] if in_place else []) + ([perm] if gather else [])
+  head += [key_range] if ranged else []
   names = frozenset(per_head) | ({"out"} if per_head else set())
 
   def whole(shape):
@@ -313,7 +380,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
 
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=3)
   params2 = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
-  common = dict(tile=tile, scale=scale, gather=gather, in_place=in_place)
+  common = dict(tile=tile, scale=scale, gather=gather, in_place=in_place, ranged=ranged)
 
   args = head + [q, k, key_lim, q_lim]
   stats = lead + (n_progs, n_rows)
@@ -363,7 +430,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
   n_offsets = length if max_offset is None else max_offset
   n_diag = -(-n_offsets // diag_tile)
 
-  def diagonals(p, base):
+  def diagonals(p, base, *key_range):
     return pl.pallas_call(
       functools.partial(
         _diag_kernel,
@@ -372,20 +439,24 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, *, per_head, n_heads, **sta
         n_rows=n_rows,
         n_offsets=n_offsets,
         p_dtype=p_dtype,
+        ranged=ranged,
       ),
       grid=(n_diag,),
-      in_specs=[whole((n_rows * length,)), whole((n_rows,))],
+      in_specs=[whole((n_rows * length,)), whole((n_rows,))] + [whole((2,))] * ranged,
       out_specs=whole((n_diag * diag_tile,)),
       out_shape=jax.ShapeDtypeStruct((n_diag * diag_tile,), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="mmjax_attn_mass_diagonals",
-    )(p.reshape(-1), jnp.clip(base, -1, length - 1))
+    )(p.reshape(-1), jnp.clip(base, -1, length - 1), *key_range)
 
+  extra = [key_range] if ranged else []
   if per_head:
-    slash = jax.vmap(diagonals, (0, 0 if "base" in per_head else None))(p, base)
+    axes = [0, 0 if "base" in per_head else None]
+    axes += [0 if "key_range" in per_head else None] if ranged else []
+    slash = jax.vmap(diagonals, axes)(p, base, *extra)
   else:
-    slash = diagonals(p, base)
+    slash = diagonals(p, base, *extra)
   return col, slash[..., :n_offsets]
 
 
@@ -396,7 +467,7 @@ _call = jax.jit(
 
 
 @functools.cache
-def _heads_inner(gather, in_place, static):
+def _heads_inner(optional, static):
   """The call for one head, batched by vmap into one call whose grid has the heads first
   (innermost): the programs of one key tile for every head run together, so the query
   heads of a kv head read its key tile once from memory (the L2 cache serves the others),
@@ -404,11 +475,9 @@ def _heads_inner(gather, in_place, static):
   axis outermost)."""
   static = dict(static)
 
-  def split(args):
-    args = list(args)
-    index = args.pop() if in_place else None
-    perm = args.pop() if gather else None
-    return (*args, perm, index)
+  def split(args):  # (q, k, key_lim, q_lim, base, the `optional` present) -> _ARGS order
+    given = dict(zip(optional, args[5:], strict=True))
+    return (*args[:5], *(given.get(n) for n in _ARGS[5:]))
 
   @jax.custom_batching.custom_vmap
   def one(*args):

@@ -29,25 +29,35 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_SELECTIONS = 31  # bits of an int32 (the sign bit unused)
 
 
-def _kernel(*refs, block, n_sel, gather, in_place):
+def _kernel(*refs, block, n_sel, gather, in_place, per_head):
   refs = list(refs)
   index_ref = refs.pop(0) if in_place else None
   rows_ref = refs.pop(0) if gather else None
   bits_ref, x_ref, out_ref = refs
-  i = pl.program_id(0)
+  # a call batched over heads (`per_head`: the refs with a leading head axis) has the head
+  # as its first grid axis, the innermost of the launch
+  h = pl.program_id(0) if per_head else None
+  i = pl.program_id(1 if per_head else 0)
+
+  def get(name, ref, *idx):
+    return ref[(h, *idx)] if h is not None and name in per_head else ref[idx]
+
   sl = pl.ds(i * block, block)
-  rows = rows_ref[sl] if gather else sl
+  rows = get("rows", rows_ref, sl) if gather else sl
   if in_place:  # x [B, L, N, H]: the (batch, head) slice, read where it lies
-    xb = x_ref[index_ref[0], rows, index_ref[1], :]
+    xb = x_ref[get("index", index_ref, 0), rows, get("index", index_ref, 1), :]
   else:
     xb = x_ref[rows, :]
   xb = xb.astype(jnp.float32)  # [block, H]
-  bits = bits_ref[sl]  # [block]
+  bits = get("bits", bits_ref, sl)  # [block]
   for m in range(n_sel):
     w = (bits >> m) & 1
     count = jnp.maximum(jnp.sum(w), 1).astype(jnp.float32)
     total = jnp.sum(jnp.where(w[:, None] > 0, xb, 0.0), axis=0)  # [H]
-    out_ref[m, i, :] = total / count
+    if h is None:
+      out_ref[m, i, :] = total / count
+    else:
+      out_ref[h, m, i, :] = total / count
 
 
 def block_mean(
@@ -60,6 +70,7 @@ def block_mean(
   index=None,
   interpret: bool = False,
   num_warps: int = 4,
+  heads_inner: bool = False,
   poison: float | None = None,
 ):
   """Per block of `block` view rows, the mean of the rows each selection admits.
@@ -75,6 +86,12 @@ def block_mean(
       pool, read in place (a sliced-out copy of every head would cost a pass over x).
     interpret: run in Pallas interpret mode (CPU).
     num_warps: tuning.
+    heads_inner: under vmap over heads (a batched `index`, and `rows` / `bits` batched or
+      shared), one call whose grid has the head innermost: the programs of one block
+      for every head run together, so with the identity view (or any view the heads
+      share) they read neighbouring bytes of x [B, L, N, H] at once, rather than each
+      head sweeping its [L, H] slice in turn (vmap's usual batching puts the head axis
+      outermost). The same means.
     poison: tests only: the output starts filled with this value, aliased into the
       kernel, so an entry the kernel fails to write keeps it.
 
@@ -107,29 +124,30 @@ def block_mean(
     raise ValueError(f"bits must be int32 of shape ({length},); got {bits.dtype} {bits.shape}")
   if rows is not None and (rows.shape != (length,) or rows.dtype != jnp.int32):
     raise ValueError(f"rows must be int32 of shape ({length},); got {rows.dtype} {rows.shape}")
-  return _call(
-    x,
-    bits,
-    rows,
-    index,
-    block=block,
-    n_sel=n_sel,
-    num_warps=num_warps,
-    interpret=interpret,
-    poison=poison,
-  )
+  static = dict(block=block, n_sel=n_sel, num_warps=num_warps, interpret=interpret, poison=poison)
+  if not heads_inner:
+    return _call(x, bits, rows, index, **static)
+  fn = _heads_inner(rows is not None, index is not None, tuple(sorted(static.items())))
+  return fn(x, bits, *([rows] if rows is not None else []), *([index] if index is not None else []))
 
 
-@functools.partial(jax.jit, static_argnames=("block", "n_sel", "num_warps", "interpret", "poison"))
-def _call(x, bits, rows, index, *, block, n_sel, num_warps, interpret, poison):
-  length, h = bits.shape[0], x.shape[-1]
+_ARGS = ("x", "bits", "rows", "index")
+
+
+def _pool(x, bits, rows, index, *, per_head, n_heads, block, n_sel, num_warps, interpret, poison):
+  """The pallas_call. per_head: the names of the arguments with a leading head axis of
+  n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
+  length, h = bits.shape[-1], x.shape[-1]
   nb = length // block
   gather, in_place = rows is not None, index is not None
-  kernel = functools.partial(_kernel, block=block, n_sel=n_sel, gather=gather, in_place=in_place)
-  whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
+  lead = (n_heads,) if per_head else ()
+  kernel = functools.partial(
+    _kernel, block=block, n_sel=n_sel, gather=gather, in_place=in_place, per_head=per_head
+  )
+  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   args = ([index] if in_place else []) + ([rows] if gather else []) + [bits, x]
   in_specs = [whole(a.shape) for a in args]
-  out_shape = (n_sel, nb, h)
+  out_shape = lead + (n_sel, nb, h)
   aliases = {}
   if poison is not None:  # the poisoned buffer becomes the output (the kernel ignores it)
     in_specs.append(whole(out_shape))
@@ -138,7 +156,7 @@ def _call(x, bits, rows, index, *, block, n_sel, num_warps, interpret, poison):
     kernel = functools.partial(_drop_last_input, kernel)
   return pl.pallas_call(
     kernel,
-    grid=(nb,),
+    grid=lead + (nb,),
     in_specs=in_specs,
     out_specs=whole(out_shape),
     out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
@@ -147,6 +165,43 @@ def _call(x, bits, rows, index, *, block, n_sel, num_warps, interpret, poison):
     interpret=interpret,
     name="mmjax_block_mean",
   )(*args)
+
+
+_STATIC = ("block", "n_sel", "num_warps", "interpret", "poison")
+_call = jax.jit(
+  functools.partial(_pool, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
+)
+
+
+@functools.cache
+def _heads_inner(gather, in_place, static):
+  """The call for one head, batched by vmap into one call with the heads first in its
+  grid (innermost in the launch); x batched (each head its own array) takes vmap's usual
+  batching."""
+  static = dict(static)
+
+  def split(args):
+    args = list(args)
+    index = args.pop() if in_place else None
+    rows = args.pop() if gather else None
+    return (*args, rows, index)
+
+  @jax.custom_batching.custom_vmap
+  def one(*args):
+    return _call(*split(args), **static)
+
+  @one.def_vmap
+  def batched(axis_size, in_batched, *args):
+    flags = dict(zip(_ARGS, split(in_batched), strict=True))
+    if flags["x"]:
+      axes = [0 if b else None for b in in_batched]
+      out = jax.vmap(lambda *a: _call(*split(a), **static), in_axes=axes)(*args)
+    else:
+      per_head = frozenset(n for n, b in flags.items() if b)
+      out = _pool(*split(args), per_head=per_head, n_heads=axis_size, **static)
+    return out, True
+
+  return one
 
 
 def _drop_last_input(kernel, *refs):

@@ -11,6 +11,8 @@ Algorithm, per program (`block_rows` rows):
         bits flipped for negatives; -0.0 below +0.0, as lax.top_k has it)
   t   = the k-th largest key, built bit by bit from the top in the unsigned (key ^ 2^31)
         order: 32 passes, each keeping the bit if count(key >= candidate) >= k
+        (bf16 / f16: the 16-bit pattern's key, shifted to [1, 2^16): 16 passes, half the
+        counting; the planner's pooled scores are bf16 on a GPU)
   keep every entry with key > t, then the entries equal to t in index order until k
   slot = running count of kept entries; (index, value) are scattered to the row's slot
 Rows of at most `tile` columns are loaded once and searched in registers; longer rows are
@@ -32,9 +34,24 @@ _MIN = np.int32(-(2**31))  # also the key of a masked (padding) column: below ev
 _LOW31 = np.int32(2**31 - 1)
 
 
+_LOW15 = np.int32(2**15 - 1)
+_OFFSET16 = np.int32(2**15 + 1)
+
+
+def _key_bits(dtype):
+  """The bits of `_keys`: 16 for bf16 / f16, 32 for f32."""
+  return 16 if jnp.dtype(dtype).itemsize == 2 else 32
+
+
 def _keys(x):
   """int32 keys whose signed order is x's total order (-0.0 below +0.0, as lax.top_k
-  orders them; no NaN)."""
+  orders them; no NaN). f32: the bits, the magnitude flipped for negatives. bf16 / f16:
+  the same on the 16-bit pattern (sign-extended), plus 2^15 + 1: keys in [1, 2^16) (the
+  largest finite pattern and +inf stay below 2^15 - 1 before the shift), so that 0 (the
+  masked key) is below every value and the search needs 16 bits."""
+  if _key_bits(x.dtype) == 16:
+    u = jax.lax.bitcast_convert_type(x, jnp.int16).astype(jnp.int32)
+    return jnp.where(u < 0, u ^ _LOW15, u) + _OFFSET16
   u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
   return jnp.where(u < 0, u ^ _LOW31, u)
 
@@ -44,12 +61,15 @@ def _kernel(x_ref, idx_ref, val_ref, *, n_rows, n, k, block_rows, tile, n_tiles)
   rows = row0 + jnp.arange(block_rows, dtype=jnp.int32)
   row_ok = rows < n_rows
 
+  bits = _key_bits(x_ref.dtype)
+  masked = _MIN if bits == 32 else np.int32(0)  # below every key
+
   def load(t):  # (x, keys, column ids) of tile t
     cols = t * tile + jnp.arange(tile, dtype=jnp.int32)
     ok = row_ok[:, None] & (cols < n)[None, :]
     ref = x_ref.at[pl.ds(row0, block_rows), pl.ds(t * tile, tile)]
     x = plgpu.load(ref, mask=ok, other=0)
-    return x, jnp.where(ok, _keys(x), _MIN), cols
+    return x, jnp.where(ok, _keys(x), masked), cols
 
   if n_tiles == 1:  # the keys stay in registers; x is loaded again at the end
     _, key0, _ = load(0)
@@ -64,11 +84,15 @@ def _kernel(x_ref, idx_ref, val_ref, *, n_rows, n, k, block_rows, tile, n_tiles)
 
     return jax.lax.fori_loop(0, n_tiles, body, jnp.zeros((block_rows,), jnp.int32))
 
-  def bit_step(b, res):  # res: the k-th largest key so far, unsigned bits in int32
-    cand = res | jnp.left_shift(jnp.int32(1), 31 - b)
-    return jnp.where(count_ge(cand ^ _MIN) >= k, cand, res)
+  # f32 keys are signed: the search runs in the unsigned order (key ^ 2^31); 16-bit keys
+  # are non-negative already
+  flip = _MIN if bits == 32 else np.int32(0)
 
-  t = jax.lax.fori_loop(0, 32, bit_step, jnp.zeros((block_rows,), jnp.int32)) ^ _MIN
+  def bit_step(b, res):  # res: the k-th largest key so far, unsigned bits in int32
+    cand = res | jnp.left_shift(jnp.int32(1), bits - 1 - b)
+    return jnp.where(count_ge(cand ^ flip) >= k, cand, res)
+
+  t = jax.lax.fori_loop(0, bits, bit_step, jnp.zeros((block_rows,), jnp.int32)) ^ flip
   n_gt = count_ge(t + 1)  # keys > t (t + 1 cannot overflow: t is at most +inf's key)
   need = k - n_gt  # entries equal to t to keep, lowest index first
 
@@ -119,7 +143,8 @@ def top_k_select(
     k: 1 <= k <= n.
     interpret: run in Pallas interpret mode (CPU).
     block_rows, tile, num_warps: tuning; rows per program, columns held at once (a power
-      of two; rows longer than `tile` are re-read in each of the 32 passes), warps.
+      of two; rows longer than `tile` are re-read in each of the 32 passes, 16 for
+      bf16 / f16), warps.
     poison: tests only: the outputs start filled with this value (indices: -1), aliased
       into the kernel, so a slot the kernel fails to write keeps it.
 
