@@ -51,9 +51,10 @@ def get_config(arg: str | None = None):
   # never). mminference's 512k plan on an H200: 14.86 -> 11.67 ms, 0.8 -> 5.0 GiB temp
   # (h200_2026-12-02c)
   c.concurrent_plan_max_len = 524288
-  # from this length on the plan programs compile without command buffers (0: never). Not
-  # yet measured in the benchmark: at 1M a block_sparse plan traced without them took 8.75
-  # ms and 10.00 in the benchmark with them (h200_2026-12-02c)
+  # from this length on the plan programs compile without command buffers (0: never). At
+  # 1M the plans traced with and without them took the same time (block_sparse 8.95 and
+  # 8.89 ms, h200_2026-12-02d): the 10.00 ms of h200_2026-12-02c was two timed calls'
+  # median (now plan_iters)
   c.plan_no_command_buffers_from = 0
   # the planner's kernel settings for the run (mmjax.planning.settings; "": as planning
   # has it), e.g. --config.planner.score_topk_impl=pallas; bench.json records them all

@@ -171,8 +171,10 @@ MASS_IMPL = None
 MASS_HEADS_INNER = True
 # How the attn_mass kernel stores the probabilities p [64, L] between its second and third
 # passes: "float32", or "float16" (scaled by 2^15: half those passes' memory traffic, the
-# slash sums within about 1e-3 relative, the column sums unchanged). float16 is not yet
-# measured on a GPU (`tools/mass_bench.py` times both), so the planner keeps float32.
+# slash sums within about 1e-3 relative, the column sums unchanged). On an H200 the
+# kernel is 1.21-1.29x faster with float16 (h200_2026-12-02/mass_bench.txt), which saved
+# 0.5 of 35 ms in a 1M mminference plan (2 heads per step) and 3.27 -> 3.22 ms in its
+# 128k plan (h200_2026-12-02d/3_traces); not yet in a benchmark, so float32 stays.
 MASS_P_DTYPE = "float32"
 
 # XLA compile options for a program that builds plans (`jax.jit(..., compiler_options=)`;
