@@ -206,6 +206,12 @@ SCORE_TOPK_IMPL = None
 # With SCORE_TOPK_IMPL "pallas" (or None on a GPU): only components whose top k is at most
 # this take the one kernel, the rest the scores + top_k_entries; 0: every component.
 SCORE_TOPK_MAX_K = 8
+# pooled_topk with `sort_blocks` in grid-permuted views (`HeadView.grid_mods`): their
+# blocks' limits are in no order, so every tile holds an allowed pair and none is skipped
+# (grid's picks were 5.9 of its 19 ms plan at 1M on an H200, h200_2026-12-02d); with the
+# blocks sorted by their limits each program visits only its allowed keys (about half).
+# The same picks. Not yet measured on a GPU: off (`tools/plan_trace.py --score_topk_sort 1`).
+SCORE_TOPK_SORT = False
 # Candidate lists: True merges ascending lists by binary searches (`merge_rows`,
 # `planning_lists.merge_candidates`), False sorts each query block's row; None: merges on
 # a GPU (a row sort there cost 12 ms of a 1M-token plan), sorts elsewhere (on the CPU the
@@ -266,6 +272,7 @@ def kernel_settings_dict():
     merge_lists=merge_lists(),
     score_topk_impl=score_topk_impl(),
     score_topk_max_k=SCORE_TOPK_MAX_K,
+    score_topk_sort=bool(SCORE_TOPK_SORT),
     cols_impl=cols_impl(),
     cols_tiles=COLS_TILES,
     mass_heads_inner=bool(MASS_HEADS_INNER),
@@ -282,6 +289,7 @@ SETTING_NAMES = {
   "score_impl": "SCORE_IMPL",
   "score_topk_impl": "SCORE_TOPK_IMPL",
   "score_topk_max_k": "SCORE_TOPK_MAX_K",
+  "score_topk_sort": "SCORE_TOPK_SORT",
   "score_dtype": "SCORE_DTYPE",
   "cols_impl": "COLS_IMPL",
   "merge_lists": "MERGE_LISTS",
@@ -949,6 +957,7 @@ def scored_top_k(v: HeadView, q_mod, k_mod, k, axis_names=()):
       block_m=block_m,
       block_n=max(block_n, topk_chunk(v.n_k, k)),  # (pooled_score_matrix's tile)
       num_warps=warps,
+      sort_blocks=bool(SCORE_TOPK_SORT) and bool(v.grid_mods),
       interpret=_interpret(),
     )
 

@@ -228,6 +228,29 @@ def test_scores_and_picks_in_one_kernel_give_the_same_plan(name, monkeypatch):
     assert_same_plan(pol.plan(q, k, mod), got)
 
 
+@pytest.mark.parametrize("name", ["grid", "2d_boundary", "mminference"])
+def test_picks_with_sorted_blocks_give_the_same_plan(name, monkeypatch):
+  """SCORE_TOPK_SORT: in grid-permuted views pooled_topk visits each program's allowed
+  keys only (blocks sorted by their limits), with the plan of the unsorted kernel."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(31, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "SCORE_IMPL", "pallas")
+  monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
+  calls = []  # each pooled_topk call's sort_blocks, as traced
+  kernel = planning.pooled_top_k
+  monkeypatch.setattr(
+    planning, "pooled_top_k", lambda *a, **kw: calls.append(kw["sort_blocks"]) or kernel(*a, **kw)
+  )
+  want = pol.plan(q, k, mod)
+  assert calls and not any(calls)
+  monkeypatch.setattr(planning, "SCORE_TOPK_SORT", True)
+  calls.clear()
+  got = pol.plan(q, k, mod)
+  assert any(calls)  # (the grid views' components; an mminference table's others not)
+  assert_same_plan(got, want)
+
+
 def test_one_kernel_only_up_to_a_top_k(monkeypatch):
   """SCORE_TOPK_MAX_K: with 2 the 2D boundary's grid pair (top 2) takes pooled_topk and
   its block_sparse pairs (top 3) the scores + top_k_entries, with the same plan; a bad

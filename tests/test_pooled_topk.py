@@ -88,6 +88,36 @@ class TopKTests:
     qp, kp = qp.astype(jnp.bfloat16), kp.astype(jnp.bfloat16)
     self.check(qp, kp, q_lim, k_lim, 8, block_m=32, block_n=64)
 
+  @pytest.mark.parametrize(
+    "n_q, n_k, h, k, tiles",
+    [(64, 256, 128, 8, (16, 32)), (100, 300, 32, 5, (32, 64)), (32, 40, 32, 40, (16, 16))],
+  )
+  def test_sorted_blocks(self, n_q, n_k, h, k, tiles):
+    """sort_blocks: limits in no order (a grid-permuted view's: the blocks shuffled), so
+    that the tiles hold allowed pairs everywhere; each program visits its sorted prefix
+    only, columns out of order. The picks are lax.top_k's."""
+    qp, kp, q_lim, k_lim = inputs(n_q * 7 + k, n_q, n_k, h)
+    rng = np.random.default_rng(n_k)
+    q_lim = jnp.asarray(rng.permutation(np.asarray(q_lim)))
+    k_lim = jnp.asarray(rng.permutation(np.asarray(k_lim)))
+    block_m, block_n = tiles
+    self.check(qp, kp, q_lim, k_lim, k, block_m=block_m, block_n=block_n, sort_blocks=True)
+
+  def test_sorted_blocks_break_ties_by_column(self):
+    """sort_blocks with many equal scores (0/1 vectors): a later tile may hold a lower
+    column of the same value, which must replace a worst slot of that value."""
+    rng = np.random.default_rng(11)
+    n_q, n_k, h = 32, 128, 16
+    qp = jnp.asarray(rng.integers(0, 2, (n_q, h)), jnp.float32)
+    kp = jnp.asarray(rng.integers(0, 2, (n_k, h)), jnp.float32)
+    q_lim = rng.integers(-1, n_k, n_q)
+    q_lim[:2] = -1, 1  # rows with no allowed pair, and with two
+    q_lim = jnp.asarray(q_lim, jnp.int32)
+    k_lim = jnp.asarray(rng.permutation(n_k), jnp.int32)
+    kw = dict(scale=1.0, block_m=16, block_n=32, sort_blocks=True)
+    self.check(qp, kp, q_lim, k_lim, 6, **kw)
+    self.check(qp.astype(jnp.bfloat16), kp.astype(jnp.bfloat16), q_lim, k_lim, 3, **kw)
+
 
 class TestInterpret(TopKTests):
   interpret = True

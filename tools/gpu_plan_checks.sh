@@ -18,6 +18,10 @@
 #         bf16 by function with 14 and 28 heads per step (HPS_1M). TILES="64,128,4": the tile.
 # quick:  the planner kernels' GPU tests (topk_select, attn_mass, block_pool), then every
 #         128k plan against the dense planner's (about 120 s), before a benchmark call.
+# sort:   pooled_topk with the blocks sorted by their limits in grid views
+#         (planning.SCORE_TOPK_SORT): its GPU tests, every 128k plan against the dense
+#         planner's with it, 1M plans by kernel (grid, 2d_boundary, mminference) and 128k
+#         plans (concurrent) without and with it.
 # pool:   the pooled means with the heads innermost (planning.POOL_HEADS_INNER): block_pool's
 #         GPU tests, pool_bench at 1M, every 128k plan against the dense planner's with
 #         it; 1M plans by kernel (28 heads per step) without and with it, and with command
@@ -25,8 +29,8 @@
 #         each pattern of the mminference table alone on 5 heads at 128k (its groups' chains).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|pool}
-part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|pool}
+out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|pool}
+part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|pool}
 mkdir -p "$out"
 python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -94,6 +98,23 @@ elif [ "$part" = quick ]; then
   timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 \
     --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
   grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+elif [ "$part" = sort ]; then
+  timeout 120 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
+    tests/test_pooled_topk.py > "$out/gpu_tests_pooled_topk.txt" 2>&1
+  tail -2 "$out/gpu_tests_pooled_topk.txt"
+  timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 --score_topk_sort 1 \
+    > "$out/plan_trace_128k_check_sort.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check_sort.txt"
+  for srt in 0 1; do
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python3 tools/plan_trace.py \
+      --length 1048576 --policies grid,2d_boundary,mminference --by kernel --top 14 \
+      --score_topk_sort $srt > "$out/plan_trace_1m_sort$srt.txt" 2>&1
+    grep "plan \|pooled_topk" "$out/plan_trace_1m_sort$srt.txt"
+    timeout 60 python3 tools/plan_trace.py --length 131072 --top 2 --concurrent 1 \
+      --policies grid,2d_boundary,mminference --score_topk_sort $srt \
+      > "$out/plan_trace_128k_sort$srt.txt" 2>&1
+    grep "plan " "$out/plan_trace_128k_sort$srt.txt"
+  done
 elif [ "$part" = pool ]; then
   # (the archive is rewritten after each step, so that a call cut short still brings back
   # what ran: give OUT_DIR outside $OUT and PACK=$OUT/pool.tgz)
@@ -134,7 +155,7 @@ elif [ "$part" = pool ]; then
   pack
   exit 0
 else
-  echo "part must be tests, traces, bf16, quick or pool, got $part"
+  echo "part must be tests, traces, bf16, quick, sort or pool, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

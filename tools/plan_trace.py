@@ -206,6 +206,12 @@ def main():
     help="pooled_topk (--score_topk pallas) only for top k <= this (0: every k)",
   )
   ap.add_argument(
+    "--score_topk_sort",
+    type=int,
+    default=int(planning.SCORE_TOPK_SORT),
+    help="1: pooled_topk sorts grid views' blocks by their limits (planning.SCORE_TOPK_SORT)",
+  )
+  ap.add_argument(
     "--score_dtype",
     default="",
     choices=["", *planning.SCORE_DTYPES],
@@ -224,6 +230,7 @@ def main():
   settings["score_topk_max_k"] = args.score_topk_max_k
   settings |= dict(mass_heads_inner=bool(args.mass_heads_inner), mass_p_dtype=args.mass_p_dtype)
   settings["pool_heads_inner"] = bool(args.pool_heads_inner)
+  settings["score_topk_sort"] = bool(args.score_topk_sort)
   with planning.settings(**settings):
     trace(args)
 

@@ -26,6 +26,15 @@ and an entry of equal value always has the higher column (earlier tiles hold low
 columns, and a tile's entries are taken in column order). Rows with fewer than k allowed
 pairs keep -inf slots (column 0). Each pass of the loop moves at most one entry per row,
 and after the first tiles a row rarely takes more than one or two from a tile.
+
+`sort_blocks=True` (for permuted views): in a grid-permuted view every tile holds some
+allowed pair, so none is skipped, though only about half the pairs are allowed. The
+wrapper then sorts the query blocks by q_lim and the key blocks by k_lim (stable), so
+that each program's allowed keys are a prefix of the sorted keys: a program visits only
+the tiles of that prefix (a count per program, from a binary search), with the key
+blocks' own column ids. Columns then arrive out of order, so an entry also replaces a
+worst slot of equal value when its column is lower. The same picks; the rows are put
+back in their order at the end.
 """
 
 from __future__ import annotations
@@ -43,8 +52,12 @@ _BIG = 2**30
 
 
 def _kernel(
-  qp_ref, kp_ref, qlim_ref, klim_ref, idx_ref, val_ref, *, scale, k, block_n, n_tiles, tf32
+  qp_ref, kp_ref, qlim_ref, klim_ref, *refs, scale, k, block_n, n_tiles, tf32, sort_blocks
 ):
+  if sort_blocks:  # the key blocks' column ids (sorted order), tiles per program
+    kid_ref, ntile_ref, idx_ref, val_ref = refs
+  else:
+    idx_ref, val_ref = refs
   dtype = qp_ref.dtype
   bm, slots = val_ref.shape
   q, q_lim = qp_ref[...], qlim_ref[...]
@@ -55,7 +68,10 @@ def _kernel(
   q_max = jnp.max(q_lim)
 
   def tile(t, carry):
-    cols = t * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    if sort_blocks:
+      cols = kid_ref[pl.ds(t * block_n, block_n)]
+    else:
+      cols = t * block_n + jnp.arange(block_n, dtype=jnp.int32)
     k_lim = klim_ref[pl.ds(t * block_n, block_n)]
 
     def scores(carry):
@@ -83,15 +99,53 @@ def _kernel(
         return s, vals, idx, jnp.max(s, axis=1), jnp.min(vals, axis=1)
 
       vals, idx = carry
-      state = (s, vals, idx, jnp.max(s, axis=1), jnp.min(vals, axis=1))
-      _, vals, idx, _, _ = jax.lax.while_loop(more, take, state)
+      if sort_blocks:
+        state = (s, vals, idx, *_best(s, cols), *_worst(vals, idx, slot))
+        _, vals, idx, *_ = jax.lax.while_loop(more_any_order, take_any_order, state)
+      else:
+        state = (s, vals, idx, jnp.max(s, axis=1), jnp.min(vals, axis=1))
+        _, vals, idx, _, _ = jax.lax.while_loop(more, take, state)
       return vals, idx
+
+    def more_any_order(state):  # some row's best remaining entry beats its worst slot
+      return jnp.max(_beats(*state[3:]).astype(jnp.int32)) > 0
+
+    def take_any_order(state):  # (columns in any order: ties broken by column)
+      s, vals, idx, b, c, w, w_col, w_slot = state
+      ins = _beats(b, c, w, w_col, w_slot)
+      put = ins[:, None] & (slot == w_slot[:, None])
+      vals = jnp.where(put, b[:, None], vals)
+      idx = jnp.where(put, c[:, None], idx)
+      s = jnp.where(ins[:, None] & (cols[None, :] == c[:, None]), -jnp.inf, s)
+      return (s, vals, idx, *_best(s, cols), *_worst(vals, idx, slot))
 
     return jax.lax.cond(q_max >= jnp.min(k_lim), scores, lambda c: c, carry)
 
-  vals, idx = jax.lax.fori_loop(0, n_tiles, tile, (vals0, idx0))
+  n = ntile_ref[pl.program_id(0)] if sort_blocks else n_tiles
+  vals, idx = jax.lax.fori_loop(0, n, tile, (vals0, idx0))
   val_ref[...] = vals
   idx_ref[...] = idx
+
+
+def _best(s, cols):
+  """Each row's best remaining entry: (value, its lowest column among equal values)."""
+  b = jnp.max(s, axis=1)
+  return b, jnp.min(jnp.where(s == b[:, None], cols[None, :], _BIG), axis=1)
+
+
+def _worst(vals, idx, slot):
+  """Each row's worst slot under (value descending, column ascending): (value, column,
+  slot) of the lowest value, then the highest column (then the highest slot)."""
+  slots = vals.shape[1]
+  w = jnp.min(vals, axis=1)
+  key = jnp.max(jnp.where(vals == w[:, None], idx * slots + slot, -1), axis=1)
+  return w, key // slots, key % slots
+
+
+def _beats(b, c, w, w_col, w_slot):
+  """Whether entry (b, c) comes before the worst slot (w, w_col) in the top-k order."""
+  del w_slot
+  return (b > w) | ((b == w) & (c < w_col))
 
 
 def pooled_top_k(
@@ -106,6 +160,7 @@ def pooled_top_k(
   block_n: int = 128,
   tf32: bool = True,
   num_warps: int = 4,
+  sort_blocks: bool = False,
   interpret: bool = False,
 ):
   """Per row, the k highest allowed pooled scores (ties to the lower column), as a set.
@@ -119,6 +174,9 @@ def pooled_top_k(
     block_m, block_n: the tile (powers of two >= 16; pooled_scores' tile, so that both
       compute each score by the same dot).
     tf32: f32 inputs rounded to TF32 (as pooled_scores); False: full f32 products.
+    sort_blocks: visit only the tiles of each program's allowed keys, the blocks sorted
+      by their limits (module docstring): for views whose limits are not monotone
+      (grid-permuted); the same picks.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -141,23 +199,54 @@ def pooled_top_k(
     block_n=block_n,
     tf32=tf32,
     num_warps=num_warps,
+    sort_blocks=bool(sort_blocks),
     interpret=interpret,
   )
 
 
 @functools.partial(
   jax.jit,
-  static_argnames=("k", "scale", "block_m", "block_n", "tf32", "num_warps", "interpret"),
+  static_argnames=(
+    "k",
+    "scale",
+    "block_m",
+    "block_n",
+    "tf32",
+    "num_warps",
+    "sort_blocks",
+    "interpret",
+  ),
 )
-def _call(qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, interpret):
+def _call(
+  qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, sort_blocks, interpret
+):
   (n_q0, h) = qp.shape
   qp, kp, q_lim, k_lim = pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n)
   n_q, n_k = qp.shape[0], kp.shape[0]
   slots = max(2, 1 << (k - 1).bit_length())  # (a power of two for the register arrays)
   tf32 = dot_tf32(qp.dtype, tf32)
   kernel = functools.partial(
-    _kernel, scale=scale, k=k, block_n=block_n, n_tiles=n_k // block_n, tf32=tf32
+    _kernel,
+    scale=scale,
+    k=k,
+    block_n=block_n,
+    n_tiles=n_k // block_n,
+    tf32=tf32,
+    sort_blocks=sort_blocks,
   )
+  extra, extra_specs = [], []
+  if sort_blocks:  # blocks in limit order (stable); each program's allowed-key prefix
+    q_order = jnp.argsort(q_lim, stable=True).astype(jnp.int32)
+    k_order = jnp.argsort(k_lim, stable=True).astype(jnp.int32)
+    qp, q_lim = qp[q_order], q_lim[q_order]
+    kp, k_lim = kp[k_order], k_lim[k_order]
+    q_max = q_lim[block_m - 1 :: block_m]  # (ascending: each program's last row)
+    n_allowed = jnp.searchsorted(k_lim, q_max, side="right").astype(jnp.int32)
+    extra = [k_order, -(-n_allowed // block_n)]
+    extra_specs = [
+      pl.BlockSpec((n_k,), lambda i: (0,)),
+      pl.BlockSpec((n_q // block_m,), lambda i: (0,)),
+    ]
   idx, vals = pl.pallas_call(
     kernel,
     grid=(n_q // block_m,),
@@ -166,6 +255,7 @@ def _call(qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, 
       pl.BlockSpec((n_k, h), lambda i: (0, 0)),
       pl.BlockSpec((block_m,), lambda i: (i,)),
       pl.BlockSpec((n_k,), lambda i: (0,)),
+      *extra_specs,
     ],
     out_specs=[pl.BlockSpec((block_m, slots), lambda i: (i, 0))] * 2,
     out_shape=[
@@ -175,5 +265,8 @@ def _call(qp, kp, q_lim, k_lim, *, k, scale, block_m, block_n, tf32, num_warps, 
     compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
     interpret=interpret,
     name="mmjax_pooled_topk",
-  )(qp, kp, q_lim, k_lim)
+  )(qp, kp, q_lim, k_lim, *extra)
+  if sort_blocks:  # the rows back in their order
+    inv = jnp.zeros_like(q_order).at[q_order].set(jnp.arange(n_q, dtype=jnp.int32))
+    idx, vals = idx[inv], vals[inv]
   return idx[:n_q0, :k], vals[:n_q0, :k].astype(qp.dtype)  # (exact: rounded in the kernel)
