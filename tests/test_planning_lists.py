@@ -373,19 +373,24 @@ def test_group_sorts_once_per_row_give_the_same_plan(name, monkeypatch):
   assert_same_plan(sorted_once, per_view)
 
 
+def _planned_heads_outer(monkeypatch, name, seed, kernel):
+  """A policy's plan with planning's `kernel` ("MASS" / "POOL") in Pallas and its heads
+  under vmap's usual batching (`<kernel>_HEADS_INNER` False): (policy, (q, k, mod), plan)."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(seed, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, f"{kernel}_IMPL", "pallas")
+  monkeypatch.setattr(planning, f"{kernel}_HEADS_INNER", False)
+  return pol, (q, k, mod), pol.plan(q, k, mod)
+
+
 def test_estimates_with_the_heads_innermost_give_the_same_plan(monkeypatch):
   """planning.MASS_HEADS_INNER: the last-query estimates of the vmapped query heads as one
   attn_mass call (heads first in its grid) give the plan of vmap's usual batching. The 2D
   boundary has both kinds: its grid stride estimate (keys in a shared order) and its
   text pair's vertical-slash estimate (keys in the head's grid-permuted order)."""
-  name = "2d_boundary"
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(27, b, t, n, kh, h, dtype, modk)
-  pol = _policy(name, n, bq, bk)
-  monkeypatch.setattr(planning, "MASS_IMPL", "pallas")
-  monkeypatch.setattr(planning, "MASS_HEADS_INNER", False)
-  want = pol.plan(q, k, mod)
-  heads_index = f"{{i32[{n},2]}}"  # a kernel reading all the heads' (batch, kv) indices
+  pol, (q, k, mod), want = _planned_heads_outer(monkeypatch, "2d_boundary", 27, "MASS")
+  heads_index = f"{{i32[{q.shape[2]},2]}}"  # a kernel reading all the heads' (b, kv) indices
   assert heads_index not in str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
   monkeypatch.setattr(planning, "MASS_HEADS_INNER", True)
   got = pol.plan(q, k, mod)
@@ -399,12 +404,7 @@ def test_pooled_means_with_the_heads_innermost_give_the_same_plan(name, monkeypa
   call (heads first in its grid) give the plan of vmap's usual batching: block_sparse's
   shared identity view (its kv heads' keys pooled together too) and the 2D boundary's
   per-head grid-permuted view."""
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(29, b, t, n, kh, h, dtype, modk)
-  pol = _policy(name, n, bq, bk)
-  monkeypatch.setattr(planning, "POOL_IMPL", "pallas")
-  monkeypatch.setattr(planning, "POOL_HEADS_INNER", False)
-  want = pol.plan(q, k, mod)
+  pol, (q, k, mod), want = _planned_heads_outer(monkeypatch, name, 29, "POOL")
 
   def pool_grids():  # (grid, vmapped dims) of each block_mean call in the plan's jaxpr
     found = []

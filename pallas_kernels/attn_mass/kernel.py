@@ -48,6 +48,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.heads_inner import heads_innermost
+
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DIAG_TILE = 128  # diagonal offsets per program of the third pass (a power of two)
 P_DTYPES = ("float32", "float16")  # how p is stored between passes 2 and 3
@@ -78,11 +80,11 @@ def _program(axis, heads):
   return pl.program_id(axis + (heads.h is not None))
 
 
-def _scores(
-  q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref, t, heads, *, tile, scale, key_range=None
-):
+def _scores(src, t, heads, *, tile, scale, key_range=None):
   """The masked scores of key tile t: (s [R, tile] f32, -inf where not allowed; allowed).
-  key_range: (lo, hi) scalars, keys outside [lo, hi) not allowed, or None."""
+  src: (q, k, key_lim, q_lim, index, perm) refs; key_range: (lo, hi) scalars, keys outside
+  [lo, hi) not allowed, or None."""
+  q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref = src
   sl = pl.ds(t * tile, tile)
   rows = heads.get("perm", perm_ref, sl) if perm_ref is not None else sl
   if index_ref is not None:  # k [B, L, N, H]: the (batch, head) slice, read in place
@@ -135,6 +137,7 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, 
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
   range_ref = rest.pop(0) if ranged else None
   q_ref, k_ref, klim_ref, qlim_ref, m_ref, l_ref = rest
+  src = (q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref)
   first, count = _tile_range(tiles, n_tiles, heads)
   key_range, tile_range = _range_of(range_ref, heads, tile)
   if ranged:  # only this program's tiles that hold keys of the range
@@ -144,19 +147,7 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, 
 
   def body(i, carry):  # online max and sum over this program's tiles
     m, l = carry
-    s, allowed = _scores(
-      q_ref,
-      k_ref,
-      klim_ref,
-      qlim_ref,
-      index_ref,
-      perm_ref,
-      first + i,
-      heads,
-      tile=tile,
-      scale=scale,
-      key_range=key_range,
-    )
+    s, allowed = _scores(src, first + i, heads, tile=tile, scale=scale, key_range=key_range)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [R], -inf where nothing is allowed yet
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     e = jnp.where(allowed, jnp.exp(s - m_safe[:, None]), 0.0)
@@ -180,24 +171,13 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
     q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, win_ref, p_ref = rest
   else:
     q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, col_ref, p_ref = rest
+  src = (q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref)
   t = _program(0, heads)
   key_range, tile_range = _range_of(range_ref, heads, tile)
 
   def body():
     m, inv = heads.get("out", m_ref), heads.get("out", inv_ref)
-    s, allowed = _scores(
-      q_ref,
-      k_ref,
-      klim_ref,
-      qlim_ref,
-      index_ref,
-      perm_ref,
-      t,
-      heads,
-      tile=tile,
-      scale=scale,
-      key_range=key_range,
-    )
+    s, allowed = _scores(src, t, heads, tile=tile, scale=scale, key_range=key_range)
     p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
     if not windowed:
       heads.set("out", col_ref, (pl.ds(t * tile, tile),), jnp.sum(p, axis=0))
@@ -472,27 +452,17 @@ def _heads_inner(optional, static):
   (innermost): the programs of one key tile for every head run together, so the query
   heads of a kv head read its key tile once from memory (the L2 cache serves the others),
   instead of each head sweeping all the keys in turn (vmap's usual batching puts the head
-  axis outermost)."""
+  axis outermost). Keys batched per head: vmap's usual batching."""
   static = dict(static)
 
   def split(args):  # (q, k, key_lim, q_lim, base, the `optional` present) -> _ARGS order
     given = dict(zip(optional, args[5:], strict=True))
     return (*args[:5], *(given.get(n) for n in _ARGS[5:]))
 
-  @jax.custom_batching.custom_vmap
-  def one(*args):
-    return _call(*split(args), **static)
-
-  @one.def_vmap
-  def batched(axis_size, in_batched, *args):
-    flags = dict(zip(_ARGS, split(in_batched), strict=True))
-    per_head = frozenset(n for n, b in flags.items() if b)
-    if flags["k"]:  # every head its own keys: nothing to share, vmap's usual batching
-      axes = [0 if b else None for b in in_batched]
-      plain = jax.vmap(lambda *a: _call(*split(a), **static), in_axes=axes)
-      out = plain(*args)
-    else:
-      out = _passes(*split(args), per_head=per_head, n_heads=axis_size, **static)
-    return out, jax.tree.map(lambda _: True, out)  # (col is None with max_offset)
-
-  return one
+  return heads_innermost(
+    functools.partial(_call, **static),
+    functools.partial(_passes, **static),
+    split,
+    _ARGS,
+    "k",
+  )

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.heads_inner import heads_innermost
+
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_SELECTIONS = 31  # bits of an int32 (the sign bit unused)
 
@@ -180,28 +182,15 @@ def _heads_inner(gather, in_place, static):
   batching."""
   static = dict(static)
 
-  def split(args):
+  def split(args):  # (x, bits, [rows], [index]) -> _ARGS order
     args = list(args)
     index = args.pop() if in_place else None
     rows = args.pop() if gather else None
     return (*args, rows, index)
 
-  @jax.custom_batching.custom_vmap
-  def one(*args):
-    return _call(*split(args), **static)
-
-  @one.def_vmap
-  def batched(axis_size, in_batched, *args):
-    flags = dict(zip(_ARGS, split(in_batched), strict=True))
-    if flags["x"]:
-      axes = [0 if b else None for b in in_batched]
-      out = jax.vmap(lambda *a: _call(*split(a), **static), in_axes=axes)(*args)
-    else:
-      per_head = frozenset(n for n, b in flags.items() if b)
-      out = _pool(*split(args), per_head=per_head, n_heads=axis_size, **static)
-    return out, True
-
-  return one
+  return heads_innermost(
+    functools.partial(_call, **static), functools.partial(_pool, **static), split, _ARGS, "x"
+  )
 
 
 def _drop_last_input(kernel, *refs):
