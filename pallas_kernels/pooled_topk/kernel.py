@@ -108,11 +108,11 @@ def _kernel(
       return vals, idx
 
     def more_any_order(state):  # some row's best remaining entry beats its worst slot
-      return jnp.max(_beats(*state[3:]).astype(jnp.int32)) > 0
+      return jnp.max(_beats(*state[3:7]).astype(jnp.int32)) > 0  # (b, c, w, w_col)
 
     def take_any_order(state):  # (columns in any order: ties broken by column)
       s, vals, idx, b, c, w, w_col, w_slot = state
-      ins = _beats(b, c, w, w_col, w_slot)
+      ins = _beats(b, c, w, w_col)
       put = ins[:, None] & (slot == w_slot[:, None])
       vals = jnp.where(put, b[:, None], vals)
       idx = jnp.where(put, c[:, None], idx)
@@ -142,9 +142,8 @@ def _worst(vals, idx, slot):
   return w, key // slots, key % slots
 
 
-def _beats(b, c, w, w_col, w_slot):
+def _beats(b, c, w, w_col):
   """Whether entry (b, c) comes before the worst slot (w, w_col) in the top-k order."""
-  del w_slot
   return (b > w) | ((b == w) & (c < w_col))
 
 
