@@ -242,11 +242,12 @@ def test_picks_with_sorted_blocks_give_the_same_plan(name, monkeypatch):
   monkeypatch.setattr(
     planning, "pooled_top_k", lambda *a, **kw: calls.append(kw["sort_blocks"]) or kernel(*a, **kw)
   )
+  jax.clear_caches()  # (another test may have traced this plan: the spy must see a trace)
   want = pol.plan(q, k, mod)
   assert calls and not any(calls)
   monkeypatch.setattr(planning, "SCORE_TOPK_SORT", True)
   calls.clear()
-  got = pol.plan(q, k, mod)
+  got = pol.plan(q, k, mod)  # (a new trace: the setting is part of plan's jit key)
   assert any(calls)  # (the grid views' components; an mminference table's others not)
   assert_same_plan(got, want)
 
