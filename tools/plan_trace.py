@@ -140,6 +140,12 @@ IMPL_FLAGS = (
   ("score", "the pooled scores"),
   ("score_topk", "the pooled-score picks in one kernel or scores + top-k"),
 )
+# the planner's on/off settings given as 0/1 flags: (setting, what 1 turns on)
+SWITCH_FLAGS = (
+  ("mass_heads_inner", "the last-query estimates with the heads innermost"),
+  ("pool_heads_inner", "the pooled means with the heads innermost"),
+  ("score_topk_sort", "pooled_topk sorts grid views' blocks by their limits"),
+)
 
 
 def main():
@@ -175,23 +181,19 @@ def main():
       choices=["", "pallas", "xla"],
       help=f"{what} (planning.{planning.SETTING_NAMES[flag + '_impl']}); default: the planner's",
     )
-  ap.add_argument(
-    "--mass_heads_inner",
-    type=int,
-    default=int(planning.MASS_HEADS_INNER),
-    help="1: the last-query estimates with the heads innermost (planning.MASS_HEADS_INNER)",
-  )
+  for name, what in SWITCH_FLAGS:
+    setting = planning.SETTING_NAMES[name]
+    ap.add_argument(
+      f"--{name}",
+      type=int,
+      default=int(getattr(planning, setting)),
+      help=f"1: {what} (planning.{setting})",
+    )
   ap.add_argument(
     "--mass_p_dtype",
     default=planning.MASS_P_DTYPE,
     choices=["float32", "float16"],
     help="how the last-query estimates store p between passes (planning.MASS_P_DTYPE)",
-  )
-  ap.add_argument(
-    "--pool_heads_inner",
-    type=int,
-    default=int(planning.POOL_HEADS_INNER),
-    help="1: the pooled means with the heads innermost (planning.POOL_HEADS_INNER)",
   )
   ap.add_argument(
     "--concurrent",
@@ -204,12 +206,6 @@ def main():
     type=int,
     default=planning.SCORE_TOPK_MAX_K,
     help="pooled_topk (--score_topk pallas) only for top k <= this (0: every k)",
-  )
-  ap.add_argument(
-    "--score_topk_sort",
-    type=int,
-    default=int(planning.SCORE_TOPK_SORT),
-    help="1: pooled_topk sorts grid views' blocks by their limits (planning.SCORE_TOPK_SORT)",
   )
   ap.add_argument(
     "--score_dtype",
@@ -228,9 +224,8 @@ def main():
   settings = {f"{flag}_impl": getattr(args, flag) or None for flag, _ in IMPL_FLAGS}
   settings["score_dtype"] = args.score_dtype or planning.SCORE_DTYPE
   settings["score_topk_max_k"] = args.score_topk_max_k
-  settings |= dict(mass_heads_inner=bool(args.mass_heads_inner), mass_p_dtype=args.mass_p_dtype)
-  settings["pool_heads_inner"] = bool(args.pool_heads_inner)
-  settings["score_topk_sort"] = bool(args.score_topk_sort)
+  settings["mass_p_dtype"] = args.mass_p_dtype
+  settings |= {name: bool(getattr(args, name)) for name, _ in SWITCH_FLAGS}
   with planning.settings(**settings):
     trace(args)
 
