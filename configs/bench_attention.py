@@ -74,6 +74,9 @@ def get_config(arg: str | None = None):
   # pooled_topk (score_topk_impl "pallas", the default on a GPU) only for top k <= this
   # (0: every k; mmjax.planning.SCORE_TOPK_MAX_K)
   c.planner.score_topk_max_k = 8
+  # pooled_topk with the blocks sorted by their limits in grid views (None: as planning
+  # has it; --config.planner.score_topk_sort=True)
+  c.planner.score_topk_sort = ml_collections.config_dict.placeholder(bool)
   c.warmup = 2
   c.iters = 10
   # the plan alone is timed over max(iters, plan_iters) calls: a plan takes milliseconds,

@@ -96,9 +96,9 @@ class Row:
 
 def run(cfg, workdir: str | None = None, progress: bool = True) -> list[dict]:
   """Runs the benchmark described by `cfg` (see configs/bench_attention.py), with the
-  planner settings of `cfg.planner` (those not "")."""
+  planner settings of `cfg.planner` (those not "" or None)."""
   check_policies(cfg)
-  chosen = {name: v for name, v in cfg.get("planner", {}).items() if v != ""}
+  chosen = {name: v for name, v in cfg.get("planner", {}).items() if v not in ("", None)}
   with planning.settings(**chosen):
     return _run(cfg, workdir, progress)
 

@@ -299,6 +299,9 @@ SETTING_NAMES = {
 }
 
 
+_BOOL_SETTINGS = ("score_topk_sort", "mass_heads_inner", "pool_heads_inner")
+
+
 @contextlib.contextmanager
 def settings(**overrides):
   """The planner's settings (module globals, by lowercase name: `SETTING_NAMES`) set for
@@ -309,6 +312,9 @@ def settings(**overrides):
   if unknown:
     raise ValueError(f"planning.settings: unknown {unknown}; known: {sorted(SETTING_NAMES)}")
   g = globals()
+  for name, value in overrides.items():
+    if name in _BOOL_SETTINGS and value not in (True, False):  # (not "0": bool("0") is True)
+      raise ValueError(f"planning.settings: {name} takes True or False, got {value!r}")
   old = {name: g[SETTING_NAMES[name]] for name in overrides}
   try:
     for name, value in overrides.items():
@@ -898,11 +904,46 @@ def _rank_stats(v: HeadView, q_mod, k_mod):
 
 
 def _sink_local(v, q_mod, k_mod, sink, local):
+  """[nQ, nK] the blocks of the local window and, unless the sinks are scattered (they
+  are columns then: `sink_columns`), of the first `sink` keys."""
   qmin, qmax, qany, kmin, kmax, kany, komin = _rank_stats(v, q_mod, k_mod)
   pair = qany[:, None] & kany[None, :]
-  sink_b = (komin < sink)[None, :]
   local_b = (kmax[None, :] >= qmin[:, None] - local) & (kmin[None, :] <= qmax[:, None])
-  return pair & (sink_b | local_b)
+  if v.sinks_scattered(k_mod):
+    return pair & local_b
+  return pair & ((komin < sink)[None, :] | local_b)
+
+
+def sink_columns(v: HeadView, k_mod, sink):
+  """The first `sink` keys of k_mod (original order) as single key columns, for a group
+  that a grid permutes: (cols [sink'] view indices, valid [sink']), sink' = min(sink, L).
+
+  A grid permutation by stride S puts the first keys at the heads of the residues' runs,
+  one key block apart or more: as blocks, 64 sinks took up to 64 key blocks, more than a
+  grid's whole budget at long lengths (its rows kept the sinks and lost the band and the
+  pooled picks). As columns they cost one key each.
+  """
+  ns = min(sink, v.length)
+  sel = v.k_ok(k_mod) & (v.k_orank < ns)
+  cols = (
+    jnp.zeros((ns,), jnp.int32)
+    .at[jnp.where(sel, v.k_orank, ns)]
+    .set(jnp.arange(v.length, dtype=jnp.int32), mode="drop")
+  )
+  _, n = v.key_span(k_mod)
+  return cols, jnp.arange(ns) < n
+
+
+def _scattered_sink_cols(kind, pat, v: HeadView, k_mod):
+  """`sink_columns` of a grid pattern in its permuted group, else empty columns."""
+  if not v.sinks_scattered(k_mod):
+    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool)
+  if kind != "grid":  # (no policy builds one: a_shape has no column budget)
+    raise ValueError(
+      f"planner: a {kind} pattern's sinks lie in a grid-permuted group; only a grid "
+      "pattern may attend to a group its stride permutes"
+    )
+  return sink_columns(v, k_mod, pat.sink_tokens)
 
 
 def scored_matrix(v: HeadView, q_mod, k_mod, chunk=0):
@@ -1096,14 +1137,14 @@ def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()
     return jnp.where(qany[:, None] & kany[None, :], PRI_STRUCT, NEG), *no_cols
   if kind == "a_shape":
     hit = _sink_local(v, q_mod, k_mod, pat.sink_tokens, pat.local_tokens)
-    return jnp.where(hit, PRI_STRUCT, NEG), *no_cols
+    return jnp.where(hit, PRI_STRUCT, NEG), *_scattered_sink_cols(kind, pat, v, k_mod)
   if kind == "block_sparse":
     return _scored(v, q_mod, k_mod, pat.top_k_blocks, axis_names), *no_cols
   if kind == "grid":
     hit = _sink_local(v, q_mod, k_mod, pat.sink_tokens, pat.band_tokens)
     pri = jnp.where(hit, PRI_STRUCT, NEG)
     scored = _scored(v, q_mod, k_mod, pat.top_k_blocks, axis_names)
-    return jnp.maximum(pri, scored), *no_cols
+    return jnp.maximum(pri, scored), *_scattered_sink_cols(kind, pat, v, k_mod)
   if kind == "vertical_slash":
     return _vertical_slash(pat, v, q_mod, k_mod)
   raise ValueError(f"unknown pattern kind {kind!r}")

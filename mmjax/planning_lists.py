@@ -6,10 +6,11 @@ plan cost more than the sparse kernel it feeds. This planner makes the same plan
 (`tests/test_planning_lists.py` compares them) from per-query-block candidates:
 
 * Rank patterns are *intervals* of key ranks: the local window [qmin - local, qmax], a
-  slash at offset o [qmin - o, qmax - o], the sinks [0, sink) (one key each where a grid
-  permutation scatters them). The keys a component owns are one contiguous run of view
-  indices (`HeadView.key_span`), so a rank interval is an interval of key blocks, and
-  their union per query block is enumerated in index order without a sort over nK.
+  slash at offset o [qmin - o, qmax - o], the sinks [0, sink) (single key columns, not
+  blocks, where a grid permutation scatters them). The keys a component owns are one
+  contiguous run of view indices (`HeadView.key_span`), so a rank interval is an
+  interval of key blocks, and their union per query block is enumerated in index order
+  without a sort over nK.
 * Pooled-score blocks come from `planning.top_k_entries` (chunk maxima, then a top-k
   inside the best chunks) rather than a top-k over whole rows; on a GPU each top-k is the
   counting kernel `pallas_kernels.topk_select`.
@@ -63,31 +64,18 @@ class _Intervals:
     self.hi.append(jnp.where(a <= b, start + b, start + a - 1))
     self.bound += blocks_each * a.shape[1]
 
-  def add_tokens(self, idx, ok):
-    """Single keys idx [nQ, m] (view indices) where ok."""
-    self.lo.append(jnp.where(ok, idx, BIG))
-    self.hi.append(jnp.where(ok, idx, BIG - 1))
-    self.bound += idx.shape[1]
 
-
-def _sinks(iv: _Intervals, v: HeadView, q_mod, k_mod, sink):
-  qmin, _ = _q_stats(v, q_mod)
-  qany = (qmin < BIG)[:, None]
+def _sinks(iv: _Intervals, cands, kind, pat, v: HeadView, q_mod, k_mod):
+  """The first sink keys: an interval of ranks, or, where a grid permutation scatters
+  them, single key columns (`planning.sink_columns`) appended to cands."""
   if v.sinks_scattered(k_mod):
-    # the first `sink` keys in original order, wherever the grid permutation put them.
-    ns = min(sink, v.length)
-    sel = v.k_ok(k_mod) & (v.k_orank < ns)
-    at = (
-      jnp.zeros((ns,), jnp.int32)
-      .at[jnp.where(sel, v.k_orank, ns)]
-      .set(jnp.arange(v.length, dtype=jnp.int32), mode="drop")
-    )
-    _, n = v.key_span(k_mod)
-    ok = qany & (jnp.arange(ns) < n)[None, :]
-    iv.add_tokens(jnp.broadcast_to(at, (v.n_q, ns)), ok)
-  else:
-    a = jnp.where(qany, 0, BIG)
-    iv.add_ranks(v, k_mod, a, jnp.full_like(a, sink - 1), _cdiv(sink, v.block_k) + 1)
+    cols, ok = pl._scattered_sink_cols(kind, pat, v, k_mod)
+    cands.append(pl.vertical_candidates(v, q_mod, cols, ok))
+    return
+  qmin, _ = _q_stats(v, q_mod)
+  a = jnp.where((qmin < BIG)[:, None], 0, BIG)
+  sink = pat.sink_tokens
+  iv.add_ranks(v, k_mod, a, jnp.full_like(a, sink - 1), _cdiv(sink, v.block_k) + 1)
 
 
 def _local(iv: _Intervals, v: HeadView, q_mod, k_mod, local):
@@ -293,12 +281,12 @@ def head_plan(
     if kind == "dense":
       _dense(iv, lists, v, qm, km)
     elif kind == "a_shape":
-      _sinks(iv, v, qm, km, pat.sink_tokens)
+      _sinks(iv, cands, kind, pat, v, qm, km)
       _local(iv, v, qm, km, pat.local_tokens)
     elif kind == "block_sparse":
       lists.append(_scored(v, qm, km, pat.top_k_blocks, axis_names))
     elif kind == "grid":
-      _sinks(iv, v, qm, km, pat.sink_tokens)
+      _sinks(iv, cands, kind, pat, v, qm, km)
       _local(iv, v, qm, km, pat.band_tokens)
       lists.append(_scored(v, qm, km, pat.top_k_blocks, axis_names))
     elif kind == "vertical_slash":

@@ -406,7 +406,8 @@ class Grid(Policy):
   candidate in [min_stride, max_stride] whose first multiples stand out most from the
   diagonals half-way between them. Queries and keys are permuted by (index mod stride)
   so the grid lines become a band along the diagonal; the plan keeps that band
-  (`band_tokens` wide in the permuted order), the first `sink_tokens`, and the
+  (`band_tokens` wide in the permuted order), the first `sink_tokens` (as single key
+  columns: the permutation scatters them over up to `sink_tokens` key blocks), and the
   `top_k_blocks` best pooled blocks.
   """
 
@@ -425,7 +426,10 @@ class Grid(Policy):
 
   def max_blocks(self, n_k):
     band = -(-(self.band_tokens + self.block_q) // self.block_k) + 2
-    return -(-self.sink_tokens // self.block_k) + band + self.top_k_blocks + self._self_blocks()
+    return band + self.top_k_blocks + self._self_blocks()
+
+  def max_cols(self):
+    return self.sink_tokens
 
   def full_budget(self, seq_len):
     return dataclasses.replace(self, band_tokens=seq_len, top_k_blocks=-(-seq_len // self.block_k))

@@ -101,7 +101,13 @@ def test_bench_applies_the_planner_settings(monkeypatch):
   monkeypatch.setattr(bench, "_run", lambda *a: planning.kernel_settings_dict())
   during = bench.run(cfg, None, progress=False)
   assert (during["score_topk_impl"], during["mass_p_dtype"]) == ("pallas", "float16")
+  assert during["score_topk_sort"] == planning.SCORE_TOPK_SORT  # (None: as planning has it)
   assert planning.SCORE_TOPK_IMPL is None and planning.MASS_P_DTYPE == "float32"
+  cfg.planner.score_topk_sort = not planning.SCORE_TOPK_SORT
+  assert bench.run(cfg, None, progress=False)["score_topk_sort"] == cfg.planner.score_topk_sort
+  with pytest.raises(ValueError, match="takes True or False"):
+    with planning.settings(score_topk_sort="0"):
+      pass
   cfg.planner.mass_p_dtype = "bfloat16"
   with pytest.raises(ValueError, match="MASS_P_DTYPE must be one of"):
     bench.run(cfg, None, progress=False)

@@ -19,9 +19,10 @@
 # quick:  the planner kernels' GPU tests (topk_select, attn_mass, block_pool), then every
 #         128k plan against the dense planner's (about 120 s), before a benchmark call.
 # sort:   pooled_topk with the blocks sorted by their limits in grid views
-#         (planning.SCORE_TOPK_SORT): its GPU tests, every 128k plan against the dense
-#         planner's with it, 1M plans by kernel (grid, 2d_boundary, mminference) and 128k
-#         plans (concurrent) without and with it.
+#         (planning.SCORE_TOPK_SORT): the sparse kernels', col_select's and pooled_topk's
+#         GPU tests, every 128k plan against the dense planner's without and with it,
+#         128k plans (concurrent) and 1M plans by kernel (grid, 2d_boundary, mminference)
+#         without and with it (PACK=: the archive after each step; about 450 s).
 # pool:   the pooled means with the heads innermost (planning.POOL_HEADS_INNER): block_pool's
 #         GPU tests, pool_bench at 1M, every 128k plan against the dense planner's with
 #         it; 1M plans by kernel (28 heads per step) without and with it, and with command
@@ -99,22 +100,29 @@ elif [ "$part" = quick ]; then
     --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
   grep "plan \|identical" "$out/plan_trace_128k_check.txt"
 elif [ "$part" = sort ]; then
-  timeout 120 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
-    tests/test_pooled_topk.py > "$out/gpu_tests_pooled_topk.txt" 2>&1
-  tail -2 "$out/gpu_tests_pooled_topk.txt"
-  timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 --score_topk_sort 1 \
-    > "$out/plan_trace_128k_check_sort.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check_sort.txt"
+  # (the archive is rewritten after each step: give OUT_DIR outside $OUT and PACK=...)
+  pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
+  timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_kernels.py \
+    tests/test_col_select.py tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
+  tail -2 "$out/gpu_tests_kernels.txt"
   for srt in 0 1; do
-    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python3 tools/plan_trace.py \
-      --length 1048576 --policies grid,2d_boundary,mminference --by kernel --top 14 \
-      --score_topk_sort $srt > "$out/plan_trace_1m_sort$srt.txt" 2>&1
-    grep "plan \|pooled_topk" "$out/plan_trace_1m_sort$srt.txt"
+    timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 \
+      --score_topk_sort $srt > "$out/plan_trace_128k_check_sort$srt.txt" 2>&1
+    grep "plan \|identical" "$out/plan_trace_128k_check_sort$srt.txt"
+    pack
+  done
+  for srt in 0 1; do
     timeout 60 python3 tools/plan_trace.py --length 131072 --top 2 --concurrent 1 \
       --policies grid,2d_boundary,mminference --score_topk_sort $srt \
       > "$out/plan_trace_128k_sort$srt.txt" 2>&1
     grep "plan " "$out/plan_trace_128k_sort$srt.txt"
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python3 tools/plan_trace.py \
+      --length 1048576 --policies grid,2d_boundary,mminference --by kernel --top 14 \
+      --score_topk_sort $srt > "$out/plan_trace_1m_sort$srt.txt" 2>&1
+    grep "plan \|pooled_topk" "$out/plan_trace_1m_sort$srt.txt"
+    pack
   done
+  exit 0
 elif [ "$part" = pool ]; then
   # (the archive is rewritten after each step, so that a call cut short still brings back
   # what ran: give OUT_DIR outside $OUT and PACK=$OUT/pool.tgz)

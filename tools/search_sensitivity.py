@@ -18,7 +18,7 @@ from mmjax import search, synthetic  # noqa: E402
 
 def main():
   layout = synthetic.VideoLayout()
-  cands = search.candidates(search.SIMPLICITY, (0.25, 0.5, 1.0, 2.0))
+  cands = search.candidates(search.SIMPLICITY, search.SearchConfig().scales)
   scores = []
   for seed in range(3):
     q, k, mod = search.synthetic_layers(layout, synthetic.HEAD_KINDS, 1, seed)(0)
@@ -28,7 +28,7 @@ def main():
   print("| max_density | tie | accuracy | chosen patterns (seed 0; seed 1; seed 2) |")
   print("|---|---|---|---|")
   for d in (0.3, 0.35, 0.4, 0.45):
-    for tie in (0.0, 0.01, 0.02, 0.03):
+    for tie in (0.0, 0.005, 0.01, 0.02):
       hits, picks = [], []
       for rec, den in scores:
         got = [cands[i].pattern for i in search.choose(rec, den, cands, d, tie)]
