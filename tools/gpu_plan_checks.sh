@@ -23,6 +23,9 @@
 #         GPU tests, every 128k plan against the dense planner's without and with it,
 #         128k plans (concurrent) and 1M plans by kernel (grid, 2d_boundary, mminference)
 #         without and with it (PACK=: the archive after each step; about 450 s).
+# tiles:  pooled_topk's tile (SCORE_TILES): grid's 1M plan by kernel for each tile of
+#         TILE_LIST, then every 128k grid / block_sparse / 2d_boundary plan against the
+#         dense planner's with CHECK_TILE (about 300 s; PACK=).
 # pool:   the pooled means with the heads innermost (planning.POOL_HEADS_INNER): block_pool's
 #         GPU tests, pool_bench at 1M, every 128k plan against the dense planner's with
 #         it; 1M plans by kernel (28 heads per step) without and with it, and with command
@@ -30,8 +33,8 @@
 #         each pattern of the mminference table alone on 5 heads at 128k (its groups' chains).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|pool}
-part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|pool}
+out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool}
+part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool}
 mkdir -p "$out"
 python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -123,6 +126,23 @@ elif [ "$part" = sort ]; then
     pack
   done
   exit 0
+elif [ "$part" = tiles ]; then
+  # pooled_topk's tile (planning.SCORE_TILES, shared with pooled_scores): grid's 1M plan
+  # by kernel per tile, then whether a smaller block_m gives the same 128k plans
+  pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
+  for t in ${TILE_LIST:-64,128,4 32,128,4 16,128,4 64,64,4 32,64,4}; do
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 python3 tools/plan_trace.py \
+      --length 1048576 --policies grid --by kernel --top 6 --score_tiles $t \
+      > "$out/plan_trace_1m_grid_tiles_${t//,/_}.txt" 2>&1
+    echo "tile $t"; grep "plan \|pooled_topk" "$out/plan_trace_1m_grid_tiles_${t//,/_}.txt"
+    pack
+  done
+  timeout 90 python3 tools/plan_trace.py --length 131072 --check --top 2 \
+    --policies grid,block_sparse,2d_boundary --score_tiles ${CHECK_TILE:-32,128,4} \
+    > "$out/plan_trace_128k_check_tiles.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check_tiles.txt"
+  pack
+  exit 0
 elif [ "$part" = pool ]; then
   # (the archive is rewritten after each step, so that a call cut short still brings back
   # what ran: give OUT_DIR outside $OUT and PACK=$OUT/pool.tgz)
@@ -163,7 +183,7 @@ elif [ "$part" = pool ]; then
   pack
   exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort or pool, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles or pool, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)
