@@ -800,3 +800,21 @@ def test_stride_from_the_first_offsets_only(length):
   if n < length:
     with pytest.raises(ValueError, match="the estimate reads"):
       planning.estimate_stride(slash[: n - 1], 8, 1024, length=length)
+
+
+def test_sinks_in_a_grid_permuted_group_need_a_grid():
+  """Only a grid's sinks may be scattered by its permutation (they become columns, and
+  only a grid has a column budget for them): an a_shape there is refused by both
+  planners. (No policy builds one: 2d_boundary lists grid groups per modality pair.)"""
+  t, bq, bk = 256, 16, 16
+  q, k, _, mod = helpers.random_inputs(3, 1, t, 1, 1, 32, jnp.float32, "vision")
+  grid = P.get("grid", block_q=bq, block_k=bk, stride=16)
+  layout = planning.Layout("none", ((-1, grid),))
+  kw = dict(seq_len=t, block_q=bq, block_k=bk, scale=0.2, max_blocks=8, max_cols=16)
+  args = (q[0, :, 0], k[0, :, 0], mod[0])
+  for planner in (planning.head_plan, planning_lists.head_plan):
+    out = planner(layout, (planning.Component(None, None, grid),), *args, **kw)
+    assert int(out["col_count"].max()) > 0  # the grid itself: its sinks as columns
+    ash = P.get("a_shape", block_q=bq, block_k=bk)
+    with pytest.raises(ValueError, match="only a grid pattern"):
+      planner(layout, (planning.Component(None, None, ash),), *args, **kw)
