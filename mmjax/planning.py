@@ -299,7 +299,8 @@ SETTING_NAMES = {
 }
 
 
-_BOOL_SETTINGS = ("score_topk_sort", "mass_heads_inner", "pool_heads_inner")
+# the settings that are on / off (`settings` takes True or False for them)
+SWITCH_SETTINGS = ("mass_heads_inner", "pool_heads_inner", "score_topk_sort")
 
 
 @contextlib.contextmanager
@@ -313,7 +314,7 @@ def settings(**overrides):
     raise ValueError(f"planning.settings: unknown {unknown}; known: {sorted(SETTING_NAMES)}")
   g = globals()
   for name, value in overrides.items():
-    if name in _BOOL_SETTINGS and value not in (True, False):  # (not "0": bool("0") is True)
+    if name in SWITCH_SETTINGS and value not in (True, False):  # (not "0": bool("0") is True)
       raise ValueError(f"planning.settings: {name} takes True or False, got {value!r}")
   old = {name: g[SETTING_NAMES[name]] for name in overrides}
   try:

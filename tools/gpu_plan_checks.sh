@@ -40,6 +40,9 @@ python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no
   --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 git log --oneline -1 > "$out/commit.txt" 2>/dev/null  # stale on the device: say it yourself
+# PACK=$OUT/NAME.tgz (OUT_DIR outside $OUT): the parts sort, tiles and pool rewrite that
+# archive after each step, so that a call cut short still brings back what ran
+pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
 if [ "$part" = tests ]; then
   timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
     tests/test_attn_mass.py tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
@@ -103,8 +106,6 @@ elif [ "$part" = quick ]; then
     --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
   grep "plan \|identical" "$out/plan_trace_128k_check.txt"
 elif [ "$part" = sort ]; then
-  # (the archive is rewritten after each step: give OUT_DIR outside $OUT and PACK=...)
-  pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
   timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_kernels.py \
     tests/test_col_select.py tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
   tail -2 "$out/gpu_tests_kernels.txt"
@@ -129,7 +130,6 @@ elif [ "$part" = sort ]; then
 elif [ "$part" = tiles ]; then
   # pooled_topk's tile (planning.SCORE_TILES, shared with pooled_scores): grid's 1M plan
   # by kernel per tile, then whether a smaller block_m gives the same 128k plans
-  pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
   for t in ${TILE_LIST:-64,128,4 32,128,4 16,128,4 64,64,4 32,64,4}; do
     XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 python3 tools/plan_trace.py \
       --length 1048576 --policies grid --by kernel --top 6 --score_tiles $t \
@@ -144,9 +144,6 @@ elif [ "$part" = tiles ]; then
   pack
   exit 0
 elif [ "$part" = pool ]; then
-  # (the archive is rewritten after each step, so that a call cut short still brings back
-  # what ran: give OUT_DIR outside $OUT and PACK=$OUT/pool.tgz)
-  pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
   timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
     tests/test_block_pool.py > "$out/gpu_tests_pool.txt" 2>&1
   tail -2 "$out/gpu_tests_pool.txt"

@@ -140,12 +140,14 @@ IMPL_FLAGS = (
   ("score", "the pooled scores"),
   ("score_topk", "the pooled-score picks in one kernel or scores + top-k"),
 )
-# the planner's on/off settings given as 0/1 flags: (setting, what 1 turns on)
-SWITCH_FLAGS = (
-  ("mass_heads_inner", "the last-query estimates with the heads innermost"),
-  ("pool_heads_inner", "the pooled means with the heads innermost"),
-  ("score_topk_sort", "pooled_topk sorts grid views' blocks by their limits"),
-)
+# the planner's on/off settings (planning.SWITCH_SETTINGS) given as 0/1 flags: what 1
+# turns on
+SWITCH_HELP = {
+  "mass_heads_inner": "the last-query estimates with the heads innermost",
+  "pool_heads_inner": "the pooled means with the heads innermost",
+  "score_topk_sort": "pooled_topk sorts grid views' blocks by their limits",
+}
+SWITCH_FLAGS = tuple((name, SWITCH_HELP[name]) for name in planning.SWITCH_SETTINGS)
 
 
 def main():
