@@ -4,12 +4,14 @@ Under `jax.vmap` a pallas_call gets the batch as its grid's outermost axis, so e
 programs run in turn. Kernels whose heads share an input (a kv head's keys, or a view the
 heads read together) run faster with one call whose grid has the head as its first axis,
 the innermost of the launch: the programs of one tile for every head run together. This
-module gives such kernels that batching rule (a `jax.custom_batching.custom_vmap`).
+module gives such kernels that batching rule (a `jax.custom_batching.custom_vmap`), and
+`HeadRefs`, how their kernel bodies read and write each head's slice.
 """
 
 from __future__ import annotations
 
 import jax
+from jax.experimental import pallas as pl
 
 
 def heads_innermost(call, batched_call, split, arg_names, own_name):
@@ -44,3 +46,27 @@ def heads_innermost(call, batched_call, split, arg_names, own_name):
     return out, jax.tree.map(lambda _: True, out)  # (None outputs stay None)
 
   return one
+
+
+class HeadRefs:
+  """Where a call batched over heads keeps each head's slice, inside a kernel body:
+  `names` are the refs with a leading head axis, read and written at this program's head
+  `h` (the grid's first axis); h None: an unbatched call, every ref read whole."""
+
+  def __init__(self, names=frozenset(), h=None):
+    self.names, self.h = names, h
+
+  def program_id(self, axis):
+    """The program id along the kernel's own grid axis (after the head axis, if any)."""
+    return pl.program_id(axis + (self.h is not None))
+
+  def get(self, name, ref, *idx):
+    if self.h is not None and name in self.names:
+      return ref[(self.h, *idx)]
+    return ref[idx] if idx else ref[...]
+
+  def set(self, name, ref, idx, val):
+    if self.h is not None and name in self.names:
+      ref[(self.h, *idx)] = val
+    else:
+      ref[idx] = val

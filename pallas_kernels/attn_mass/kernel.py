@@ -48,36 +48,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.heads_inner import heads_innermost
+from pallas_kernels.heads_inner import HeadRefs, heads_innermost
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DIAG_TILE = 128  # diagonal offsets per program of the third pass (a power of two)
 P_DTYPES = ("float32", "float16")  # how p is stored between passes 2 and 3
 P_SCALE_F16 = 2.0**15  # p * P_SCALE_F16 in f16 (see the module docstring)
-
-
-class _Heads:
-  """Where a call batched over heads keeps each head's slice: `names` are the refs with a
-  leading head axis, read at this program's head `h` (None: an unbatched call)."""
-
-  def __init__(self, names=frozenset(), h=None):
-    self.names, self.h = names, h
-
-  def get(self, name, ref, *idx):
-    if self.h is not None and name in self.names:
-      return ref[(self.h, *idx)]
-    return ref[idx] if idx else ref[...]
-
-  def set(self, name, ref, idx, val):
-    if self.h is not None and name in self.names:
-      ref[(self.h, *idx)] = val
-    else:
-      ref[idx] = val
-
-
-def _program(axis, heads):
-  """The program id along the kernel's own grid axis (after the head axis, if any)."""
-  return pl.program_id(axis + (heads.h is not None))
 
 
 def _scores(src, t, heads, *, tile, scale, key_range=None):
@@ -119,7 +95,7 @@ def _range_of(range_ref, heads, tile):
 
 def _tile_range(tiles, n_tiles, heads):
   """(first tile, number of tiles) of this program."""
-  first = _program(0, heads) * tiles
+  first = heads.program_id(0) * tiles
   return first, jnp.minimum(tiles, n_tiles - first)
 
 
@@ -127,7 +103,7 @@ def _with_heads(kernel, per_head):
   """kernel(*refs, heads=...): a batched call's head is its grid's first axis."""
 
   def wrapped(*refs, **kw):
-    heads = _Heads(per_head, pl.program_id(0)) if per_head else _Heads()
+    heads = HeadRefs(per_head, pl.program_id(0)) if per_head else HeadRefs()
     return kernel(*refs, heads=heads, **kw)
 
   return wrapped
@@ -155,7 +131,7 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, 
 
   init = (jnp.full((n_rows,), -jnp.inf, jnp.float32), jnp.zeros((n_rows,), jnp.float32))
   m, l = jax.lax.fori_loop(0, count, body, init)
-  p = _program(0, heads)
+  p = heads.program_id(0)
   heads.set("out", m_ref, (p, slice(None)), m)
   heads.set("out", l_ref, (p, slice(None)), l)
 
@@ -172,7 +148,7 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
   else:
     q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, col_ref, p_ref = rest
   src = (q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref)
-  t = _program(0, heads)
+  t = heads.program_id(0)
   key_range, tile_range = _range_of(range_ref, heads, tile)
 
   def body():

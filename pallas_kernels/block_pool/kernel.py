@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.heads_inner import heads_innermost
+from pallas_kernels.heads_inner import HeadRefs, heads_innermost
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_SELECTIONS = 31  # bits of an int32 (the sign bit unused)
@@ -36,14 +36,11 @@ def _kernel(*refs, block, n_sel, gather, in_place, per_head):
   index_ref = refs.pop(0) if in_place else None
   rows_ref = refs.pop(0) if gather else None
   bits_ref, x_ref, out_ref = refs
-  # a call batched over heads (`per_head`: the refs with a leading head axis) has the head
-  # as its first grid axis, the innermost of the launch
-  h = pl.program_id(0) if per_head else None
-  i = pl.program_id(1 if per_head else 0)
-
-  def get(name, ref, *idx):
-    return ref[(h, *idx)] if h is not None and name in per_head else ref[idx]
-
+  # a call batched over heads (`per_head`: the refs with a leading head axis; the output
+  # has one too) has the head as its first grid axis, the innermost of the launch
+  heads = HeadRefs(per_head | {"out"}, pl.program_id(0)) if per_head else HeadRefs()
+  get = heads.get
+  i = heads.program_id(0)
   sl = pl.ds(i * block, block)
   rows = get("rows", rows_ref, sl) if gather else sl
   if in_place:  # x [B, L, N, H]: the (batch, head) slice, read where it lies
@@ -56,10 +53,7 @@ def _kernel(*refs, block, n_sel, gather, in_place, per_head):
     w = (bits >> m) & 1
     count = jnp.maximum(jnp.sum(w), 1).astype(jnp.float32)
     total = jnp.sum(jnp.where(w[:, None] > 0, xb, 0.0), axis=0)  # [H]
-    if h is None:
-      out_ref[m, i, :] = total / count
-    else:
-      out_ref[h, m, i, :] = total / count
+    heads.set("out", out_ref, (m, i, slice(None)), total / count)
 
 
 def block_mean(
