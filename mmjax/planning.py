@@ -571,6 +571,7 @@ class HeadView:
   # whole sequence); "modality": keys grouped by modality id, rank = index - group start.
   key_layout: str = "positions"
   grid_mods: tuple = ()  # modality ids whose group is grid-permuted (-1: the whole view)
+  pool_tokens: int = 0  # pooled means over at most this many tokens a block (0: all)
   # pooled means already computed in this view, by (side, selector): components sharing a
   # modality (2D boundary's pairs, Q boundary's keys) pool it once
   pooled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -673,6 +674,20 @@ def group_sort(pos, mod, real) -> GroupSort:
   return GroupSort(by_group.astype(jnp.int32), g_sorted, orank, size)
 
 
+def whole_sort(length, seq_len) -> GroupSort:
+  """`group_sort` of one group of seq_len real tokens followed by padding (a grid over the
+  whole sequence): the identity order, so no sort (at 1M tokens the sort was 48 kernels
+  and 0.28 ms of grid's plan on an H200, h200_2026-12-02f)."""
+  pos = jnp.arange(length, dtype=jnp.int32)
+  real = pos < seq_len
+  return GroupSort(
+    pos,
+    jnp.where(real, 0, BIG).astype(jnp.int32),
+    jnp.where(real, pos, pos - seq_len),
+    jnp.where(real, seq_len, length - seq_len).astype(jnp.int32),
+  )
+
+
 def modality_row(mod, *, seq_len, by_modality, whole) -> Modality:
   """`Modality` of one batch row's ids mod [L] (L padded, T = seq_len real), with the
   sorts asked for (static bools)."""
@@ -682,7 +697,7 @@ def modality_row(mod, *, seq_len, by_modality, whole) -> Modality:
   return Modality(
     mod,
     group_sort(pos, ids, real) if by_modality else None,
-    group_sort(pos, jnp.zeros_like(ids), real) if whole else None,
+    whole_sort(mod.shape[0], seq_len) if whole else None,
   )
 
 
@@ -719,6 +734,13 @@ def _group_order(pos, mod, real, grid_strides, grid_all, sort=None):
   return by_group[start + orank], place, orank
 
 
+def _pool_tokens(layout):
+  """The tokens per block a view's pooled means read: the most its grid patterns ask
+  (`Grid.pool_tokens`; 0, every token, where one asks for all or there is no grid)."""
+  asked = [g.pool_tokens for _, g in layout.grid_groups]
+  return 0 if not asked or 0 in asked else max(asked)
+
+
 def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, scale):
   """Builds the HeadView of one head. q, k: [L, H] or HeadSource; mod: [L] (pads
   anything) or a `Modality` (its group sorts reused)."""
@@ -736,6 +758,7 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
     scale=scale,
     key_layout="modality" if layout.group == "both" else "positions",
     grid_mods=tuple(-1 if layout.group == "none" else g for g, _ in grid_strides),
+    pool_tokens=_pool_tokens(layout),
   )
   if layout.group == "none" and not grid_strides:
     return HeadView(
@@ -754,9 +777,8 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
       **common,
     )
   if layout.group == "none":  # grid over the whole sequence
-    perm, rank, orank = _group_order(
-      pos, jnp.zeros_like(mod), real, grid_strides, True, sorts.whole
-    )
+    whole = sorts.whole if sorts.whole is not None else whole_sort(length, seq_len)
+    perm, rank, orank = _group_order(pos, jnp.zeros_like(mod), real, grid_strides, True, whole)
   else:
     perm, rank, orank = _group_order(pos, mod, real, grid_strides, False, sorts.by_modality)
   if layout.group == "q":
@@ -796,7 +818,9 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
 # ----------------------------------------------------------------------------------------
 # online estimates from the last queries
 # ----------------------------------------------------------------------------------------
-def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of, max_offset=None):
+def last_query_mass(
+  v: HeadView, q_mod, k_mod, last_q, use_mod, base_of, max_offset=None, window=False
+):
   """Attention mass of the last `last_q` real queries of q_mod (every query where
   `use_mod` is False) against the keys of k_mod, softmaxed per query.
 
@@ -804,13 +828,18 @@ def last_query_mass(v: HeadView, q_mod, k_mod, last_q, use_mod, base_of, max_off
   Returns (col [L]: mass per key, view order; slash [L]: mass per offset o >= 0). With
   the Pallas kernel (`mass_impl`) the probabilities are never written out. max_offset W
   (static, < L): only slash[:W] is wanted, and no col (None); the kernel then computes p
-  only near the rows' bases (the same sums).
+  only near the rows' bases (the same sums). window=True (with max_offset): each row's
+  softmax is over the keys from W - 1 before the earliest row's base on, not over all
+  keys, so only those keys are read (`Grid.stride_norm="window"`).
   """
   rows, row_ok = _last_rows(v, q_mod, last_q, use_mod)
   base = base_of(rows).astype(jnp.int32)
   kok = v.k_ok(k_mod)
   if max_offset is not None and max_offset >= v.length:
     max_offset = None
+  if window and max_offset is not None:
+    first = jnp.min(jnp.where(row_ok, base, BIG)) - (max_offset - 1)
+    kok &= jnp.arange(v.length, dtype=jnp.int32) >= first
   if mass_impl() == "xla":
     p = _rows_probs(v, rows, row_ok, kok)
     slash = slash_sums(p, base, v.length)
@@ -1104,12 +1133,18 @@ def pool_side(v: HeadView, side, sels):
     x, perm, nb, oks = v.q_src, v.q_perm, v.n_q, [v.q_ok(s) for s in sels]
   else:
     x, perm, nb, oks = v.k_src, v.k_perm, v.n_k, [v.k_ok(s) for s in sels]
+  # the means of every e-th token of each block (`Grid.pool_tokens`: a view with a grid)
+  blk, n = v.length // nb, v.pool_tokens
+  e = blk // n if 0 < n < blk else 1
+  take = oks if e == 1 else [ok[::e] for ok in oks]
   if pool_impl() == "pallas":
-    bits = sum(ok.astype(jnp.int32) << i for i, ok in enumerate(oks))
+    bits = sum(ok.astype(jnp.int32) << i for i, ok in enumerate(take))
+    if e > 1:
+      perm = (jnp.arange(v.length, dtype=jnp.int32) if perm is None else perm)[::e]
     means = block_mean(
       x.x,
       bits,
-      block=v.length // nb,
+      block=blk // e,
       n_sel=len(sels),
       rows=perm,
       index=x.index(),
@@ -1118,7 +1153,7 @@ def pool_side(v: HeadView, side, sels):
     )
   else:
     xv = v.q if side == "q" else v.k
-    means = [_masked_mean(xv, ok, nb) for ok in oks]
+    means = [_masked_mean(xv[::e], ok, nb) for ok in take]
   for i, (sel, ok) in enumerate(zip(sels, oks, strict=True)):
     v.pooled[side, sel] = (means[i], ok.reshape(nb, -1).any(-1))
 
@@ -1389,6 +1424,7 @@ def head_view(layout, q, k, mod, *, seq_len, block_q, block_k, scale):
           has if gmod < 0 else True,
           lambda rows, pre=pre, start=start: _orank_of(pre, rows) + start,
           max_offset=stride_offsets(pre.length, gpat.min_stride, gpat.max_stride),
+          window=gpat.stride_norm == "window",
         )
         stride = estimate_stride(slash, gpat.min_stride, gpat.max_stride, length=pre.length)
       strides.append((gmod, stride))

@@ -409,6 +409,22 @@ class Grid(Policy):
   (`band_tokens` wide in the permuted order), the first `sink_tokens` (as single key
   columns: the permutation scatters them over up to `sink_tokens` key blocks), and the
   `top_k_blocks` best pooled blocks.
+
+  stride_norm: how the estimate's last queries are softmaxed. "all": over every key
+  they see, as for the vertical-slash estimate. "window": over the keys the estimate
+  looks at, those within its largest offset (about 4.5 max_stride) before the
+  earliest of those queries; the rest of the sequence is never read. Rows are weighted
+  by their local mass instead of their mass over all keys. The stride picks on the
+  planted suite are the same (`results/grid_estimate_cost_cpu/`), and at 1M tokens the
+  estimate reads 2% of the keys.
+
+  pool_tokens: the pooled query and key means that score blocks for `top_k_blocks` are
+  over at most pool_tokens evenly spaced tokens of each block (view order; 0: every
+  token), so pooling reads a fraction of q and k (blocks 128 x 64, 16 tokens: 1/8 of q,
+  1/4 of k). In a grid-permuted block the tokens are one patch in consecutive frames,
+  so a sample of them stands for the block. It holds for the whole view: a 2D boundary
+  with a grid pair samples its other pairs' means too. A block with real tokens, none
+  of them sampled, gets a zero mean (score 0).
   """
 
   name: ClassVar[str] = "grid"
@@ -420,6 +436,22 @@ class Grid(Policy):
   band_tokens: int = 512
   sink_tokens: int = 64
   top_k_blocks: int = 8
+  stride_norm: str = "window"
+  pool_tokens: int = 16
+
+  STRIDE_NORMS: ClassVar[tuple[str, ...]] = ("window", "all")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.stride_norm not in self.STRIDE_NORMS:
+      raise ValueError(
+        f"grid: stride_norm must be one of {self.STRIDE_NORMS}, got {self.stride_norm!r}"
+      )
+    n = self.pool_tokens
+    if not isinstance(n, int) or n < 0 or (n and (n < 16 or n & (n - 1))):
+      raise ValueError(
+        f"grid: pool_tokens must be 0 (every token) or a power of two >= 16, got {n!r}"
+      )
 
   def layout(self):
     return planning.Layout("none", ((-1, self),))

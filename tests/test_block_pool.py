@@ -33,7 +33,8 @@ class BlockPoolTests:
       x, bits, rows=rows, block=block, n_sel=n_sel, interpret=self.interpret, poison=POISON, **kw
     )
     ref = block_mean_reference(x, bits, rows=rows, block=block, n_sel=n_sel)
-    assert out.shape == (n_sel, x.shape[0] // block, x.shape[1]) and out.dtype == jnp.float32
+    n_view = x.shape[0] if rows is None else rows.shape[0]
+    assert out.shape == (n_sel, n_view // block, x.shape[1]) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=RTOL, atol=1e-5)
     return out
 
@@ -45,6 +46,12 @@ class BlockPoolTests:
     x, bits, rows = inputs(length + n_sel, length, h, n_sel, gather=gather)
     out = self.check(x, bits, rows, block, n_sel)
     assert not np.asarray(out[0, 0]).any()  # the empty block's mean is 0
+
+  def test_fewer_view_rows_than_x(self):
+    # the planner's sampled means (Grid.pool_tokens): every 4th view row of a permutation
+    x, bits, rows = inputs(5, 1024, 64, 2, jnp.bfloat16)
+    out = self.check(x, bits[::4], rows[::4], 16, 2)
+    assert out.shape == (2, 16, 64)
 
   @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
   def test_low_precision_inputs(self, dtype):
@@ -147,7 +154,11 @@ class TestInterpret(BlockPoolTests):
     with pytest.raises(ValueError, match="bits must be int32"):
       block_mean(x, bits.astype(jnp.int8), block=16, n_sel=1, interpret=True)
     with pytest.raises(ValueError, match="rows must be int32"):
+      block_mean(x, bits, rows=rows.astype(jnp.float32), block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match=r"bits must be int32 of shape \(64,\)"):
       block_mean(x, bits, rows=rows[:64], block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match=r"V \(the rows given\)=120 must be a multiple"):
+      block_mean(x, bits[:120], rows=rows[:120], block=16, n_sel=1, interpret=True)
     with pytest.raises(ValueError, match="dtype"):
       block_mean(x.astype(jnp.int32), bits, block=16, n_sel=1, interpret=True)
 

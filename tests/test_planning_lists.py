@@ -82,6 +82,32 @@ def test_lists_planner_equals_dense_scattered_sinks(name):
         assert {int(j) for j in sinks if kp[0, h, j] <= qmax} <= keys
 
 
+@pytest.mark.parametrize("name", ["grid", "2d_boundary"])
+def test_sampled_pooled_means_in_both_planners(name):
+  """Grid.pool_tokens=16 with blocks 64 x 32 (every 4th query and 2nd key of a block
+  pooled): both planners give the same plan, and it is not the plan of full means."""
+  b, t, n, kh, h, dtype, modk, _, _ = GRID_1K
+  q, k, _, mod = helpers.random_inputs(25, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, 64, 32)
+
+  def with_pool(n_tokens):
+    if name == "grid":
+      return dataclasses.replace(pol, pool_tokens=n_tokens, top_k_blocks=4)
+    pats = tuple(
+      (
+        pair,
+        dataclasses.replace(p, pool_tokens=n_tokens, top_k_blocks=4) if p.name == "grid" else p,
+      )
+      for pair, p in pol.patterns
+    )
+    return dataclasses.replace(pol, patterns=pats)
+
+  a, d = _plans(with_pool(16), q, k, mod)
+  assert_same_plan(a, d)
+  full, _ = _plans(with_pool(0), q, k, mod)
+  assert not np.array_equal(np.asarray(a.block_idx), np.asarray(full.block_idx))
+
+
 def test_lists_planner_equals_dense_q_view_overflow():
   """Q boundary over long text runs between vision runs: a vision query block spans many
   original positions, its local window overflows the static bound, and the union is cut
@@ -441,21 +467,26 @@ def test_pooled_means_with_the_heads_innermost_give_the_same_plan(name, monkeypa
   assert_same_plan(got, want)
 
 
-def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
+@pytest.mark.parametrize("pool_tokens", [0, 16])
+def test_pooled_means_of_the_kernel_match_xla(pool_tokens, monkeypatch):
   """The kernel's pooled means of a grid-permuted, modality-grouped view (both sides,
-  two selectors each) against the XLA path's."""
+  two selectors each) against the XLA path's, and both against numpy's means of each
+  block's tokens: every token, or (`Grid.pool_tokens` 16, blocks 64 x 32) every 4th
+  query and every 2nd key of a block, in view order."""
   rng = np.random.default_rng(5)
   length, h = 512, 32
   q = jnp.asarray(rng.standard_normal((length, h)), jnp.bfloat16)
   k = jnp.asarray(rng.standard_normal((length, h)), jnp.bfloat16)
   mod = jnp.asarray(rng.integers(0, 2, length), jnp.int32)
   kw = dict(seq_len=500, block_q=64, block_k=32, scale=0.1)
-  layout = planning.Layout("both")
+  grid = P.get("grid", pool_tokens=pool_tokens, block_q=64, block_k=32)
+  layout = planning.Layout("both", ((1, grid),))
   comps = [planning.Component(a, b_, P.BlockSparse()) for a in (0, 1) for b_ in (0, 1)]
   means = {}
   for impl in ("xla", "pallas"):
     monkeypatch.setattr(planning, "POOL_IMPL", impl)
     v = planning.build_view(layout, ((1, jnp.int32(7)),), q, k, mod, **kw)
+    assert v.pool_tokens == pool_tokens
     planning.pool_all(v, comps)
     means[impl] = v.pooled
   assert sorted(means["xla"], key=str) == sorted(means["pallas"], key=str)
@@ -465,6 +496,19 @@ def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
       np.asarray(means["pallas"][key][0]), np.asarray(m), rtol=1e-6, atol=1e-6
     )
     np.testing.assert_array_equal(np.asarray(means["pallas"][key][1]), np.asarray(anyb))
+    side, sel = key
+    x, perm, ok = (
+      (v.q_src.dense(), v.q_perm, v.q_ok(sel))
+      if side == "q"
+      else (v.k_src.dense(), v.k_perm, v.k_ok(sel))
+    )
+    blk = kw["block_q" if side == "q" else "block_k"]
+    e = blk // pool_tokens if pool_tokens else 1
+    xv = np.asarray(x, np.float64)[np.asarray(perm)].reshape(-1, blk // e, e, h)[:, :, 0]
+    w = np.asarray(ok).reshape(-1, blk // e, e)[:, :, 0]
+    want = (xv * w[..., None]).sum(1) / np.maximum(w.sum(1), 1)[:, None]
+    np.testing.assert_allclose(np.asarray(m), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(anyb), np.asarray(ok).reshape(-1, blk).any(1))
 
 
 @pytest.mark.parametrize(
@@ -475,13 +519,17 @@ def test_pooled_means_of_the_kernel_match_xla(monkeypatch):
     ("q", "float32", None),
     ("both", "float16", None),
     ("both", "float32", 100),
+    ("both", "window", 100),
   ],
 )
 def test_last_query_mass_of_the_kernel_matches_xla(layout, p_dtype, max_offset, monkeypatch):
   """Column and diagonal masses of the kernel against the XLA path's, in an identity, a
   grouped + grid-permuted (keys gathered) and a query-only view; with p stored in f16
   (`MASS_P_DTYPE`) the slash sums within 1e-3 relative; with max_offset (the stride
-  estimate's) only the first slash sums, and no columns."""
+  estimate's) only the first slash sums, and no columns; "window": each row softmaxed
+  over the keys of the window only (`Grid.stride_norm`)."""
+  window = p_dtype == "window"
+  p_dtype = "float32" if window else p_dtype
   monkeypatch.setattr(planning, "MASS_P_DTYPE", p_dtype)
   rng = np.random.default_rng(6)
   length, h = 512, 32
@@ -497,7 +545,7 @@ def test_last_query_mass_of_the_kernel_matches_xla(layout, p_dtype, max_offset, 
   for impl in ("xla", "pallas"):
     monkeypatch.setattr(planning, "MASS_IMPL", impl)
     out[impl] = planning.last_query_mass(
-      v, 1, k_mod, 40, True, lambda rows: v.q_rank[rows] + start, max_offset
+      v, 1, k_mod, 40, True, lambda rows: v.q_rank[rows] + start, max_offset, window
     )
   rtols = (1e-4, 1e-3 if p_dtype == "float16" else 1e-4)  # (columns, slashes)
   if max_offset:
@@ -800,6 +848,49 @@ def test_stride_from_the_first_offsets_only(length):
   if n < length:
     with pytest.raises(ValueError, match="the estimate reads"):
       planning.estimate_stride(slash[: n - 1], 8, 1024, length=length)
+
+
+@pytest.mark.parametrize("window", [False, True])
+def test_last_query_mass_window(window, monkeypatch):
+  """The stride estimate's slash sums against numpy, in an identity view: each of the
+  last 24 queries softmaxed over the keys it sees (causal), or over those from W - 1
+  before the earliest of them (`Grid.stride_norm="window"`); then summed along each of
+  the first W diagonals. Both planner paths."""
+  rng = np.random.default_rng(8)
+  length, h, w, n_rows = 256, 32, 40, 24
+  q = rng.standard_normal((length, h)).astype(np.float32)
+  k = rng.standard_normal((length, h)).astype(np.float32)
+  mod = jnp.zeros(length, jnp.int32)
+  v = planning.build_view(
+    planning.Layout("none"), (), q, k, mod, seq_len=250, block_q=16, block_k=16, scale=0.3
+  )
+  rows = np.arange(250 - n_rows, 250)
+  first = rows.min() - (w - 1) if window else 0
+  s = np.where(
+    (np.arange(length)[None, :] <= rows[:, None]) & (np.arange(length)[None, :] >= first),
+    (q[rows].astype(np.float64) @ k.T.astype(np.float64)) * 0.3,
+    -np.inf,
+  )
+  p = np.exp(s - s.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  want = np.asarray([sum(p[i, r - o] for i, r in enumerate(rows) if r >= o) for o in range(w)])
+  for impl in ("xla", "pallas"):
+    monkeypatch.setattr(planning, "MASS_IMPL", impl)
+    _, got = planning.last_query_mass(v, None, None, n_rows, False, lambda r: r, w, window)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("length, seq_len", [(64, 64), (256, 250), (512, 300)])
+def test_whole_sort_is_the_group_sort_of_one_group(length, seq_len):
+  """whole_sort (a grid over the whole sequence) gives what group_sort's stable sort of
+  one group of real tokens, padding after, gives."""
+  pos = jnp.arange(length, dtype=jnp.int32)
+  real = pos < seq_len
+  want = planning.group_sort(pos, jnp.zeros(length, jnp.int32), real)
+  got = planning.whole_sort(length, seq_len)
+  for name, g, w in zip(want._fields, got, want, strict=True):
+    assert g.dtype == w.dtype, name
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
 
 
 def test_sinks_in_a_grid_permuted_group_need_a_grid():

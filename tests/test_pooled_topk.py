@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.pooled_scores import pooled_scores
-from pallas_kernels.pooled_topk import pooled_top_k, pooled_top_k_reference
+from pallas_kernels.pooled_topk import kernel, pooled_top_k, pooled_top_k_reference
 
 
 def inputs(seed, n_q, n_k, h, barred=0.1):
@@ -70,13 +70,15 @@ class TopKTests:
     block_m, block_n = tiles
     self.check(*inputs(n_q + n_k + k, n_q, n_k, h), k, block_m=block_m, block_n=block_n)
 
-  def test_ties_go_to_the_lower_column(self):
-    """Scores that are small integers (0/1 vectors): many equal values across and inside
-    tiles; the picks are lax.top_k's (the lowest columns among equals)."""
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  def test_ties_go_to_the_lower_column(self, dtype):
+    """Scores that are small integers (-1/0/1 vectors): many equal values, negative ones
+    and zeros, across and inside tiles; the picks are lax.top_k's (the lowest columns
+    among equals). bf16 inputs take the packed keys' path."""
     rng = np.random.default_rng(4)
     n_q, n_k, h = 32, 128, 16
-    qp = jnp.asarray(rng.integers(0, 2, (n_q, h)), jnp.float32)
-    kp = jnp.asarray(rng.integers(0, 2, (n_k, h)), jnp.float32)
+    qp = jnp.asarray(rng.integers(-1, 2, (n_q, h)), dtype)
+    kp = jnp.asarray(rng.integers(-1, 2, (n_k, h)), dtype)
     _, _, q_lim, k_lim = inputs(4, n_q, n_k, h)
     self.check(qp, kp, q_lim, k_lim, 6, scale=1.0, block_m=16, block_n=32)
 
@@ -121,6 +123,25 @@ class TopKTests:
 
 class TestInterpret(TopKTests):
   interpret = True
+
+  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+  def test_packed_keys_order_as_top_k(self, dtype):
+    """16-bit scores' packed keys: a greater key exactly where (score, -column) is greater
+    (-0 equal to +0), and `unpack` gives back the score and column."""
+    rng = np.random.default_rng(2)
+    special = [0.0, -0.0, np.inf, -1e-7, 1e-7, 65504.0, -65504.0]
+    vals = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-4, 4, 500), special])
+    vals = np.asarray(jnp.asarray(np.repeat(vals, 2), dtype))  # (each value twice: ties)
+    cols = rng.permutation(2 * 2**15)[: vals.size].astype(np.int32)
+    keys = np.asarray(kernel._pack(jnp.asarray(vals)[None], jnp.asarray(cols)))[0]
+    v64 = vals.astype(np.float64)
+    want = (v64[:, None] > v64[None, :]) | (
+      (v64[:, None] == v64[None, :]) & (cols[:, None] < cols[None, :])
+    )
+    np.testing.assert_array_equal(keys[:, None] > keys[None, :], want)
+    idx, back = kernel.unpack(jnp.asarray(keys), dtype)
+    np.testing.assert_array_equal(np.asarray(idx), cols)
+    np.testing.assert_array_equal(np.asarray(back, np.float64), v64)  # (-0 comes back +0)
 
   def test_bad_input(self):
     qp, kp, q_lim, k_lim = inputs(0, 16, 32, 16)

@@ -31,10 +31,14 @@
 #         it; 1M plans by kernel (28 heads per step) without and with it, and with command
 #         buffers (the benchmark's default); 128k plans (concurrent) without and with it;
 #         each pattern of the mminference table alone on 5 heads at 128k (its groups' chains).
+# estimate: the grid estimate's cost (Grid.stride_norm "window", Grid.pool_tokens 16) and
+#         pooled_topk's packed keys: the GPU tests of pooled_topk, block_pool, attn_mass
+#         and the sparse kernels, every 128k plan against the dense planner's, 1M plans by
+#         kernel (grid, 2d_boundary, mminference) (about 350 s; PACK=).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool}
-part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool}
+out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate}
+part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate}
 mkdir -p "$out"
 python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -126,6 +130,22 @@ elif [ "$part" = sort ]; then
     grep "plan \|pooled_topk" "$out/plan_trace_1m_sort$srt.txt"
     pack
   done
+  exit 0
+elif [ "$part" = estimate ]; then
+  timeout 240 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_pooled_topk.py \
+    tests/test_block_pool.py tests/test_attn_mass.py tests/test_kernels.py \
+    > "$out/gpu_tests_kernels.txt" 2>&1
+  tail -2 "$out/gpu_tests_kernels.txt"
+  pack
+  timeout 150 python3 tools/plan_trace.py --length 131072 --check --top 2 \
+    > "$out/plan_trace_128k_check.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+  pack
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 python3 tools/plan_trace.py \
+    --length 1048576 --policies grid,2d_boundary,mminference --by kernel --top 14 \
+    > "$out/plan_trace_1m.txt" 2>&1
+  grep "plan \|pooled_topk\|block_mean\|attn_mass" "$out/plan_trace_1m.txt"
+  pack
   exit 0
 elif [ "$part" = tiles ]; then
   # pooled_topk's tile (planning.SCORE_TILES, shared with pooled_scores): grid's 1M plan

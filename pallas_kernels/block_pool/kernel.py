@@ -73,11 +73,12 @@ def block_mean(
 
   Args:
     x: [L, H] float (f32, bf16 or f16), or [B, L, N, H] with `index`.
-    bits: [L] int32 in view order: bit m set where the view row counts for selection m.
-    block: view rows per block (a power of two >= 16 dividing L).
+    bits: [V] int32 in view order: bit m set where the view row counts for selection m.
+    block: view rows per block (a power of two >= 16 dividing V).
     n_sel: the number of selections, 1..31.
-    rows: [L] int32, the row of x at each view index (a permutation, in range; not
-      checked under jit), or None for the identity view.
+    rows: [V] int32, the row of x at each view index (in range; not checked under jit):
+      a permutation (V = L), or some of x's rows (V < L: the planner's sampled means,
+      `Grid.pool_tokens`), or None for the identity view (V = L).
     index: int32 [2], (batch, head): with a 4-D x, the [L, H] slice x[batch, :, head] to
       pool, read in place (a sliced-out copy of every head would cost a pass over x).
     interpret: run in Pallas interpret mode (CPU).
@@ -92,7 +93,7 @@ def block_mean(
       kernel, so an entry the kernel fails to write keeps it.
 
   Returns:
-    mean [n_sel, L // block, H] f32, 0 where a block has no row of the selection.
+    mean [n_sel, V // block, H] f32, 0 where a block has no row of the selection.
   """
   if x.ndim == 4:
     if index is None or index.shape != (2,) or index.dtype != jnp.int32:
@@ -112,14 +113,16 @@ def block_mean(
     raise ValueError(f"head dim H={h} must be a power of two >= 16")
   if not isinstance(block, int) or block < 16 or block & (block - 1):
     raise ValueError(f"block={block!r} must be a power of two >= 16")
-  if length % block:
-    raise ValueError(f"L={length} must be a multiple of block={block} (pad the inputs)")
+  if rows is not None and (rows.ndim != 1 or rows.dtype != jnp.int32):
+    raise ValueError(f"rows must be int32 of shape (V,); got {rows.dtype} {rows.shape}")
+  n_view = length if rows is None else rows.shape[0]
+  if n_view % block:
+    what = "L" if rows is None else "V (the rows given)"
+    raise ValueError(f"{what}={n_view} must be a multiple of block={block} (pad the inputs)")
   if not isinstance(n_sel, int) or not 1 <= n_sel <= MAX_SELECTIONS:
     raise ValueError(f"n_sel must be an int in [1, {MAX_SELECTIONS}]; got {n_sel!r}")
-  if bits.shape != (length,) or bits.dtype != jnp.int32:
-    raise ValueError(f"bits must be int32 of shape ({length},); got {bits.dtype} {bits.shape}")
-  if rows is not None and (rows.shape != (length,) or rows.dtype != jnp.int32):
-    raise ValueError(f"rows must be int32 of shape ({length},); got {rows.dtype} {rows.shape}")
+  if bits.shape != (n_view,) or bits.dtype != jnp.int32:
+    raise ValueError(f"bits must be int32 of shape ({n_view},); got {bits.dtype} {bits.shape}")
   static = dict(block=block, n_sel=n_sel, num_warps=num_warps, interpret=interpret, poison=poison)
   if not heads_inner:
     return _call(x, bits, rows, index, **static)

@@ -49,22 +49,22 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.pooled_scores.kernel import check_pooled, dot_tf32, pad_to_tiles
 
 _BIG = 2**30
+_EMPTY = -(2**31)  # the packed key of a pair that is not allowed (empty slots: _EMPTY + slot)
+_FULL = 2**31 - 1  # the packed key of a slot past k: never the worst, never replaced
+MAX_PACKED_COLUMNS = 2**16  # 16-bit inputs' keys hold the column in their low 16 bits
 
 
 def _kernel(
-  qp_ref, kp_ref, qlim_ref, klim_ref, *refs, scale, k, block_n, n_tiles, tf32, sort_blocks
+  qp_ref, kp_ref, qlim_ref, klim_ref, *refs, scale, k, block_n, n_tiles, tf32, sort_blocks, packed
 ):
   if sort_blocks:  # the key blocks' column ids (sorted order), tiles per program
-    kid_ref, ntile_ref, idx_ref, val_ref = refs
+    kid_ref, ntile_ref, *out_refs = refs
   else:
-    idx_ref, val_ref = refs
+    out_refs = refs
   dtype = qp_ref.dtype
-  bm, slots = val_ref.shape
+  bm, slots = out_refs[0].shape
   q, q_lim = qp_ref[...], qlim_ref[...]
   slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
-  # slots past k (k padded to a power of two) hold +inf: never the worst, never replaced
-  vals0 = jnp.where(slot < k, -jnp.inf, jnp.inf) + jnp.zeros((bm, 1), jnp.float32)
-  idx0 = jnp.zeros((bm, slots), jnp.int32)
   q_max = jnp.max(q_lim)
 
   def tile(t, carry):
@@ -77,54 +77,89 @@ def _kernel(
     def scores(carry):
       kp = kp_ref[pl.ds(t * block_n, block_n), :]
       s = plgpu.dot(q, kp, trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
-      s = jnp.where(k_lim[None, :] <= q_lim[:, None], s, -jnp.inf)
-      s = s.astype(dtype).astype(jnp.float32)  # (pooled_scores' values: rounded to bf16)
-
-      def more(state):  # some row's best remaining entry b beats its worst slot w
-        *_, b, w = state
-        # (an int max: the Triton lowering has no reduce_or for jnp.any)
-        return jnp.max((b > w).astype(jnp.int32)) > 0
-
-      def take(state):
-        s, vals, idx, b, w = state  # b, w [bm]
-        c = jnp.min(jnp.where(s == b[:, None], cols[None, :], _BIG), axis=1)
-        # the worst slot: lowest value, then the highest column (then the highest slot)
-        key = jnp.where(vals == w[:, None], idx * slots + slot, -1)
-        w_slot = jnp.max(key, axis=1) % slots
-        ins = b > w
-        put = ins[:, None] & (slot == w_slot[:, None])
-        vals = jnp.where(put, b[:, None], vals)
-        idx = jnp.where(put, c[:, None], idx)
-        s = jnp.where(ins[:, None] & (cols[None, :] == c[:, None]), -jnp.inf, s)
-        return s, vals, idx, jnp.max(s, axis=1), jnp.min(vals, axis=1)
-
-      vals, idx = carry
-      if sort_blocks:
-        state = (s, vals, idx, *_best(s, cols), *_worst(vals, idx, slot))
-        _, vals, idx, *_ = jax.lax.while_loop(more_any_order, take_any_order, state)
-      else:
-        state = (s, vals, idx, jnp.max(s, axis=1), jnp.min(vals, axis=1))
-        _, vals, idx, _, _ = jax.lax.while_loop(more, take, state)
-      return vals, idx
-
-    def more_any_order(state):  # some row's best remaining entry beats its worst slot
-      return jnp.max(_beats(*state[3:7]).astype(jnp.int32)) > 0  # (b, c, w, w_col)
-
-    def take_any_order(state):  # (columns in any order: ties broken by column)
-      s, vals, idx, b, c, w, w_col, w_slot = state
-      ins = _beats(b, c, w, w_col)
-      put = ins[:, None] & (slot == w_slot[:, None])
-      vals = jnp.where(put, b[:, None], vals)
-      idx = jnp.where(put, c[:, None], idx)
-      s = jnp.where(ins[:, None] & (cols[None, :] == c[:, None]), -jnp.inf, s)
-      return (s, vals, idx, *_best(s, cols), *_worst(vals, idx, slot))
+      allowed = k_lim[None, :] <= q_lim[:, None]
+      if packed:
+        key = jnp.where(allowed, _pack(s.astype(dtype), cols), _EMPTY)
+        return _insert_packed(key, carry)
+      s = jnp.where(allowed, s, -jnp.inf)
+      s = s.astype(dtype).astype(jnp.float32)  # (pooled_scores' values: rounded)
+      return _insert(s, cols, slot, *carry)
 
     return jax.lax.cond(q_max >= jnp.min(k_lim), scores, lambda c: c, carry)
 
   n = ntile_ref[pl.program_id(0)] if sort_blocks else n_tiles
-  vals, idx = jax.lax.fori_loop(0, n, tile, (vals0, idx0))
-  val_ref[...] = vals
-  idx_ref[...] = idx
+  if packed:  # empty slots: distinct keys below any entry's; past k (a power of two): _FULL
+    keys0 = jnp.where(slot < k, _EMPTY + slot, _FULL) + jnp.zeros((bm, 1), jnp.int32)
+    out_refs[0][...] = jax.lax.fori_loop(0, n, tile, keys0)
+  else:  # slots past k hold +inf
+    vals0 = jnp.where(slot < k, -jnp.inf, jnp.inf) + jnp.zeros((bm, 1), jnp.float32)
+    idx0 = jnp.zeros((bm, slots), jnp.int32)
+    vals, idx = jax.lax.fori_loop(0, n, tile, (vals0, idx0))
+    out_refs[0][...] = idx
+    out_refs[1][...] = vals
+
+
+def _pack(s, cols):
+  """16-bit scores s [bm, bn] (bf16 or f16) and their columns -> int32 keys in the top-k
+  order: the score's bits made order-preserving in the high half (negative values'
+  magnitude bits flipped; -0 counted as +0), 0xFFFF - column in the low half, so that
+  of equal scores the lower column has the greater key."""
+  s = jnp.where(s == 0, jnp.zeros_like(s), s)  # (-0 -> +0: equal scores, equal keys)
+  hi = jax.lax.bitcast_convert_type(s, jnp.int16).astype(jnp.int32)  # sign-extended
+  hi = jnp.where(hi < 0, hi ^ 0x7FFF, hi)
+  return (hi << 16) | (0xFFFF - cols[None, :])
+
+
+def unpack(keys, dtype):
+  """The kernel's packed keys [.., k] -> (idx int32, vals in dtype; -inf / 0 where empty)."""
+  hi = keys >> 16
+  hi = jnp.where(hi < 0, hi ^ 0x7FFF, hi).astype(jnp.int16)
+  vals = jax.lax.bitcast_convert_type(hi, dtype)
+  empty = (keys >> 16) == -(2**15)  # (no score's key: that would be a NaN's)
+  idx = jnp.where(empty, 0, 0xFFFF - (keys & 0xFFFF))
+  return idx.astype(jnp.int32), jnp.where(empty, -jnp.inf, vals).astype(dtype)
+
+
+def _insert_packed(key, slots):
+  """Moves a tile's entries (packed keys [bm, bn]) into the slots [bm, slots]: while some
+  row's best remaining key beats its worst slot, that slot takes it (one per row and
+  pass). One comparison of keys orders by (score, column) in any column order."""
+
+  def more(state):
+    _, _, best, worst = state
+    # (an int max: the Triton lowering has no reduce_or for jnp.any)
+    return jnp.max((best > worst).astype(jnp.int32)) > 0
+
+  def take(state):
+    key, slots, best, worst = state
+    ins = (best > worst)[:, None]
+    slots = jnp.where(ins & (slots == worst[:, None]), best[:, None], slots)
+    key = jnp.where(ins & (key == best[:, None]), _EMPTY, key)
+    return key, slots, jnp.max(key, axis=1), jnp.min(slots, axis=1)
+
+  state = (key, slots, jnp.max(key, axis=1), jnp.min(slots, axis=1))
+  return jax.lax.while_loop(more, take, state)[1]
+
+
+def _insert(s, cols, slot, vals, idx):
+  """`_insert_packed` for f32 scores s [bm, bn]: slots of (value, column), the order
+  compared in two parts."""
+
+  def more(state):  # some row's best remaining entry beats its worst slot
+    return jnp.max(_beats(*state[3:7]).astype(jnp.int32)) > 0  # (b, c, w, w_col)
+
+  def take(state):
+    s, vals, idx, b, c, w, w_col, w_slot = state
+    ins = _beats(b, c, w, w_col)
+    put = ins[:, None] & (slot == w_slot[:, None])
+    vals = jnp.where(put, b[:, None], vals)
+    idx = jnp.where(put, c[:, None], idx)
+    s = jnp.where(ins[:, None] & (cols[None, :] == c[:, None]), -jnp.inf, s)
+    return (s, vals, idx, *_best(s, cols), *_worst(vals, idx, slot))
+
+  state = (s, vals, idx, *_best(s, cols), *_worst(vals, idx, slot))
+  _, vals, idx, *_ = jax.lax.while_loop(more, take, state)
+  return vals, idx
 
 
 def _best(s, cols):
@@ -223,6 +258,7 @@ def _call(
   qp, kp, q_lim, k_lim = pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n)
   n_q, n_k = qp.shape[0], kp.shape[0]
   slots = max(2, 1 << (k - 1).bit_length())  # (a power of two for the register arrays)
+  packed = jnp.dtype(qp.dtype).itemsize == 2 and n_k <= MAX_PACKED_COLUMNS
   tf32 = dot_tf32(qp.dtype, tf32)
   kernel = functools.partial(
     _kernel,
@@ -232,6 +268,7 @@ def _call(
     n_tiles=n_k // block_n,
     tf32=tf32,
     sort_blocks=sort_blocks,
+    packed=packed,
   )
   extra, extra_specs = [], []
   if sort_blocks:  # blocks in limit order (stable); each program's allowed-key prefix
@@ -246,7 +283,10 @@ def _call(
       pl.BlockSpec((n_k,), lambda i: (0,)),
       pl.BlockSpec((n_q // block_m,), lambda i: (0,)),
     ]
-  idx, vals = pl.pallas_call(
+  out_shape = [jax.ShapeDtypeStruct((n_q, slots), jnp.int32)]
+  if not packed:
+    out_shape.append(jax.ShapeDtypeStruct((n_q, slots), jnp.float32))
+  out = pl.pallas_call(
     kernel,
     grid=(n_q // block_m,),
     in_specs=[
@@ -256,15 +296,13 @@ def _call(
       pl.BlockSpec((n_k,), lambda i: (0,)),
       *extra_specs,
     ],
-    out_specs=[pl.BlockSpec((block_m, slots), lambda i: (i, 0))] * 2,
-    out_shape=[
-      jax.ShapeDtypeStruct((n_q, slots), jnp.int32),
-      jax.ShapeDtypeStruct((n_q, slots), jnp.float32),
-    ],
+    out_specs=[pl.BlockSpec((block_m, slots), lambda i: (i, 0))] * len(out_shape),
+    out_shape=out_shape,
     compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
     interpret=interpret,
     name="mmjax_pooled_topk",
   )(qp, kp, q_lim, k_lim, *extra)
+  idx, vals = unpack(out[0], qp.dtype) if packed else out
   if sort_blocks:  # the rows back in their order
     inv = jnp.zeros_like(q_order).at[q_order].set(jnp.arange(n_q, dtype=jnp.int32))
     idx, vals = idx[inv], vals[inv]
