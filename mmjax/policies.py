@@ -414,9 +414,9 @@ class Grid(Policy):
   they see, as for the vertical-slash estimate. "window": over the keys the estimate
   looks at, those within its largest offset (about 4.5 max_stride) before the
   earliest of those queries; the rest of the sequence is never read. Rows are weighted
-  by their local mass instead of their mass over all keys. The stride picks on the
-  planted suite are the same (`results/grid_estimate_cost_cpu/`), and at 1M tokens the
-  estimate reads 2% of the keys.
+  by their local mass instead of their mass over all keys. The planted suite's grid and
+  2D-boundary heads get the same strides, 16k-128k (`results/grid_estimate_cost_cpu/`),
+  and at 1M tokens the estimate reads 2% of the keys.
 
   pool_tokens: the pooled query and key means that score blocks for `top_k_blocks` are
   over at most pool_tokens evenly spaced tokens of each block (view order; 0: every
