@@ -83,11 +83,13 @@ def write_atomic(path: str, text: str) -> None:
 def write_run_files(workdir: str, config_dict: dict, seed: int | None = None) -> None:
   """Writes config.json and manifest.json into workdir (created if needed), each
   atomically (the shards of a sweep write the same workdir's)."""
+  # the manifest first: a workdir inside the checkout would otherwise count its own new
+  # config.json as a change to the code (git_dirty)
+  man = json.dumps(manifest(seed), indent=2, sort_keys=True)
   os.makedirs(workdir, exist_ok=True)
   text = json.dumps(config_dict, indent=2, sort_keys=True)
   write_atomic(os.path.join(workdir, "config.json"), text)
-  text = json.dumps(manifest(seed), indent=2, sort_keys=True)
-  write_atomic(os.path.join(workdir, "manifest.json"), text)
+  write_atomic(os.path.join(workdir, "manifest.json"), man)
 
 
 def xla_flags_with_device_count(flags: str, count: int) -> str:

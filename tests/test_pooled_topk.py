@@ -90,6 +90,15 @@ class TopKTests:
     qp, kp = qp.astype(jnp.bfloat16), kp.astype(jnp.bfloat16)
     self.check(qp, kp, q_lim, k_lim, 8, block_m=32, block_n=64)
 
+  def test_bfloat16_inputs_past_the_packed_columns(self, monkeypatch):
+    """bf16 inputs with more key blocks than a packed key holds (here: the limit set to
+    0) take the (value, column) slots; the same picks. (Shapes of their own: the jitted
+    call reads the limit when it traces.)"""
+    monkeypatch.setattr(kernel, "MAX_PACKED_COLUMNS", 0)
+    qp, kp, q_lim, k_lim = inputs(9, 48, 192, 64)
+    qp, kp = qp.astype(jnp.bfloat16), kp.astype(jnp.bfloat16)
+    self.check(qp, kp, q_lim, k_lim, 6, block_m=16, block_n=64)
+
   @pytest.mark.parametrize(
     "n_q, n_k, h, k, tiles",
     [(64, 256, 128, 8, (16, 32)), (100, 300, 32, 5, (32, 64)), (32, 40, 32, 40, (16, 16))],

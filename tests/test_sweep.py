@@ -747,3 +747,22 @@ def test_main_workers_and_shard_by_process(fake_config, tmp_path):
     cmd + ["--shard_by_process", "--workers=2"], cwd=ROOT, capture_output=True, text=True
   )
   assert bad.returncode != 0 and "--shard_by_process takes neither" in bad.stderr
+
+
+def test_manifest_describes_the_code_before_the_run_files(tmp_path, monkeypatch):
+  """write_run_files takes the manifest before it writes config.json: a workdir inside
+  the checkout must not count its own new config.json as a change (git_dirty)."""
+  cfg_file = tmp_path / "config.json"
+
+  def fake_git(*args):
+    if args[0] == "rev-parse":
+      return "0" * 40
+    return " M results/config.json" if cfg_file.exists() else ""  # (git status)
+
+  monkeypatch.setattr(runinfo, "_git", fake_git)
+  runinfo.write_run_files(str(tmp_path), {"seed": 0}, 0)
+  man = json.loads((tmp_path / "manifest.json").read_text())
+  assert man["git_dirty"] is False and man["git_commit"] == "0" * 40
+  assert json.loads(cfg_file.read_text()) == {"seed": 0}
+  runinfo.write_run_files(str(tmp_path), {"seed": 1}, 1)  # (a dirty tree says so)
+  assert json.loads((tmp_path / "manifest.json").read_text())["git_dirty"] is True

@@ -35,8 +35,9 @@ that each program's allowed keys are a prefix of the sorted keys: a program visi
 the tiles of that prefix (a count per program, from a binary search), with the key
 blocks' own column ids. Columns then arrive out of order, which the order above handles
 (an entry replaces a worst slot of equal value when its column is lower). The same picks;
-the rows are put back in their order at the end. (On an H200 it was no faster, and the
-packed keys saved 6% of grid's 1M picks, 5.90 -> 5.57 ms: h200_2026-12-02e/f.)
+the rows are put back in their order at the end. (On an H200 the packed keys saved 6% of grid's
+1M picks, 5.90 -> 5.57 ms; sorted blocks then save 9% more, 5.53 -> 5.03 ms, but their
+sorts cost the plan more than that: h200_2026-12-02f.)
 """
 
 from __future__ import annotations
