@@ -51,6 +51,9 @@ def get_config(arg: str | None = None):
   # the budget fields, at their defaults, so `--config.policy_kwargs.<p>.<field>=` works
   for name, fields in search.BUDGET_FIELDS.items():
     sweep.add_policy_defaults(c, name, *fields)
+  # the grid estimate's options, e.g. the estimate before 1e0ef2f:
+  # --config.policy_kwargs.grid.stride_norm=all --config.policy_kwargs.grid.pool_tokens=0
+  sweep.add_policy_defaults(c, "grid", "stride_norm", "pool_tokens")
   # attention maps with the plan's mask, before and after the permutation (the paper's
   # grid and boundary figures): the grid head under grid, the 2D-boundary head under it.
   kinds = list(c.head_kinds)

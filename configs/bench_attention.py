@@ -16,6 +16,8 @@ backend), "xla" (the same with the xla backend, to 128k), "smoke" (tiny, CPU, xl
 
 import ml_collections
 
+from mmjax import sweep
+
 POLICIES = ("a_shape", "vertical_slash", "block_sparse", "grid", "q_boundary", "2d_boundary")
 # mminference with no kwargs: head i runs POLICIES[i % 6] at its default budget
 # (`mmjax.bench.cycle_table_policy`); give policy_kwargs.mminference.table_path for a
@@ -89,6 +91,10 @@ def get_config(arg: str | None = None):
   c.text_prefix = 256
   c.policies = ALL
   c.policy_kwargs = ml_collections.ConfigDict({n: ml_collections.ConfigDict({}) for n in ALL})
+  # the grid estimate's options (the grid row and mminference's grid heads), e.g. the
+  # estimate before 1e0ef2f: --config.policy_kwargs.grid.stride_norm=all
+  # --config.policy_kwargs.grid.pool_tokens=0
+  sweep.add_policy_defaults(c, "grid", "stride_norm", "pool_tokens")
   if arg == "xla":
     c.backend = "xla"
     c.lengths = (16384, 65536, 131072)
