@@ -72,6 +72,8 @@ def _policy(spec):
       kw[key] = val
   pol = policies.get(name.strip(), block_q=128, block_k=64, **kw)
   if sub:
+    if not hasattr(pol, "patterns"):
+      raise SystemExit(f"--policies: {name!r} has no sub-patterns for the grid.* fields")
     pats = tuple(
       (pair, dataclasses.replace(p, **sub) if p.name == "grid" else p) for pair, p in pol.patterns
     )
