@@ -102,6 +102,17 @@ def _kernel(
     out_refs[1][...] = vals
 
 
+def input_specs(block_m, n_k, h):
+  """The BlockSpecs of (qp, kp, q_lim, k_lim) for a grid of one program per `block_m`
+  query blocks: its query rows and their limits, every key block and limit."""
+  return [
+    pl.BlockSpec((block_m, h), lambda i: (i, 0)),
+    pl.BlockSpec((n_k, h), lambda i: (0, 0)),
+    pl.BlockSpec((block_m,), lambda i: (i,)),
+    pl.BlockSpec((n_k,), lambda i: (0,)),
+  ]
+
+
 def _pack(s, cols):
   """16-bit scores s [bm, bn] (bf16 or f16) and their columns -> int32 keys in the top-k
   order: the score's bits made order-preserving in the high half (negative values'
@@ -292,13 +303,7 @@ def _call(
   out = pl.pallas_call(
     kernel,
     grid=(n_q // block_m,),
-    in_specs=[
-      pl.BlockSpec((block_m, h), lambda i: (i, 0)),
-      pl.BlockSpec((n_k, h), lambda i: (0, 0)),
-      pl.BlockSpec((block_m,), lambda i: (i,)),
-      pl.BlockSpec((n_k,), lambda i: (0,)),
-      *extra_specs,
-    ],
+    in_specs=[*input_specs(block_m, n_k, h), *extra_specs],
     out_specs=[pl.BlockSpec((block_m, slots), lambda i: (i, 0))] * len(out_shape),
     out_shape=out_shape,
     compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
