@@ -126,10 +126,10 @@ def _pack(s, cols):
 
 def unpack(keys, dtype):
   """The kernel's packed keys [.., k] -> (idx int32, vals in dtype; -inf / 0 where empty)."""
-  hi = keys >> 16
-  hi = jnp.where(hi < 0, hi ^ 0x7FFF, hi).astype(jnp.int16)
+  ordered = keys >> 16
+  empty = ordered == -(2**15)  # (no score's key: that would be a NaN's)
+  hi = jnp.where(ordered < 0, ordered ^ 0x7FFF, ordered).astype(jnp.int16)
   vals = jax.lax.bitcast_convert_type(hi, dtype)
-  empty = (keys >> 16) == -(2**15)  # (no score's key: that would be a NaN's)
   idx = jnp.where(empty, 0, 0xFFFF - (keys & 0xFFFF))
   return idx.astype(jnp.int32), jnp.where(empty, -jnp.inf, vals).astype(dtype)
 
