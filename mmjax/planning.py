@@ -1137,10 +1137,10 @@ def pool_side(v: HeadView, side, sels):
   blk, n = v.length // nb, v.pool_tokens
   e = blk // n if 0 < n < blk else 1
   take = oks if e == 1 else [ok[::e] for ok in oks]
+  if e > 1:  # the view rows read: x's row at every e-th view index
+    perm = (jnp.arange(v.length, dtype=jnp.int32) if perm is None else perm)[::e]
   if pool_impl() == "pallas":
     bits = sum(ok.astype(jnp.int32) << i for i, ok in enumerate(take))
-    if e > 1:
-      perm = (jnp.arange(v.length, dtype=jnp.int32) if perm is None else perm)[::e]
     means = block_mean(
       x.x,
       bits,
@@ -1152,8 +1152,9 @@ def pool_side(v: HeadView, side, sels):
       interpret=_interpret(),
     )
   else:
-    xv = v.q if side == "q" else v.k
-    means = [_masked_mean(xv[::e], ok, nb) for ok in take]
+    # (sampled: only those rows gathered, not the whole view)
+    xv = (v.q if side == "q" else v.k) if e == 1 else x.rows(perm)
+    means = [_masked_mean(xv, ok, nb) for ok in take]
   for i, (sel, ok) in enumerate(zip(sels, oks, strict=True)):
     v.pooled[side, sel] = (means[i], ok.reshape(nb, -1).any(-1))
 

@@ -209,8 +209,9 @@ class SearchConfig:
   # sinks are columns: 4.0 lets every pattern reach the default budget)
   scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
   max_density: float = 0.4
-  # (0.01 gave the planted 2D-boundary heads to grid, within 0.01 of their recall since
-  # a grid's sinks are columns: results/search_synthetic/sensitivity.md)
+  # (at 20a325f, 0.01 gave the planted 2D-boundary heads to grid, within 0.01 of their
+  # recall once a grid's sinks were columns; since the grid estimate changed, f1b5bfa,
+  # 0.005 and 0.01 both give 17 of 18: results/search_synthetic/sensitivity.md)
   tie: float = 0.005
   last_q: int = 64
   sample_blocks: int = 16
