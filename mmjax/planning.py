@@ -830,7 +830,8 @@ def last_query_mass(
   (static, < L): only slash[:W] is wanted, and no col (None); the kernel then computes p
   only near the rows' bases (the same sums). window=True (with max_offset): each row's
   softmax is over the keys from W - 1 before the earliest row's base on, not over all
-  keys, so only those keys are read (`Grid.stride_norm="window"`).
+  keys, so only those keys are read (`Grid.stride_norm="window"`), by programs launched
+  for about the window's tiles (`span_tiles`), not for every tile.
   """
   rows, row_ok = _last_rows(v, q_mod, last_q, use_mod)
   base = base_of(rows).astype(jnp.int32)
@@ -846,13 +847,19 @@ def last_query_mass(
     return (p.sum(0), slash) if max_offset is None else (None, slash[:max_offset])
   n_r = rows.shape[0]
   n_pad = max(16, 1 << (n_r - 1).bit_length()) - n_r  # the kernel's rows: a power of 2
-  # the view indices holding k_mod's keys, [lo, hi): the kernel reads only those tiles (a
-  # modality group of a grouped view: the 2D boundary's text estimate reads the text keys)
-  at = jnp.arange(v.length, dtype=jnp.int32)
-  lo = jnp.min(jnp.where(kok, at, v.length))
-  hi = jnp.maximum(jnp.max(jnp.where(kok, at, -1)) + 1, lo)
   q_rows = jnp.pad(v.q_src.rows(v.q_pos[rows]), ((0, n_pad), (0, 0)))
   q_lim = jnp.pad(jnp.where(row_ok, v.q_pos[rows], -1), (0, n_pad), constant_values=-1)
+  # the view indices of the keys some row may see, [lo, hi): the kernel reads only those
+  # tiles (a modality group of a grouped view: the 2D boundary's text estimate reads the
+  # text keys; the window's keys, up to the last row's)
+  at = jnp.arange(v.length, dtype=jnp.int32)
+  seen = kok & (v.k_pos <= jnp.max(q_lim))
+  lo = jnp.min(jnp.where(seen, at, v.length))
+  hi = jnp.maximum(jnp.max(jnp.where(seen, at, -1)) + 1, lo)
+  tile = min(128, v.length & -v.length)
+  span = None
+  if window and max_offset is not None:  # the window's tiles, with the rows' own spread
+    span = -(-(max_offset + 2 * (n_r + n_pad)) // tile) + 2
   return attention_mass(
     q_rows,
     v.k_src.x,
@@ -862,11 +869,12 @@ def last_query_mass(
     scale=v.scale,
     perm=v.k_perm,
     index=v.k_src.index(),
-    tile=min(128, v.length & -v.length),
+    tile=tile,
     heads_inner=bool(MASS_HEADS_INNER),
     p_dtype=MASS_P_DTYPE,
     max_offset=max_offset,
     key_range=jnp.stack([lo, hi]).astype(jnp.int32),
+    span_tiles=span,
     interpret=_interpret(),
   )
 

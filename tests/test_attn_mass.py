@@ -174,6 +174,38 @@ class MassTests:
         assert not np.asarray(col[i])[np.asarray(barred[i]) == 2**30].any()
     assert float(slash[0].sum()) > 0.1 and not np.asarray(slash[2]).any()  # the empty range
 
+  @pytest.mark.parametrize(
+    "span, tiles, ranged, heads_inner",
+    [(1, 1, False, False), (3, 2, True, True), (5, 8, True, False), (64, 2, False, True)],
+  )
+  def test_span_tiles(self, span, tiles, ranged, heads_inner):
+    """span_tiles: programs for `span` tiles from the first visited one. A window (and a
+    key range) wider than that is shared out, a loop per program (span 1, 3, 5 over a
+    window of about 6 tiles of 32 keys), and a span past L is cut to L's tiles; the slash
+    sums are the reference's, per head (bases and ranges of their own) under vmap."""
+    q, k, key_lim, q_lim, base, perm = inputs(17, 16, 512, 32)
+    bases = jnp.stack([base, jnp.where(base >= 0, base - 200, -1)])
+    ranges = jnp.asarray([[250, 512], [0, 400]], jnp.int32)
+    qs = jnp.stack([q, -q])
+    kw = dict(scale=0.3, perm=perm)
+
+    def run(qh, bh, r):
+      return attention_mass(
+        qh, k, key_lim, q_lim, bh, key_range=r if ranged else None, tile=32, tiles=tiles,
+        heads_inner=heads_inner, max_offset=150, span_tiles=span, interpret=self.interpret,
+        **kw,
+      )  # fmt: skip
+
+    col, slash = jax.vmap(run)(qs, bases, ranges)
+    assert col is None and slash.shape == (2, 150)
+    j = jnp.arange(512)
+    for i in range(2):
+      r = ranges[i]
+      kl = jnp.where((j < r[0]) | (j >= r[1]), 2**30, key_lim) if ranged else key_lim
+      _, want = attention_mass_reference(qs[i], k, kl, q_lim, bases[i], **kw)
+      np.testing.assert_allclose(np.asarray(slash[i]), np.asarray(want[:150]), rtol=2e-5, atol=1e-6)
+      assert float(slash[i].sum()) > 0.1
+
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
   def test_other_dtypes(self, dtype):
     self.check(*inputs(3, 16, 256, 64, dtype), tile=64)
@@ -306,6 +338,10 @@ class TestInterpret(MassTests):
       call(q, k, key_lim, q_lim, base, p_dtype="bfloat16")
     with pytest.raises(ValueError, match="max_offset must be in"):
       call(q, k, key_lim, q_lim, base, max_offset=129)
+    with pytest.raises(ValueError, match="span_tiles=4 must be >= 1, with max_offset"):
+      call(q, k, key_lim, q_lim, base, span_tiles=4)
+    with pytest.raises(ValueError, match="span_tiles=0 must be"):
+      call(q, k, key_lim, q_lim, base, span_tiles=0, max_offset=8)
     with pytest.raises(ValueError, match="key_range must be int32"):
       call(q, k, key_lim, q_lim, base, key_range=jnp.asarray([0, 5, 9], jnp.int32))
     with pytest.raises(ValueError, match="key_range must be int32"):

@@ -68,7 +68,7 @@ def _probe_kernel(qp_ref, kp_ref, qlim_ref, klim_ref, out_ref, *, stage, scale, 
       cols = t * block_n + jnp.arange(block_n, dtype=jnp.int32)
       key = jnp.where(
         k_lim[None, :] <= q_lim[:, None],
-        topk_kernel._pack(s.astype(qp_ref.dtype), cols),
+        topk_kernel._pack(s, cols),
         topk_kernel._EMPTY,
       )
       return jnp.maximum(acc, jnp.max(key, axis=1).astype(jnp.float32))

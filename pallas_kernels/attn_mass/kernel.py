@@ -23,8 +23,12 @@ is written once:
 
 With `max_offset` W (the grid stride's estimate reads the first few diagonals only) the
 column sums are not made and passes 2 and 3 visit only the key tiles within W of some
-row's base (the other programs of pass 2 return at once): pass 1 still reads every key,
-since each row's softmax is over all of them, and the slash sums are the same numbers.
+row's base (the other programs of pass 2 return at once): pass 1 reads every key of the
+key range (all of them without one), since each row's softmax is over those, and the
+slash sums are the same numbers. A window of W keys is a few % of a long sequence, so
+with `span_tiles` the two passes launch programs for about the tiles they visit, from the
+first one on (the window and the range are data: a wider one is shared out, a loop in
+each program), instead of programs for every tile of L that return at once.
 
 p is stored in f32, or with `p_dtype=float16` as p * 2^15 in f16 (half the traffic of
 passes 2 and 3; p <= 1 stays below f16's maximum and p >= 2e-9 stays a normal number, so
@@ -109,17 +113,26 @@ def _with_heads(kernel, per_head):
   return wrapped
 
 
-def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, ranged, heads):
+def _stats_kernel(
+  *refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, ranged, spanned, heads
+):
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
   range_ref = rest.pop(0) if ranged else None
   q_ref, k_ref, klim_ref, qlim_ref, m_ref, l_ref = rest
   src = (q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref)
-  first, count = _tile_range(tiles, n_tiles, heads)
   key_range, tile_range = _range_of(range_ref, heads, tile)
-  if ranged:  # only this program's tiles that hold keys of the range
-    end = jnp.minimum(first + count, tile_range[1])
-    first = jnp.maximum(first, tile_range[0])
-    count = jnp.maximum(end - first, 0)
+  if spanned:  # the programs share the range's tiles: `tiles` each, more if it is wider
+    lo, hi = tile_range if ranged else (0, n_tiles)
+    n_progs = pl.num_programs(0 + (heads.h is not None))
+    per = jnp.maximum(tiles, (hi - lo + n_progs - 1) // n_progs)
+    first = lo + heads.program_id(0) * per
+    count = jnp.clip(jnp.minimum(first + per, hi) - first, 0, per)
+  else:
+    first, count = _tile_range(tiles, n_tiles, heads)
+    if ranged:  # only this program's tiles that hold keys of the range
+      end = jnp.minimum(first + count, tile_range[1])
+      first = jnp.maximum(first, tile_range[0])
+      count = jnp.maximum(end - first, 0)
 
   def body(i, carry):  # online max and sum over this program's tiles
     m, l = carry
@@ -136,11 +149,13 @@ def _stats_kernel(*refs, tile, tiles, n_tiles, n_rows, scale, gather, in_place, 
   heads.set("out", l_ref, (p, slice(None)), l)
 
 
-def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged, heads):
+def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged, spanned, heads):
   """One key tile per program, as straight-line code (a loop over tiles, with the stores
   inside it, ran 1.4-1.6x slower on an H200). windowed: no column sums, and only the
   tiles in [window[0], window[1]] are computed (the others return). ranged: tiles outside
-  the key range write zero column sums and return."""
+  the key range write zero column sums and return. spanned (windowed): the programs are
+  laid over the window's tiles from its first on, one tile each, or an equal share each
+  (a loop) when the window is wider than the grid."""
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
   range_ref = rest.pop(0) if ranged else None
   if windowed:
@@ -148,10 +163,9 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
   else:
     q_ref, k_ref, klim_ref, qlim_ref, m_ref, inv_ref, col_ref, p_ref = rest
   src = (q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref)
-  t = heads.program_id(0)
   key_range, tile_range = _range_of(range_ref, heads, tile)
 
-  def body():
+  def body(t):
     m, inv = heads.get("out", m_ref), heads.get("out", inv_ref)
     s, allowed = _scores(src, t, heads, tile=tile, scale=scale, key_range=key_range)
     p = jnp.where(allowed, jnp.exp(s - m[:, None]) * inv[:, None], 0.0)
@@ -161,9 +175,24 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
       p = (p * P_SCALE_F16).astype(jnp.float16)
     heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), p)
 
+  if spanned:  # the tiles [c0, c1]: the window's (the window comes from base, per head)
+    c0, c1 = heads.get("base", win_ref, 0), heads.get("base", win_ref, 1)
+    if ranged:
+      c0, c1 = jnp.maximum(c0, tile_range[0]), jnp.minimum(c1, tile_range[1] - 1)
+    n_progs = pl.num_programs(0 + (heads.h is not None))
+    per = jnp.maximum(1, (c1 - c0 + n_progs) // n_progs)
+    t0 = c0 + heads.program_id(0) * per
+    pl.when(t0 <= c1)(lambda: body(t0))
+
+    def more(i, carry):  # (only when the window is wider than the grid)
+      pl.when(t0 + i <= c1)(lambda: body(t0 + i))
+      return carry
+
+    jax.lax.fori_loop(1, per, more, 0)
+    return
+  t = heads.program_id(0)
   run = None
   if windowed:
-    # (the window comes from base: per head where base is)
     run = (t >= heads.get("base", win_ref, 0)) & (t <= heads.get("base", win_ref, 1))
   if ranged:
     inside = (t >= tile_range[0]) & (t < tile_range[1])
@@ -175,9 +204,9 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
         heads.set("out", col_ref, (pl.ds(t * tile, tile),), jnp.zeros((tile,), jnp.float32))
 
   if run is None:
-    body()
+    body(t)
   else:
-    pl.when(run)(body)
+    pl.when(run)(lambda: body(t))
 
 
 def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged):
@@ -219,6 +248,7 @@ def attention_mass(
   p_dtype: str = "float32",
   max_offset: int | None = None,
   key_range=None,
+  span_tiles: int | None = None,
   interpret: bool = False,
 ):
   """Column and diagonal sums of the softmax of a few query rows against all keys.
@@ -248,6 +278,12 @@ def attention_mass(
       be allowed (the others are not, whatever key_lim says), and only the key tiles
       that hold them are read (the caller's range of the allowed keys: the same numbers,
       fewer reads).
+    span_tiles: with max_offset, about how many key tiles the keys that pass 1 reads
+      (key_range's, or all) and pass 2's window span (static; a window is data): both
+      passes launch programs for that many tiles, from the first tile they visit, not
+      for all L / tile, and a wider span is shared out (a loop per program), the same
+      numbers. None: programs over every tile, most of which return at once when the
+      window is narrow.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -288,6 +324,8 @@ def attention_mass(
     raise ValueError(f"p_dtype must be one of {P_DTYPES}; got {p_dtype!r}")
   if max_offset is not None and not 1 <= int(max_offset) <= length:
     raise ValueError(f"max_offset must be in [1, L={length}] or None; got {max_offset}")
+  if span_tiles is not None and (max_offset is None or int(span_tiles) < 1):
+    raise ValueError(f"span_tiles={span_tiles} must be >= 1, with max_offset, or None")
   if key_range is not None and (key_range.shape != (2,) or key_range.dtype != jnp.int32):
     got = f"{key_range.dtype} {key_range.shape}"
     raise ValueError(f"key_range must be int32 (lo, hi) of shape (2,) or None; got {got}")
@@ -295,6 +333,7 @@ def attention_mass(
     scale=float(scale),
     p_dtype=p_dtype,
     max_offset=None if max_offset is None else int(max_offset),
+    span_tiles=None if span_tiles is None else int(span_tiles),
     tile=tile,
     tiles=max(1, int(tiles)),
     num_warps=num_warps,
@@ -318,11 +357,13 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   scale, tile, tiles = static["scale"], static["tile"], static["tiles"]
   p_dtype, max_offset = static["p_dtype"], static["max_offset"]
   num_warps, interpret = static["num_warps"], static["interpret"]
+  span = static["span_tiles"]
   lead = (n_heads,) if per_head else ()
   n_rows = q.shape[-2]
   length = key_lim.shape[-1]
   n_tiles = length // tile
-  n_progs = -(-n_tiles // tiles)
+  spanned = span is not None
+  n_progs = -(-(min(span, n_tiles) if spanned else n_tiles) // tiles)
   gather, in_place, ranged = perm is not None, index is not None, key_range is not None
   head = ([index] if in_place else []) + ([perm] if gather else [])
   head += [key_range] if ranged else []
@@ -341,7 +382,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   args = head + [q, k, key_lim, q_lim]
   stats = lead + (n_progs, n_rows)
   m_t, l_t = pl.pallas_call(
-    kernel(_stats_kernel, n_rows=n_rows, tiles=tiles, n_tiles=n_tiles, **common),
+    kernel(_stats_kernel, n_rows=n_rows, tiles=tiles, n_tiles=n_tiles, spanned=spanned, **common),
     grid=lead + (n_progs,),
     in_specs=[whole(a.shape) for a in args],
     out_specs=[whole(stats)] * 2,
@@ -372,8 +413,8 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   else:
     outs = [(whole(lead + (length,)), jax.ShapeDtypeStruct(lead + (length,), jnp.float32)), p_spec]
   *col, p = pl.pallas_call(
-    kernel(_mass_kernel, p_dtype=p_dtype, windowed=windowed, **common),
-    grid=lead + (n_tiles,),
+    kernel(_mass_kernel, p_dtype=p_dtype, windowed=windowed, spanned=spanned, **common),
+    grid=lead + (min(span, n_tiles) if spanned else n_tiles,),
     in_specs=[whole(a.shape) for a in args],
     out_specs=[spec for spec, _ in outs],
     out_shape=[shape for _, shape in outs],
@@ -416,7 +457,9 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   return col, slash[..., :n_offsets]
 
 
-_STATIC = ("scale", "tile", "tiles", "num_warps", "p_dtype", "max_offset", "interpret")
+_STATIC = (
+  "scale", "tile", "tiles", "num_warps", "p_dtype", "max_offset", "span_tiles", "interpret"
+)  # fmt: skip
 _call = jax.jit(
   functools.partial(_passes, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
 )

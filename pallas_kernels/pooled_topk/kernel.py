@@ -14,10 +14,11 @@ Algorithm, one program per `block_m` rows (q tile in registers):
     skip it if no pair is allowed (max q_lim < min k_lim)
     s = qp kp^T * scale, rounded to the inputs' dtype          [bm, bn], the same dot as
                                                                pooled_scores' tile
-    key = (order-preserving bits of s) << 16 | (0xFFFF - column), the lowest key where
-          k_lim[j] > q_lim[i]                                   (bf16 inputs)
-    while some row's best remaining key beats its worst slot:
-      rows whose best b beats their worst slot w: w takes b; entry b is used up
+    key = s's f32 bits, order-preserving, | (0xFFFF - column);  (bf16 inputs: s rounded
+          the lowest key where k_lim[j] > q_lim[i]               to bf16 has 16 zero bits)
+    b = each row's greatest key
+    while some row's b beats its worst slot w:
+      rows where b > w: w takes b;  then b = the row's greatest key below b
   store the slots                                               [bm, k] (as a set)
 
 The slots are the top k under the order (value descending, column ascending), the order
@@ -54,7 +55,7 @@ from pallas_kernels.pooled_scores.kernel import check_pooled, dot_tf32, pad_to_t
 _BIG = 2**30
 _EMPTY = -(2**31)  # the packed key of a pair that is not allowed (empty slots: _EMPTY + slot)
 _FULL = 2**31 - 1  # the packed key of a slot past k: never the worst, never replaced
-MAX_PACKED_COLUMNS = 2**16  # 16-bit inputs' keys hold the column in their low 16 bits
+MAX_PACKED_COLUMNS = 2**16  # bf16 inputs' keys hold the column in their low 16 bits
 
 
 def _kernel(
@@ -82,7 +83,7 @@ def _kernel(
       s = plgpu.dot(q, kp, trans_b=True, allow_tf32=tf32) * scale  # [bm, bn]
       allowed = k_lim[None, :] <= q_lim[:, None]
       if packed:
-        key = jnp.where(allowed, _pack(s.astype(dtype), cols), _EMPTY)
+        key = jnp.where(allowed, _pack(s, cols), _EMPTY)
         return _insert_packed(key, carry)
       s = jnp.where(allowed, s, -jnp.inf)
       s = s.astype(dtype).astype(jnp.float32)  # (pooled_scores' values: rounded)
@@ -114,14 +115,16 @@ def input_specs(block_m, n_k, h):
 
 
 def _pack(s, cols):
-  """16-bit scores s [bm, bn] (bf16 or f16) and their columns -> int32 keys in the top-k
-  order: the score's bits made order-preserving in the high half (negative values'
-  magnitude bits flipped; -0 counted as +0), 0xFFFF - column in the low half, so that
-  of equal scores the lower column has the greater key."""
+  """f32 scores s [bm, bn] and their columns -> int32 keys in the top-k order of the scores
+  rounded to bf16: the rounded score's f32 bits (bf16's 16 bits, then 16 zero bits) made
+  order-preserving (a negative value's magnitude bits flipped; -0 counted as +0), the low
+  half then set to 0xFFFF - column, so that of equal scores the lower column has the
+  greater key. (Computed on the f32 bits: no 16-bit integers, one conversion.)"""
+  s = s.astype(jnp.bfloat16).astype(jnp.float32)
   s = jnp.where(s == 0, jnp.zeros_like(s), s)  # (-0 -> +0: equal scores, equal keys)
-  hi = jax.lax.bitcast_convert_type(s, jnp.int16).astype(jnp.int32)  # sign-extended
-  hi = jnp.where(hi < 0, hi ^ 0x7FFF, hi)
-  return (hi << 16) | (0xFFFF - cols[None, :])
+  bits = jax.lax.bitcast_convert_type(s, jnp.int32)
+  bits = bits ^ ((bits >> 31) & 0x7FFF0000)
+  return bits | (0xFFFF - cols[None, :])
 
 
 def unpack(keys, dtype):
@@ -136,23 +139,28 @@ def unpack(keys, dtype):
 
 def _insert_packed(key, slots):
   """Moves a tile's entries (packed keys [bm, bn]) into the slots [bm, slots]: while some
-  row's best remaining key beats its worst slot, that slot takes it (one per row and
-  pass). One comparison of keys orders by (score, column) in any column order."""
+  row's best entry not yet offered beats its worst slot, that slot takes it (one per row
+  and pass). One comparison of keys orders by (score, column) in any column order. Keys
+  are distinct, so each pass offers the greatest key below the last one offered and the
+  tile itself is never rewritten; a row whose offer fails has no later offer that could
+  succeed (its offers fall, its worst slot only rises)."""
 
   def more(state):
-    _, _, best, worst = state
+    _, best, worst = state
     # (an int max: the Triton lowering has no reduce_or for jnp.any)
     return jnp.max((best > worst).astype(jnp.int32)) > 0
 
   def take(state):
-    key, slots, best, worst = state
+    slots, best, worst = state
     ins = (best > worst)[:, None]
     slots = jnp.where(ins & (slots == worst[:, None]), best[:, None], slots)
-    key = jnp.where(ins & (key == best[:, None]), _EMPTY, key)
-    return key, slots, jnp.max(key, axis=1), jnp.min(slots, axis=1)
+    best = jnp.max(jnp.where(key < best[:, None], key, _EMPTY), axis=1)
+    return slots, best, jnp.min(slots, axis=1)
 
-  state = (key, slots, jnp.max(key, axis=1), jnp.min(slots, axis=1))
-  return jax.lax.while_loop(more, take, state)[1]
+  # (the first pass unconditionally: most tiles move an entry into some row, and the test
+  # before it is a reduction over the whole program's rows)
+  state = take((slots, jnp.max(key, axis=1), jnp.min(slots, axis=1)))
+  return jax.lax.while_loop(more, take, state)[0]
 
 
 def _insert(s, cols, slot, vals, idx):
@@ -272,7 +280,7 @@ def _call(
   qp, kp, q_lim, k_lim = pad_to_tiles(qp, kp, q_lim, k_lim, block_m, block_n)
   n_q, n_k = qp.shape[0], kp.shape[0]
   slots = max(2, 1 << (k - 1).bit_length())  # (a power of two for the register arrays)
-  packed = jnp.dtype(qp.dtype).itemsize == 2 and n_k <= MAX_PACKED_COLUMNS
+  packed = qp.dtype == jnp.bfloat16 and n_k <= MAX_PACKED_COLUMNS
   tf32 = dot_tf32(qp.dtype, tf32)
   kernel = functools.partial(
     _kernel,
