@@ -79,6 +79,9 @@ def get_config(arg: str | None = None):
   # pooled_topk with the blocks sorted by their limits in grid views (None: as planning
   # has it; --config.planner.score_topk_sort=True)
   c.planner.score_topk_sort = ml_collections.config_dict.placeholder(bool)
+  # blocks per block_pool program for the sampled means (None: as planning has it;
+  # --config.planner.pool_group=16)
+  c.planner.pool_group = ml_collections.config_dict.placeholder(int)
   c.warmup = 2
   c.iters = 10
   # the plan alone is timed over max(iters, plan_iters) calls: a plan takes milliseconds,

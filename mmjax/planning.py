@@ -158,6 +158,15 @@ POOL_IMPL = None
 # 1.92 ms, the 2D boundary's 3.69 -> 3.59; grid's (each head its own order) unchanged
 # (benchmarks/results/h200_2026-12-02d; tools/pool_bench.py times both).
 POOL_HEADS_INNER = True
+# Blocks per block_pool program for the sampled means (`Grid.pool_tokens`: blocks of 16
+# view rows): 1, a program per block and a reduction per selection (as before), or a power
+# of two >= 16, that many blocks per program and one dot of 0/1 weights per selection
+# (`block_mean(group=...)`; the same means up to the order of the f32 sums). Applied where
+# it divides a side's blocks and a program reads at most 512 rows. At 1M tokens the
+# block-per-program means took 0.82 + 0.41 ms of grid's plan and 2.47 + 1.24 ms of the 2D
+# boundary's (h200_2026-12-02g), about 3x for its three selections; not yet measured on a
+# GPU with groups (`tools/plan_trace.py --pool_group 16`, `tools/pool_bench.py`): 1.
+POOL_GROUP = 1
 # The last-query estimates' column and diagonal sums: "pallas" (pallas_kernels.attn_mass:
 # the scores stay in registers, two passes over the keys read in place, p written once
 # and its diagonals summed by a third), "xla" (scores and softmax in XLA, `slash_sums`),
@@ -278,6 +287,7 @@ def kernel_settings_dict():
     mass_heads_inner=bool(MASS_HEADS_INNER),
     mass_p_dtype=MASS_P_DTYPE,
     pool_heads_inner=bool(POOL_HEADS_INNER),
+    pool_group=_pool_group_setting(),
   )
 
 
@@ -296,6 +306,7 @@ SETTING_NAMES = {
   "mass_heads_inner": "MASS_HEADS_INNER",
   "mass_p_dtype": "MASS_P_DTYPE",
   "pool_heads_inner": "POOL_HEADS_INNER",
+  "pool_group": "POOL_GROUP",
 }
 
 
@@ -325,6 +336,13 @@ def settings(**overrides):
   finally:
     for name, value in old.items():
       g[SETTING_NAMES[name]] = value
+
+
+def _pool_group_setting():
+  g = POOL_GROUP
+  if isinstance(g, bool) or not isinstance(g, int) or not (g == 1 or (g >= 16 and not g & (g - 1))):
+    raise ValueError(f"planning.POOL_GROUP must be 1 or a power of two >= 16; got {g!r}")
+  return g
 
 
 def _on_gpu():
@@ -1149,6 +1167,8 @@ def pool_side(v: HeadView, side, sels):
     perm = (jnp.arange(v.length, dtype=jnp.int32) if perm is None else perm)[::e]
   if pool_impl() == "pallas":
     bits = sum(ok.astype(jnp.int32) << i for i, ok in enumerate(take))
+    group = _pool_group_setting()  # (blocks per program, where it fits: POOL_GROUP)
+    group = group if nb % group == 0 and group * (blk // e) <= 512 else 1
     means = block_mean(
       x.x,
       bits,
@@ -1157,6 +1177,7 @@ def pool_side(v: HeadView, side, sels):
       rows=perm,
       index=x.index(),
       heads_inner=bool(POOL_HEADS_INNER),
+      group=group,
       interpret=_interpret(),
     )
   else:

@@ -53,6 +53,36 @@ class BlockPoolTests:
     out = self.check(x, bits[::4], rows[::4], 16, 2)
     assert out.shape == (2, 16, 64)
 
+  @pytest.mark.parametrize(
+    "dtype, group, gather, block", [(jnp.float32, 16, True, 16), (jnp.bfloat16, 32, False, 16),
+                                    (jnp.float16, 16, True, 32)],
+  )  # fmt: skip
+  def test_groups_of_blocks(self, dtype, group, gather, block):
+    """group: each program sums `group` blocks per selection by one dot of 0/1 weights
+    (the sampled means' 16-row blocks); three selections, one block empty in the first."""
+    x, bits, rows = inputs(40 + group, 2048, 64, 3, dtype, gather=gather)
+    out = self.check(x, bits, rows, block, 3, group=group)
+    assert not np.asarray(out[0, 0]).any()
+
+  def test_groups_under_vmap_heads_inner(self):
+    """group with the heads innermost, each head its own rows (a grid order per head)."""
+    rng = np.random.default_rng(41)
+    x4 = jnp.asarray(rng.standard_normal((1, 1024, 3, 32)), jnp.bfloat16)
+    index = jnp.asarray([[0, 2], [0, 0]], jnp.int32)
+    per = [inputs(50 + i, 1024, 32, 2) for i in range(2)]
+    bits = per[0][1][::2]
+    rows = jnp.stack([r[::2] for _, _, r in per])  # (sampled: every other view row)
+    out = jax.vmap(
+      lambda ix, r: block_mean(
+        x4, bits, rows=r, index=ix, block=16, n_sel=2, group=16, heads_inner=True,
+        interpret=self.interpret, poison=POISON,
+      )
+    )(index, rows)  # fmt: skip
+    for j in range(2):
+      b, h = np.asarray(index[j])
+      ref = block_mean_reference(x4[b, :, h], bits, rows=rows[j], block=16, n_sel=2)
+      np.testing.assert_allclose(np.asarray(out[j]), np.asarray(ref), rtol=RTOL, atol=1e-5)
+
   @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
   def test_low_precision_inputs(self, dtype):
     x, bits, rows = inputs(7, 512, 128, 2, dtype)
@@ -161,6 +191,10 @@ class TestInterpret(BlockPoolTests):
       block_mean(x, bits[:120], rows=rows[:120], block=16, n_sel=1, interpret=True)
     with pytest.raises(ValueError, match="dtype"):
       block_mean(x.astype(jnp.int32), bits, block=16, n_sel=1, interpret=True)
+    with pytest.raises(ValueError, match="group=8 must be 1 or a power of two >= 16"):
+      block_mean(x, bits, block=16, n_sel=1, group=8, interpret=True)
+    with pytest.raises(ValueError, match=r"group=16 must divide the 8 blocks"):
+      block_mean(x, bits, block=16, n_sel=1, group=16, interpret=True)
 
 
 @pytest.mark.gpu

@@ -243,6 +243,34 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
     assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
 
 
+@pytest.mark.parametrize("name", ("grid", "2d_boundary", "block_sparse"))
+def test_pooled_means_in_groups_give_the_same_plan(name, monkeypatch):
+  """POOL_GROUP 16: the pooled means of a side with a multiple of 16 blocks of at most 32
+  rows (here the keys: 16 blocks of 16) come 16 blocks per block_pool program, summed by
+  a dot; the same plan as a block per program (random inputs: no near-ties for the order
+  of the f32 sums to break). A bad value raises."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["vision_bf16_bq32"]
+  q, k, _, mod = helpers.random_inputs(31, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "POOL_IMPL", "pallas")
+  want = pol.plan(q, k, mod)
+  groups = []
+  block_mean = planning.block_mean
+
+  def spy(*a, group=1, **kw):
+    groups.append(group)
+    return block_mean(*a, group=group, **kw)
+
+  monkeypatch.setattr(planning, "block_mean", spy)
+  monkeypatch.setattr(planning, "POOL_GROUP", 16)
+  got = pol.plan(q, k, mod)
+  assert 16 in groups and 1 in groups  # (the query side's 8 blocks: one per program)
+  assert_same_plan(got, want)
+  monkeypatch.setattr(planning, "POOL_GROUP", 8)
+  with pytest.raises(ValueError, match="POOL_GROUP must be 1 or a power of two >= 16"):
+    planning.kernel_settings()
+
+
 @pytest.mark.parametrize("name", SCORED)
 def test_scores_and_picks_in_one_kernel_give_the_same_plan(name, monkeypatch):
   """SCORE_TOPK_IMPL "pallas": each component's pooled-score picks by pooled_topk (the

@@ -35,10 +35,15 @@
 #         pooled_topk's packed keys: the GPU tests of pooled_topk, block_pool, attn_mass
 #         and the sparse kernels, every 128k plan against the dense planner's, 1M plans by
 #         kernel (grid, 2d_boundary, mminference) (about 350 s; PACK=).
+# pool_group: block_mean with 16 blocks per program for the sampled means
+#         (planning.POOL_GROUP): block_pool's GPU tests, pool_bench on the sampled grid
+#         shapes with 3 selections (groups 1, 16, 32), grid's and 2d_boundary's 1M plans
+#         by kernel with POOL_GROUP 1 and 16, the 128k check with 16 (not yet run; PACK=).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-out=${1:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate}
-part=${2:?usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate}
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group"
+out=${1:?$usage}
+part=${2:?$usage}
 mkdir -p "$out"
 python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
   --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -199,8 +204,30 @@ elif [ "$part" = pool ]; then
   grep "plan \|identical" "$out/plan_trace_128k_check_pool_inner.txt"
   pack
   exit 0
+elif [ "$part" = pool_group ]; then
+  # block_mean with 16 blocks per program (planning.POOL_GROUP) for the sampled means
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider \
+    --gpu -m gpu tests/test_block_pool.py > "$out/gpu_tests_pool.txt" 2>&1
+  tail -2 "$out/gpu_tests_pool.txt"
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python3 tools/pool_bench.py \
+    --cases "q grid /8,k grid /4" --n_sel 3 --groups 1,16,32 --warps 4 --inner 1 \
+    --out "$out/pool_bench_groups.json" > "$out/pool_bench_groups.txt" 2>&1
+  cat "$out/pool_bench_groups.txt"
+  pack
+  for g in 1 16; do
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 90 python3 tools/plan_trace.py \
+      --length 1048576 --policies grid,2d_boundary --by kernel --top 6 --pool_group $g \
+      > "$out/plan_trace_1m_group$g.txt" 2>&1
+    echo "pool_group $g"; grep "plan \|block_mean" "$out/plan_trace_1m_group$g.txt"
+    pack
+  done
+  timeout 100 python3 tools/plan_trace.py --length 131072 --check --top 2 --pool_group 16 \
+    --policies grid,2d_boundary,mminference > "$out/plan_trace_128k_check_group16.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check_group16.txt"
+  pack
+  exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles or pool, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate or pool_group, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

@@ -210,6 +210,12 @@ def main():
     help="pooled_topk (--score_topk pallas) only for top k <= this (0: every k)",
   )
   ap.add_argument(
+    "--pool_group",
+    type=int,
+    default=planning.POOL_GROUP,
+    help="blocks per block_pool program for sampled means (planning.POOL_GROUP; 1 or >= 16)",
+  )
+  ap.add_argument(
     "--score_dtype",
     default="",
     choices=["", *planning.SCORE_DTYPES],
@@ -227,6 +233,7 @@ def main():
   settings["score_dtype"] = args.score_dtype or planning.SCORE_DTYPE
   settings["score_topk_max_k"] = args.score_topk_max_k
   settings["mass_p_dtype"] = args.mass_p_dtype
+  settings["pool_group"] = args.pool_group
   settings |= {name: bool(getattr(args, name)) for name, _ in SWITCH_FLAGS}
   with planning.settings(**settings):
     trace(args)

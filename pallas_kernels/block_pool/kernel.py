@@ -8,7 +8,8 @@ sums (a gather by the permutation, a masked window sum) into the row reductions 
 block statistics beside them, and ran them 6x slower than the identity view's sums
 (2d_boundary at 1M on an H200: 61 of its 183 ms plan).
 
-Algorithm, one program per block i:
+Algorithm, one program per block i (`group` > 1: per `group` blocks, the sums below as
+one dot of 0/1 weights per selection):
   rows = perm[i * block : (i + 1) * block]     (the view's rows of x; identity: the slice)
   xb   = x[rows, :] in f32                     [block, H], one gathered load
   for each selection m (bit m of `bits`):
@@ -31,7 +32,7 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_SELECTIONS = 31  # bits of an int32 (the sign bit unused)
 
 
-def _kernel(*refs, block, n_sel, gather, in_place, per_head):
+def _kernel(*refs, block, n_sel, group, gather, in_place, per_head):
   refs = list(refs)
   index_ref = refs.pop(0) if in_place else None
   rows_ref = refs.pop(0) if gather else None
@@ -41,14 +42,24 @@ def _kernel(*refs, block, n_sel, gather, in_place, per_head):
   heads = HeadRefs(per_head | {"out"}, pl.program_id(0)) if per_head else HeadRefs()
   get = heads.get
   i = heads.program_id(0)
-  sl = pl.ds(i * block, block)
+  sl = pl.ds(i * group * block, group * block)
   rows = get("rows", rows_ref, sl) if gather else sl
   if in_place:  # x [B, L, N, H]: the (batch, head) slice, read where it lies
     xb = x_ref[get("index", index_ref, 0), rows, get("index", index_ref, 1), :]
   else:
     xb = x_ref[rows, :]
+  bits = get("bits", bits_ref, sl)  # [group * block]
+  if group > 1:  # the group's sums as one dot per selection: w [group, rows] @ xb
+    r = jnp.arange(group * block, dtype=jnp.int32)
+    mine = (r // block)[None, :] == jnp.arange(group, dtype=jnp.int32)[:, None]
+    f32 = xb.dtype == jnp.float32  # (0/1 weights: exact products; f32 without TF32)
+    for m in range(n_sel):
+      w = jnp.where(mine & (((bits >> m) & 1) > 0)[None, :], 1.0, 0.0)  # [group, rows]
+      total = plgpu.dot(w.astype(xb.dtype), xb, allow_tf32=not f32)  # [group, H] f32
+      count = jnp.maximum(jnp.sum(w, axis=1), 1.0)
+      heads.set("out", out_ref, (m, pl.ds(i * group, group), slice(None)), total / count[:, None])
+    return
   xb = xb.astype(jnp.float32)  # [block, H]
-  bits = get("bits", bits_ref, sl)  # [block]
   for m in range(n_sel):
     w = (bits >> m) & 1
     count = jnp.maximum(jnp.sum(w), 1).astype(jnp.float32)
@@ -67,6 +78,7 @@ def block_mean(
   interpret: bool = False,
   num_warps: int = 4,
   heads_inner: bool = False,
+  group: int = 1,
   poison: float | None = None,
 ):
   """Per block of `block` view rows, the mean of the rows each selection admits.
@@ -89,6 +101,11 @@ def block_mean(
       share) they read neighbouring bytes of x [B, L, N, H] at once, rather than each
       head sweeping its [L, H] slice in turn (vmap's usual batching puts the head axis
       outermost). The same means.
+    group: blocks per program: 1, each program sums its block's rows per selection (a
+      reduction each); or a power of two >= 16 dividing V / block, each program sums its
+      `group` blocks per selection as one dot of 0/1 weights [group, group * block] with
+      their rows (exact products, f32 sums in another order): fewer, larger programs
+      for small blocks (the planner's sampled means have 16 rows).
     poison: tests only: the output starts filled with this value, aliased into the
       kernel, so an entry the kernel fails to write keeps it.
 
@@ -123,7 +140,15 @@ def block_mean(
     raise ValueError(f"n_sel must be an int in [1, {MAX_SELECTIONS}]; got {n_sel!r}")
   if bits.shape != (n_view,) or bits.dtype != jnp.int32:
     raise ValueError(f"bits must be int32 of shape ({n_view},); got {bits.dtype} {bits.shape}")
-  static = dict(block=block, n_sel=n_sel, num_warps=num_warps, interpret=interpret, poison=poison)
+  if not isinstance(group, int) or not (group == 1 or (group >= 16 and not group & (group - 1))):
+    raise ValueError(f"group={group!r} must be 1 or a power of two >= 16")
+  if (n_view // block) % group:
+    raise ValueError(
+      f"group={group} must divide the {n_view // block} blocks (V={n_view} / block={block})"
+    )
+  static = dict(
+    block=block, n_sel=n_sel, group=group, num_warps=num_warps, interpret=interpret, poison=poison
+  )
   if not heads_inner:
     return _call(x, bits, rows, index, **static)
   fn = _heads_inner(rows is not None, index is not None, tuple(sorted(static.items())))
@@ -133,7 +158,9 @@ def block_mean(
 _ARGS = ("x", "bits", "rows", "index")
 
 
-def _pool(x, bits, rows, index, *, per_head, n_heads, block, n_sel, num_warps, interpret, poison):
+def _pool(
+  x, bits, rows, index, *, per_head, n_heads, block, n_sel, group, num_warps, interpret, poison
+):
   """The pallas_call. per_head: the names of the arguments with a leading head axis of
   n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
   length, h = bits.shape[-1], x.shape[-1]
@@ -141,7 +168,13 @@ def _pool(x, bits, rows, index, *, per_head, n_heads, block, n_sel, num_warps, i
   gather, in_place = rows is not None, index is not None
   lead = (n_heads,) if per_head else ()
   kernel = functools.partial(
-    _kernel, block=block, n_sel=n_sel, gather=gather, in_place=in_place, per_head=per_head
+    _kernel,
+    block=block,
+    n_sel=n_sel,
+    group=group,
+    gather=gather,
+    in_place=in_place,
+    per_head=per_head,
   )
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   args = ([index] if in_place else []) + ([rows] if gather else []) + [bits, x]
@@ -155,7 +188,7 @@ def _pool(x, bits, rows, index, *, per_head, n_heads, block, n_sel, num_warps, i
     kernel = functools.partial(_drop_last_input, kernel)
   return pl.pallas_call(
     kernel,
-    grid=lead + (nb,),
+    grid=lead + (nb // group,),
     in_specs=in_specs,
     out_specs=whole(out_shape),
     out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
@@ -166,7 +199,7 @@ def _pool(x, bits, rows, index, *, per_head, n_heads, block, n_sel, num_warps, i
   )(*args)
 
 
-_STATIC = ("block", "n_sel", "num_warps", "interpret", "poison")
+_STATIC = ("block", "n_sel", "group", "num_warps", "interpret", "poison")
 _call = jax.jit(
   functools.partial(_pool, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
 )
