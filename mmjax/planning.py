@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.attn_mass import P_DTYPES, attention_mass
-from pallas_kernels.block_pool import MAX_SELECTIONS, block_mean
+from pallas_kernels.block_pool import MAX_SELECTIONS, block_mean, is_group
 from pallas_kernels.col_select import select_columns as col_select
 from pallas_kernels.pooled_scores import pooled_scores
 from pallas_kernels.pooled_topk import pooled_top_k
@@ -167,6 +167,7 @@ POOL_HEADS_INNER = True
 # boundary's (h200_2026-12-02g), about 3x for its three selections; not yet measured on a
 # GPU with groups (`tools/plan_trace.py --pool_group 16`, `tools/pool_bench.py`): 1.
 POOL_GROUP = 1
+_POOL_GROUP_MAX_ROWS = 512  # (the rows one grouped program loads: its registers)
 # The last-query estimates' column and diagonal sums: "pallas" (pallas_kernels.attn_mass:
 # the scores stay in registers, two passes over the keys read in place, p written once
 # and its diagonals summed by a third), "xla" (scores and softmax in XLA, `slash_sums`),
@@ -339,10 +340,9 @@ def settings(**overrides):
 
 
 def _pool_group_setting():
-  g = POOL_GROUP
-  if isinstance(g, bool) or not isinstance(g, int) or not (g == 1 or (g >= 16 and not g & (g - 1))):
-    raise ValueError(f"planning.POOL_GROUP must be 1 or a power of two >= 16; got {g!r}")
-  return g
+  if not is_group(POOL_GROUP):
+    raise ValueError(f"planning.POOL_GROUP must be 1 or a power of two >= 16; got {POOL_GROUP!r}")
+  return POOL_GROUP
 
 
 def _on_gpu():
@@ -1168,7 +1168,7 @@ def pool_side(v: HeadView, side, sels):
   if pool_impl() == "pallas":
     bits = sum(ok.astype(jnp.int32) << i for i, ok in enumerate(take))
     group = _pool_group_setting()  # (blocks per program, where it fits: POOL_GROUP)
-    group = group if nb % group == 0 and group * (blk // e) <= 512 else 1
+    group = group if nb % group == 0 and group * (blk // e) <= _POOL_GROUP_MAX_ROWS else 1
     means = block_mean(
       x.x,
       bits,

@@ -60,6 +60,10 @@ class HeadRefs:
     """The program id along the kernel's own grid axis (after the head axis, if any)."""
     return pl.program_id(axis + (self.h is not None))
 
+  def num_programs(self, axis):
+    """The grid's size along the kernel's own axis (after the head axis, if any)."""
+    return pl.num_programs(axis + (self.h is not None))
+
   def get(self, name, ref, *idx):
     if self.h is not None and name in self.names:
       return ref[(self.h, *idx)]

@@ -123,7 +123,7 @@ def _stats_kernel(
   key_range, tile_range = _range_of(range_ref, heads, tile)
   if spanned:  # the programs share the range's tiles: `tiles` each, more if it is wider
     lo, hi = tile_range if ranged else (0, n_tiles)
-    n_progs = pl.num_programs(0 + (heads.h is not None))
+    n_progs = heads.num_programs(0)
     per = jnp.maximum(tiles, (hi - lo + n_progs - 1) // n_progs)
     first = lo + heads.program_id(0) * per
     count = jnp.clip(jnp.minimum(first + per, hi) - first, 0, per)
@@ -179,7 +179,7 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
     c0, c1 = heads.get("base", win_ref, 0), heads.get("base", win_ref, 1)
     if ranged:
       c0, c1 = jnp.maximum(c0, tile_range[0]), jnp.minimum(c1, tile_range[1] - 1)
-    n_progs = pl.num_programs(0 + (heads.h is not None))
+    n_progs = heads.num_programs(0)
     per = jnp.maximum(1, (c1 - c0 + n_progs) // n_progs)
     t0 = c0 + heads.program_id(0) * per
     pl.when(t0 <= c1)(lambda: body(t0))

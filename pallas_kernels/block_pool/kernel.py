@@ -67,6 +67,14 @@ def _kernel(*refs, block, n_sel, group, gather, in_place, per_head):
     heads.set("out", out_ref, (m, i, slice(None)), total / count)
 
 
+def is_group(group) -> bool:
+  """Whether `group` is a valid `block_mean(group=...)`: 1, or a power of two >= 16 (a
+  dot's rows)."""
+  if isinstance(group, bool) or not isinstance(group, int):
+    return False
+  return group == 1 or (group >= 16 and not group & (group - 1))
+
+
 def block_mean(
   x,
   bits,
@@ -140,7 +148,7 @@ def block_mean(
     raise ValueError(f"n_sel must be an int in [1, {MAX_SELECTIONS}]; got {n_sel!r}")
   if bits.shape != (n_view,) or bits.dtype != jnp.int32:
     raise ValueError(f"bits must be int32 of shape ({n_view},); got {bits.dtype} {bits.shape}")
-  if not isinstance(group, int) or not (group == 1 or (group >= 16 and not group & (group - 1))):
+  if not is_group(group):
     raise ValueError(f"group={group!r} must be 1 or a power of two >= 16")
   if (n_view // block) % group:
     raise ValueError(
