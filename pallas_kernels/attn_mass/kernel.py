@@ -103,6 +103,15 @@ def _tile_range(tiles, n_tiles, heads):
   return first, jnp.minimum(tiles, n_tiles - first)
 
 
+def _shared_range(lo, end, least, heads):
+  """(first tile, number of tiles) of this program when the programs share the tiles
+  [lo, end) in order: `least` each, more each when the range is wider than that."""
+  n_progs = heads.num_programs(0)
+  per = jnp.maximum(least, (end - lo + n_progs - 1) // n_progs)
+  first = lo + heads.program_id(0) * per
+  return first, jnp.clip(jnp.minimum(first + per, end) - first, 0, per)
+
+
 def _with_heads(kernel, per_head):
   """kernel(*refs, heads=...): a batched call's head is its grid's first axis."""
 
@@ -122,11 +131,7 @@ def _stats_kernel(
   src = (q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref)
   key_range, tile_range = _range_of(range_ref, heads, tile)
   if spanned:  # the programs share the range's tiles: `tiles` each, more if it is wider
-    lo, hi = tile_range if ranged else (0, n_tiles)
-    n_progs = heads.num_programs(0)
-    per = jnp.maximum(tiles, (hi - lo + n_progs - 1) // n_progs)
-    first = lo + heads.program_id(0) * per
-    count = jnp.clip(jnp.minimum(first + per, hi) - first, 0, per)
+    first, count = _shared_range(*(tile_range if ranged else (0, n_tiles)), tiles, heads)
   else:
     first, count = _tile_range(tiles, n_tiles, heads)
     if ranged:  # only this program's tiles that hold keys of the range
@@ -179,16 +184,14 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
     c0, c1 = heads.get("base", win_ref, 0), heads.get("base", win_ref, 1)
     if ranged:
       c0, c1 = jnp.maximum(c0, tile_range[0]), jnp.minimum(c1, tile_range[1] - 1)
-    n_progs = heads.num_programs(0)
-    per = jnp.maximum(1, (c1 - c0 + n_progs) // n_progs)
-    t0 = c0 + heads.program_id(0) * per
-    pl.when(t0 <= c1)(lambda: body(t0))
+    t0, count = _shared_range(c0, c1 + 1, 1, heads)
+    pl.when(count > 0)(lambda: body(t0))
 
     def more(i, carry):  # (only when the window is wider than the grid)
-      pl.when(t0 + i <= c1)(lambda: body(t0 + i))
+      body(t0 + i)
       return carry
 
-    jax.lax.fori_loop(1, per, more, 0)
+    jax.lax.fori_loop(1, count, more, 0)
     return
   t = heads.program_id(0)
   run = None
