@@ -80,8 +80,11 @@ def get_config(arg: str | None = None):
   # has it; --config.planner.score_topk_sort=True)
   c.planner.score_topk_sort = ml_collections.config_dict.placeholder(bool)
   # blocks per block_pool program for the sampled means (None: as planning has it;
-  # --config.planner.pool_group=16)
+  # --config.planner.pool_group=1)
   c.planner.pool_group = ml_collections.config_dict.placeholder(int)
+  # the widest query modality's intervals only in a window of rows (None: as planning has
+  # it, on a GPU; --config.planner.split_rows=False)
+  c.planner.split_rows = ml_collections.config_dict.placeholder(bool)
   c.warmup = 2
   c.iters = 10
   # the plan alone is timed over max(iters, plan_iters) calls: a plan takes milliseconds,

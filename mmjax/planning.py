@@ -162,11 +162,11 @@ POOL_HEADS_INNER = True
 # view rows): 1, a program per block and a reduction per selection (as before), or a power
 # of two >= 16, that many blocks per program and one dot of 0/1 weights per selection
 # (`block_mean(group=...)`; the same means up to the order of the f32 sums). Applied where
-# it divides a side's blocks and a program reads at most 512 rows. At 1M tokens the
-# block-per-program means took 0.82 + 0.41 ms of grid's plan and 2.47 + 1.24 ms of the 2D
-# boundary's (h200_2026-12-02g), about 3x for its three selections; not yet measured on a
-# GPU with groups (`tools/plan_trace.py --pool_group 16`, `tools/pool_bench.py`): 1.
-POOL_GROUP = 1
+# it divides a side's blocks and a program reads at most 512 rows. On an H200 at 1M tokens
+# (h200_2026-12-02h/1_pool_group) grid's means went 0.82 + 0.41 -> 0.68 + 0.35 ms and the
+# 2D boundary's three selections 2.47 + 1.24 -> 1.37 ms (its plan 26.7 -> 24.8 ms);
+# pool_bench on those shapes: 16 blocks 1.37x / 1.55x faster than 1, 32 slower than 1.
+POOL_GROUP = 16
 _POOL_GROUP_MAX_ROWS = 512  # (the rows one grouped program loads: its registers)
 # The last-query estimates' column and diagonal sums: "pallas" (pallas_kernels.attn_mass:
 # the scores stay in registers, two passes over the keys read in place, p written once
@@ -227,6 +227,13 @@ SCORE_TOPK_SORT = False
 # a GPU (a row sort there cost 12 ms of a 1M-token plan), sorts elsewhere (on the CPU the
 # unrolled searches compiled 1.6x slower than the sorts and ran no faster). The same plan.
 MERGE_LISTS = None
+# Symmetric views whose query modalities' intervals differ in width (a 2D boundary: the text
+# pair's slashes, some 400 key blocks per query block, the vision pair's window and sinks
+# about 20): True plans every query block from the narrow ones and only a window of the
+# query blocks that have the wide ones from all (`planning_lists._wide_rows`), False all
+# from all; None: True on a GPU (one lax.switch branch per window size, compiled slower on
+# the CPU). The same plan.
+SPLIT_ROWS = None
 # Each query block's columns: "pallas" (pallas_kernels.col_select: one program per query
 # block over the head's shared column list, binary searches in its key blocks, no [nQ, V]
 # array written) or "xla" (the merges, searches and compactions of `select_columns` as
@@ -280,6 +287,7 @@ def kernel_settings_dict():
     score_tiles=SCORE_TILES,
     score_dtype=score_dtype(),
     merge_lists=merge_lists(),
+    split_rows=split_rows(),
     score_topk_impl=score_topk_impl(),
     score_topk_max_k=SCORE_TOPK_MAX_K,
     score_topk_sort=bool(SCORE_TOPK_SORT),
@@ -304,6 +312,7 @@ SETTING_NAMES = {
   "score_dtype": "SCORE_DTYPE",
   "cols_impl": "COLS_IMPL",
   "merge_lists": "MERGE_LISTS",
+  "split_rows": "SPLIT_ROWS",
   "mass_heads_inner": "MASS_HEADS_INNER",
   "mass_p_dtype": "MASS_P_DTYPE",
   "pool_heads_inner": "POOL_HEADS_INNER",
@@ -379,6 +388,12 @@ def merge_lists():
   if MERGE_LISTS not in (None, True, False):
     raise ValueError(f"planning.MERGE_LISTS must be None, True or False; got {MERGE_LISTS!r}")
   return _on_gpu() if MERGE_LISTS is None else MERGE_LISTS
+
+
+def split_rows():
+  if SPLIT_ROWS not in (None, True, False):
+    raise ValueError(f"planning.SPLIT_ROWS must be None, True or False; got {SPLIT_ROWS!r}")
+  return _on_gpu() if SPLIT_ROWS is None else SPLIT_ROWS
 
 
 def score_impl():
@@ -1129,21 +1144,24 @@ def shared_k_selectors(layout, components):
 
 
 def shared_k_pools(layout, components, k, mod, *, seq_len, block_q, block_k, scale):
-  """The pooled keys of one (batch, kv head) for `shared_k_selectors`: {selector: (means
-  [nK, H] f32, any [nK])}, for `plan_view` to reuse in each of its query heads (pooled
+  """The pooled keys of one (batch, kv head) for `shared_k_selectors`: a tuple of (means
+  [nK, H] f32, any [nK]) in their order (not a dict: selectors of different types do not
+  sort as a pytree's keys), for `plan_view` to reuse in each of its query heads (pooled
   per query head, a kv head's keys were read once per head of its group)."""
   sels = list(shared_k_selectors(layout, components))
   kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
   v = build_view(layout, (), k, k, mod, **kw)  # (the query side is not read)
   _pool_sels(v, "k", sels)
-  return {sel: v.pooled["k", sel] for sel in sels}
+  return tuple(v.pooled["k", sel] for sel in sels)
 
 
 def plan_view(layout, components, q, k, mod, k_pooled=None, **kw):
   """A planner's view of one (batch, head) with its pooled means filled (`pool_all`);
   `k_pooled`: the head's kv head's `shared_k_pools`, if computed. Returns (view, aux)."""
   v, aux = head_view(layout, q, k, mod, **kw)
-  v.pooled.update({("k", sel): val for sel, val in (k_pooled or {}).items()})
+  if k_pooled is not None:
+    sels = shared_k_selectors(layout, components)
+    v.pooled.update({("k", sel): val for sel, val in zip(sels, k_pooled, strict=True)})
   pool_all(v, components)
   return v, aux
 

@@ -49,20 +49,50 @@ def _q_stats(v: HeadView, q_mod):
 
 class _Intervals:
   """Token intervals [lo, hi] (view indices, inclusive; lo > hi empty), [nQ, m] each, with a
-  static bound on the key blocks each one covers (where the view bounds it)."""
+  static bound on the key blocks each one covers (where the view bounds it), and the
+  query modality of the component that adds them."""
 
   def __init__(self):
-    self.lo, self.hi, self.bound = [], [], 0
+    self.lo, self.hi, self.bounds, self.q_mods = [], [], [], []
 
-  def add_ranks(self, v: HeadView, k_mod, a, b, blocks_each):
-    """Keys of k_mod with rank in [a, b] (a, b broadcastable to [nQ, m])."""
+  @property
+  def bound(self):
+    return sum(self.bounds)
+
+  def add_ranks(self, v: HeadView, q_mod, k_mod, a, b, blocks_each):
+    """Keys of k_mod with rank in [a, b] (a, b broadcastable to [nQ, m]) for the queries
+    of q_mod."""
     start, n = v.key_span(k_mod)
     a = jnp.maximum(a, 0)
     b = jnp.minimum(b, n - 1)
     a, b = jnp.broadcast_arrays(a, b)
     self.lo.append(start + a)
     self.hi.append(jnp.where(a <= b, start + b, start + a - 1))
-    self.bound += blocks_each * a.shape[1]
+    self.bounds.append(blocks_each * a.shape[1])
+    self.q_mods.append(q_mod)
+
+  def subset(self, keep):
+    """The intervals whose entry of keep (one per add_ranks call) is true."""
+    out = _Intervals()
+    for i, kp in enumerate(keep):
+      if kp:
+        out.lo.append(self.lo[i])
+        out.hi.append(self.hi[i])
+        out.bounds.append(self.bounds[i])
+        out.q_mods.append(self.q_mods[i])
+    return out
+
+  def widest(self):
+    """The split of `_rows_plan`: (the intervals of the query modality whose bound is the
+    largest, the rest), or None where one query modality adds every interval."""
+    by_mod = {}
+    for q_mod, b in zip(self.q_mods, self.bounds, strict=True):
+      by_mod[q_mod] = by_mod.get(q_mod, 0) + b
+    if len(by_mod) < 2:
+      return None
+    wide = max(by_mod, key=by_mod.get)
+    is_wide = [m == wide for m in self.q_mods]
+    return self.subset(is_wide), self.subset([not w for w in is_wide])
 
 
 def _sinks(iv: _Intervals, cands, kind, pat, v: HeadView, q_mod, k_mod):
@@ -75,19 +105,20 @@ def _sinks(iv: _Intervals, cands, kind, pat, v: HeadView, q_mod, k_mod):
   qmin, _ = _q_stats(v, q_mod)
   a = jnp.where((qmin < BIG)[:, None], 0, BIG)
   sink = pat.sink_tokens
-  iv.add_ranks(v, k_mod, a, jnp.full_like(a, sink - 1), _cdiv(sink, v.block_k) + 1)
+  iv.add_ranks(v, q_mod, k_mod, a, jnp.full_like(a, sink - 1), _cdiv(sink, v.block_k) + 1)
 
 
 def _local(iv: _Intervals, v: HeadView, q_mod, k_mod, local):
   qmin, qmax = _q_stats(v, q_mod)
-  span = local + v.block_q
-  iv.add_ranks(v, k_mod, (qmin - local)[:, None], qmax[:, None], _cdiv(span, v.block_k) + 1)
+  blocks = _cdiv(local + v.block_q, v.block_k) + 1
+  iv.add_ranks(v, q_mod, k_mod, (qmin - local)[:, None], qmax[:, None], blocks)
 
 
 def _slashes(iv: _Intervals, v: HeadView, q_mod, k_mod, offs, offs_ok):
   qmin, qmax = _q_stats(v, q_mod)
   a = jnp.where(offs_ok[None, :], qmin[:, None] - offs[None, :], BIG)
-  iv.add_ranks(v, k_mod, a, qmax[:, None] - offs[None, :], _cdiv(v.block_q, v.block_k) + 1)
+  blocks = _cdiv(v.block_q, v.block_k) + 1
+  iv.add_ranks(v, q_mod, k_mod, a, qmax[:, None] - offs[None, :], blocks)
 
 
 def _dense(iv: _Intervals, lists, v: HeadView, q_mod, k_mod):
@@ -95,7 +126,7 @@ def _dense(iv: _Intervals, lists, v: HeadView, q_mod, k_mod):
   qany = qmin < BIG
   if v.has_key_span(k_mod):
     a = jnp.where(qany, 0, BIG)[:, None]
-    iv.add_ranks(v, k_mod, a, jnp.full_like(a, BIG), v.n_k)
+    iv.add_ranks(v, q_mod, k_mod, a, jnp.full_like(a, BIG), v.n_k)
   else:  # keys of several modality groups: every block that holds one
     _, _, kany = pl._block_min_max(v.k_pos, v.k_ok(k_mod), v.n_k)
     idx = jnp.broadcast_to(jnp.arange(v.n_k, dtype=jnp.int32), (v.n_q, v.n_k))
@@ -250,6 +281,49 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
   return jnp.where(sel < BIG, sel, 0).astype(jnp.int32), count
 
 
+_ROW_LEVELS = 6  # `_wide_rows`' window sizes: nQ, nQ / 2, ..., nQ / 32
+
+
+def _wide_rows(rows_plan, iv, wide, narrow, n_q, axis_names):
+  """(block_idx [nQ, MB], block_count [nQ]) where one query modality's intervals (`wide`:
+  a 2D boundary's text slashes, some 400 key blocks a row against a vision row's 20) are
+  enumerated only for the query blocks they are not empty in.
+
+  Every row is planned from the other intervals (`narrow`: its union's cap is theirs),
+  then the rows from the first to the last one with a wide interval not empty (a
+  modality's query blocks are contiguous in a symmetric view), reduced over the vmapped
+  axes, are planned again from all of them in a window of static size: the smallest of
+  nQ, nQ / 2, ..., nQ / 32 that holds them (one `lax.switch` branch each, and one for no
+  such row). Rows outside the window have no wide interval, so their union, and plan,
+  is the same either way.
+  """
+  block_idx, block_count = rows_plan(narrow, 0, n_q)
+  has = jnp.any(jnp.concatenate(wide.lo, axis=1) <= jnp.concatenate(wide.hi, axis=1), axis=1)
+  r = jnp.arange(n_q, dtype=jnp.int32)
+  first = jnp.min(jnp.where(has, r, n_q))
+  end = jnp.max(jnp.where(has, r + 1, 0))
+  if axis_names:
+    first, end = jax.lax.pmin(first, axis_names), jax.lax.pmax(end, axis_names)
+  sizes = sorted({_cdiv(n_q, 1 << j) for j in range(_ROW_LEVELS)})
+  which = jnp.where(
+    end > first, 1 + jnp.searchsorted(jnp.asarray(sizes, jnp.int32), end - first), 0
+  )
+
+  def window(size):
+    def plan(bi, bc):
+      start = jnp.clip(first, 0, n_q - size)
+      wi, wc = rows_plan(iv, start, size)
+      return (
+        jax.lax.dynamic_update_slice_in_dim(bi, wi, start, axis=0),
+        jax.lax.dynamic_update_slice_in_dim(bc, wc, start, axis=0),
+      )
+
+    return plan
+
+  branches = [lambda bi, bc: (bi, bc)] + [window(size) for size in sizes]
+  return jax.lax.switch(which, branches, block_idx, block_count)
+
+
 def head_plan(
   layout,
   components,
@@ -296,27 +370,41 @@ def head_plan(
     else:
       raise ValueError(f"unknown pattern kind {kind!r}")
 
-  if iv.lo:
-    # symmetric view: the whole union (bounded), then the causal filter; query-only
-    # view: every interval block is causal, the first max_blocks suffice (module doc).
-    cap = min(n_k, iv.bound if v.symmetric else max_blocks)
-    idx, ok = union_blocks(
-      jnp.concatenate(iv.lo, axis=1), jnp.concatenate(iv.hi, axis=1), block_k, cap, n_k
-    )
-    lists.append((idx, jnp.where(ok, PRI_STRUCT, NEG), True))
-  if v.symmetric:  # the key blocks holding each query block's own tokens
-    n_self = _cdiv(block_q, block_k) + 1
-    i = jnp.arange(n_q, dtype=jnp.int32)[:, None]
-    idx = (i * block_q) // block_k + jnp.arange(n_self, dtype=jnp.int32)[None, :]
-    ok = idx <= ((i + 1) * block_q - 1) // block_k
-    lists.append((idx, jnp.where(ok, PRI_SELF, NEG), True))
-  if pl.merge_lists():  # one ascending list (merged, not sorted), then the causal filter
-    idx, pri = merge_candidates(lists, axis_names)
-    runs = len(lists)
-  else:  # one sort per row (select_candidates)
-    idx = jnp.concatenate([x for x, _, _ in lists], axis=1)
-    pri = jnp.concatenate([p for _, p, _ in lists], axis=1)
-    runs = None
-  pri = jnp.where(kmin_all[jnp.clip(idx, 0, n_k - 1)] <= qmax_all[:, None], pri, NEG)
-  block_idx, block_count = select_candidates(idx, pri, max_blocks, axis_names, runs)
+  def rows_plan(ivs: _Intervals, start, n_rows):
+    """The key blocks of the n_rows (static) query blocks from start on: (block_idx
+    [n_rows, MB], block_count [n_rows]), from the lists and the intervals ivs."""
+    if n_rows == n_q:
+      start, cut = 0, lambda x: x
+    else:
+      cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, n_rows, axis=0)  # noqa: E731
+    rows = [(cut(i), cut(p), asc) for i, p, asc in lists]
+    if ivs.lo:
+      # symmetric view: the whole union (bounded), then the causal filter; query-only
+      # view: every interval block is causal, the first max_blocks suffice (module doc).
+      cap = min(n_k, ivs.bound if v.symmetric else max_blocks)
+      lo, hi = (cut(jnp.concatenate(x, axis=1)) for x in (ivs.lo, ivs.hi))
+      idx, ok = union_blocks(lo, hi, block_k, cap, n_k)
+      rows.append((idx, jnp.where(ok, PRI_STRUCT, NEG), True))
+    if v.symmetric:  # the key blocks holding each query block's own tokens
+      n_self = _cdiv(block_q, block_k) + 1
+      i = (start + jnp.arange(n_rows, dtype=jnp.int32))[:, None]
+      idx = (i * block_q) // block_k + jnp.arange(n_self, dtype=jnp.int32)[None, :]
+      ok = idx <= ((i + 1) * block_q - 1) // block_k
+      rows.append((idx, jnp.where(ok, PRI_SELF, NEG), True))
+    if pl.merge_lists():  # one ascending list (merged, not sorted), then the causal filter
+      idx, pri = merge_candidates(rows, axis_names)
+      runs = len(rows)
+    else:  # one sort per row (select_candidates)
+      idx = jnp.concatenate([x for x, _, _ in rows], axis=1)
+      pri = jnp.concatenate([p for _, p, _ in rows], axis=1)
+      runs = None
+    qmax = cut(qmax_all)
+    pri = jnp.where(kmin_all[jnp.clip(idx, 0, n_k - 1)] <= qmax[:, None], pri, NEG)
+    return select_candidates(idx, pri, max_blocks, axis_names, runs)
+
+  split = iv.widest() if v.symmetric and pl.split_rows() else None
+  if split is not None and min(n_k, split[1].bound) < min(n_k, iv.bound):
+    block_idx, block_count = _wide_rows(rows_plan, iv, *split, n_q, axis_names)
+  else:
+    block_idx, block_count = rows_plan(iv, 0, n_q)
   return pl.finish_plan(v, cands, block_idx, block_count, max_cols, aux)

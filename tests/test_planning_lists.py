@@ -243,16 +243,72 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
     assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
 
 
+def test_2d_boundary_with_one_pair_listed():
+  """A 2D boundary naming one modality: the vision tokens' id is never named, so its
+  queries and keys take `cross` (OtherThan selectors beside None in the shared pooled
+  keys, which as a dict's keys did not sort as a pytree's and raised)."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(42, b, t, n, kh, h, dtype, modk)
+  pols = helpers.small_policies(bq, bk)
+  pol = P.get(
+    "2d_boundary", patterns={(0, 0): pols["vertical_slash"]}, cross=pols["block_sparse"],
+    block_q=bq, block_k=bk,
+  )  # fmt: skip
+  a, d = _plans(pol, q, k, mod)
+  assert int(np.asarray(a.block_count).sum()) > 0
+  assert_same_plan(a, d)
+
+
+def test_wide_rows_window_gives_the_same_plan(monkeypatch):
+  """SPLIT_ROWS (on a GPU): a 2D boundary whose text pair's slashes (24 key blocks a row)
+  are wider than the vision pair's A-shape (7) plans every row from the narrow intervals
+  and a window of rows from all (`_wide_rows`). The same plans as the dense planner's for
+  text rows in a window of 8 of the 32 query blocks (interleaved), in all of them (text
+  only), in none (vision only) and at the end (a question after the video); one trace."""
+  t, bq, bk = 512, 16, 16
+  pols = helpers.small_policies(bq, bk)
+  pol = P.get(
+    "2d_boundary", patterns={(0, 0): pols["vertical_slash"], (1, 1): pols["a_shape"]},
+    cross=pols["block_sparse"], block_q=bq, block_k=bk,
+  )  # fmt: skip
+  q, k, _, inter = helpers.random_inputs(41, 1, t, 2, 1, 32, jnp.float32)
+  mods = {
+    "interleaved": inter,
+    "text": jnp.zeros((1, t), jnp.int32),
+    "vision": jnp.ones((1, t), jnp.int32),
+    "question": jnp.asarray(np.arange(t)[None] < t - 40, jnp.int32),
+  }
+  calls = []
+  wide_rows = planning_lists._wide_rows
+
+  def spy(*a, **kw):
+    calls.append(1)
+    return wide_rows(*a, **kw)
+
+  monkeypatch.setattr(planning_lists, "_wide_rows", spy)
+  monkeypatch.setattr(planning, "SPLIT_ROWS", True)
+  monkeypatch.setattr(planning, "MERGE_LISTS", True)
+  for name, mod in mods.items():
+    got, want = _plans(pol, q, k, mod)
+    assert int(np.asarray(got.block_count).sum()) > 0, name
+    assert_same_plan(got, want)
+  assert len(calls) == 1  # (traced once, for every input)
+  monkeypatch.setattr(planning, "SPLIT_ROWS", "yes")
+  with pytest.raises(ValueError, match="SPLIT_ROWS must be None, True or False"):
+    planning.kernel_settings()
+
+
 @pytest.mark.parametrize("name", ("grid", "2d_boundary", "block_sparse"))
 def test_pooled_means_in_groups_give_the_same_plan(name, monkeypatch):
-  """POOL_GROUP 16: the pooled means of a side with a multiple of 16 blocks of at most 32
-  rows (here the keys: 16 blocks of 16) come 16 blocks per block_pool program, summed by
-  a dot; the same plan as a block per program (random inputs: no near-ties for the order
-  of the f32 sums to break). A bad value raises."""
+  """POOL_GROUP 16 (the default): the pooled means of a side with a multiple of 16 blocks
+  of at most 32 rows (here the keys: 16 blocks of 16) come 16 blocks per block_pool
+  program, summed by a dot; the same plan as a block per program (random inputs: no
+  near-ties for the order of the f32 sums to break). A bad value raises."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["vision_bf16_bq32"]
   q, k, _, mod = helpers.random_inputs(31, b, t, n, kh, h, dtype, modk)
   pol = _policy(name, n, bq, bk)
   monkeypatch.setattr(planning, "POOL_IMPL", "pallas")
+  monkeypatch.setattr(planning, "POOL_GROUP", 1)
   want = pol.plan(q, k, mod)
   groups = []
   block_mean = planning.block_mean

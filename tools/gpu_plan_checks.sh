@@ -38,10 +38,15 @@
 # pool_group: block_mean with 16 blocks per program for the sampled means
 #         (planning.POOL_GROUP): block_pool's GPU tests, pool_bench on the sampled grid
 #         shapes with 3 selections (groups 1, 16, 32), grid's and 2d_boundary's 1M plans
-#         by kernel with POOL_GROUP 1 and 16, the 128k check with 16 (not yet run; PACK=).
+#         by kernel with POOL_GROUP 1 and 16, the 128k check with 16 (PACK=); attn_mass's
+#         GPU tests run with block_pool's.
+# split:  the widest query modality's intervals only in a window of rows
+#         (planning.SPLIT_ROWS): the planner's list tests on the GPU, 1M plans by kernel of
+#         2d_boundary and mminference without and with it, every 128k plan against the
+#         dense planner's (PACK=; about 350 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -207,7 +212,7 @@ elif [ "$part" = pool ]; then
 elif [ "$part" = pool_group ]; then
   # block_mean with 16 blocks per program (planning.POOL_GROUP) for the sampled means
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider \
-    --gpu -m gpu tests/test_block_pool.py > "$out/gpu_tests_pool.txt" 2>&1
+    --gpu -m gpu tests/test_block_pool.py tests/test_attn_mass.py > "$out/gpu_tests_pool.txt" 2>&1
   tail -2 "$out/gpu_tests_pool.txt"
   XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 100 python3 tools/pool_bench.py \
     --cases "q grid /8,k grid /4" --n_sel 3 --groups 1,16,32 --warps 4 --inner 1 \
@@ -226,8 +231,26 @@ elif [ "$part" = pool_group ]; then
   grep "plan \|identical" "$out/plan_trace_128k_check_group16.txt"
   pack
   exit 0
+elif [ "$part" = split ]; then
+  # the widest query modality's intervals in a window of rows (planning.SPLIT_ROWS)
+  timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_planning_lists.py \
+    -k "wide_rows or one_pair or planner_kernels_are_the_same" > "$out/gpu_tests_split.txt" 2>&1
+  tail -2 "$out/gpu_tests_split.txt"
+  pack
+  for sr in 0 1; do
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 python3 tools/plan_trace.py \
+      --length 1048576 --policies 2d_boundary,mminference --by kernel --top 16 --split_rows $sr \
+      > "$out/plan_trace_1m_split$sr.txt" 2>&1
+    echo "split_rows $sr"; grep "plan " "$out/plan_trace_1m_split$sr.txt"
+    pack
+  done
+  timeout 150 python3 tools/plan_trace.py --length 131072 --check --top 2 \
+    > "$out/plan_trace_128k_check.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+  pack
+  exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate or pool_group, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group or split, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

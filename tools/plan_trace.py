@@ -213,7 +213,14 @@ def main():
     "--pool_group",
     type=int,
     default=planning.POOL_GROUP,
-    help="blocks per block_pool program for sampled means (planning.POOL_GROUP; 1 or >= 16)",
+    help="blocks per block_pool program for sampled means (planning.POOL_GROUP, 16; 1 or >= 16)",
+  )
+  ap.add_argument(
+    "--split_rows",
+    default="",
+    choices=["", "0", "1"],
+    help="1: the widest query modality's intervals only in a window of rows (planning."
+    "SPLIT_ROWS); default: the planner's (on a GPU)",
   )
   ap.add_argument(
     "--score_dtype",
@@ -234,6 +241,7 @@ def main():
   settings["score_topk_max_k"] = args.score_topk_max_k
   settings["mass_p_dtype"] = args.mass_p_dtype
   settings["pool_group"] = args.pool_group
+  settings["split_rows"] = bool(int(args.split_rows)) if args.split_rows else None
   settings |= {name: bool(getattr(args, name)) for name, _ in SWITCH_FLAGS}
   with planning.settings(**settings):
     trace(args)
