@@ -605,6 +605,9 @@ class HeadView:
   key_layout: str = "positions"
   grid_mods: tuple = ()  # modality ids whose group is grid-permuted (-1: the whole view)
   pool_tokens: int = 0  # pooled means over at most this many tokens a block (0: all)
+  # [L] the modality ids in original order (-1 for padding): the same for every head of a
+  # batch row, so sums over it are made once per row under vmap (`key_span`)
+  mod_row: jax.Array | None = None
   # pooled means already computed in this view, by (side, selector): components sharing a
   # modality (2D boundary's pairs, Q boundary's keys) pool it once
   pooled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -655,9 +658,13 @@ class HeadView:
       )
     if self.key_layout == "positions":
       return jnp.int32(0), jnp.int32(self.seq_len)
-    real = self.k_pos < self.seq_len
-    start = jnp.sum(real & (self.k_mod < k_mod)).astype(jnp.int32)
-    return start, jnp.sum(real & (self.k_mod == k_mod)).astype(jnp.int32)
+    # (counts: the same in original order as in the view's, which is per head)
+    if self.mod_row is None:
+      mod, real = self.k_mod, self.k_pos < self.seq_len
+    else:
+      mod, real = self.mod_row, jnp.arange(self.length) < self.seq_len
+    start = jnp.sum(real & (mod < k_mod)).astype(jnp.int32)
+    return start, jnp.sum(real & (mod == k_mod)).astype(jnp.int32)
 
   def sinks_scattered(self, k_mod):
     """Whether the first keys (original order) of `k_mod` are scattered (grid-permuted)."""
@@ -844,6 +851,7 @@ def build_view(layout, grid_strides, q, k, mod, *, seq_len, block_q, block_k, sc
     q_perm=perm,
     k_perm=perm,
     symmetric=True,
+    mod_row=mod,
     **common,
   )
 
@@ -1128,13 +1136,47 @@ def _pool_sels(v: HeadView, side, sels):
     pool_side(v, side, sels[i : i + MAX_SELECTIONS])
 
 
-def pool_all(v: HeadView, components):
+def _optional(comp):
+  """Whether a component is for modality ids a policy never names (an `OtherThan` with
+  ids on either side: a 2D boundary's fallback pairs), which inputs rarely have."""
+  return any(isinstance(m, OtherThan) and m.ids for m in (comp.q_mod, comp.k_mod))
+
+
+def pool_all(v: HeadView, components, axis_names=()):
   """Fills v.pooled with every (side, selector) the scored components (block_sparse,
   grid) of `components` use: one pooling per side, before any branch (a mean computed
-  inside a `lax.cond` branch would stay there, out of reach of the other branches)."""
+  inside a `lax.cond` branch would stay there, out of reach of the other branches).
+
+  The selectors that only `_optional` components use are pooled in a `lax.cond`: where
+  none of those components has a query and a key in any head (over `axis_names`), their
+  entries are zeros, which nothing reads (each such component is skipped, or finds no
+  allowed pair). A 2D boundary's two fallback pairs added two selections to each side's
+  pooling (the sampled means of its 1M plan: block_mean's time about grew with them).
+  """
+  scored = [c for c in components if c.pattern.name in ("block_sparse", "grid")]
+  extra = [c for c in scored if _optional(c)]
   for side in ("q", "k"):
     todo = [s for s in _scored_selectors(components, side) if (side, s) not in v.pooled]
-    _pool_sels(v, side, todo)
+    need = _scored_selectors([c for c in scored if not _optional(c)], side)
+    _pool_sels(v, side, [s for s in todo if s in need])
+    rest = [s for s in todo if s not in need]
+    if not rest:
+      continue
+    present = functools.reduce(
+      jnp.logical_or, [jnp.any(v.q_ok(c.q_mod)) & jnp.any(v.k_ok(c.k_mod)) for c in extra]
+    )
+    nb, h = (v.n_q, v.q_src.x.shape[-1]) if side == "q" else (v.n_k, v.k_src.x.shape[-1])
+
+    def pool(rest=rest, side=side):
+      w = dataclasses.replace(v, pooled={})
+      _pool_sels(w, side, rest)
+      return [w.pooled[side, s] for s in rest]
+
+    def zeros(rest=rest, nb=nb, h=h):
+      return [(jnp.zeros((nb, h), jnp.float32), jnp.zeros((nb,), bool)) for _ in rest]
+
+    vals = jax.lax.cond(_any_over(present, axis_names), pool, zeros)
+    v.pooled.update({(side, s): val for s, val in zip(rest, vals, strict=True)})
 
 
 def shared_k_selectors(layout, components):
@@ -1155,14 +1197,15 @@ def shared_k_pools(layout, components, k, mod, *, seq_len, block_q, block_k, sca
   return tuple(v.pooled["k", sel] for sel in sels)
 
 
-def plan_view(layout, components, q, k, mod, k_pooled=None, **kw):
+def plan_view(layout, components, q, k, mod, k_pooled=None, axis_names=(), **kw):
   """A planner's view of one (batch, head) with its pooled means filled (`pool_all`);
-  `k_pooled`: the head's kv head's `shared_k_pools`, if computed. Returns (view, aux)."""
+  `k_pooled`: the head's kv head's `shared_k_pools`, if computed; axis_names: the vmapped
+  axes (`pool_all`'s skip). Returns (view, aux)."""
   v, aux = head_view(layout, q, k, mod, **kw)
   if k_pooled is not None:
     sels = shared_k_selectors(layout, components)
     v.pooled.update({("k", sel): val for sel, val in zip(sels, k_pooled, strict=True)})
-  pool_all(v, components)
+  pool_all(v, components, axis_names)
   return v, aux
 
 
@@ -1657,7 +1700,7 @@ def head_plan(
   per-block candidate lists.
   """
   kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
-  v, aux = plan_view(layout, components, q, k, mod, k_pooled, **kw)
+  v, aux = plan_view(layout, components, q, k, mod, k_pooled, axis_names, **kw)
   # component priorities, merged by max on the pairs each one owns.
   causal = v.causal_possible()
   pri = jnp.full((v.n_q, v.n_k), NEG)

@@ -342,7 +342,7 @@ def head_plan(
 ):
   """Plan of one (batch, head), as `planning.head_plan`, from candidate lists."""
   kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
-  v, aux = pl.plan_view(layout, components, q, k, mod, k_pooled, **kw)
+  v, aux = pl.plan_view(layout, components, q, k, mod, k_pooled, axis_names, **kw)
   n_q, n_k = v.n_q, v.n_k
   _, qmax_all, _ = pl._block_min_max(v.q_pos, v.q_ok(None), n_q)
   kmin_all, _, _ = pl._block_min_max(v.k_pos, v.k_ok(None), n_k)

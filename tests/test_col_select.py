@@ -8,18 +8,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.col_select import kernel as col_kernel
 from pallas_kernels.col_select import select_columns, select_columns_reference
 
 
-def inputs(seed, n_rows=48, length=512, n_comp=3, per_comp=40, n_blocks=12, block_k=16, own=16):
+def inputs(
+  seed, n_rows=48, length=512, n_comp=3, per_comp=40, n_blocks=12, block_k=16, own=16, apart=False
+):
   """A shared list of `n_comp` sets' picks (each set's keys distinct, sets overlapping,
-  some entries invalid), rows taking random sets with random causal limits, random
-  ascending block lists, and (own > 0) each row's own tokens, some invalid."""
+  some entries invalid; apart: the last set's keys after all the others'), rows taking
+  random sets with random causal limits, random ascending block lists, and (own > 0)
+  each row's own tokens, some invalid."""
   rng = np.random.default_rng(seed)
   lim_of = rng.permutation(length).astype(np.int32)  # a key's position (causal limit)
   keys, bits = [], []
   for c in range(n_comp):
     pick = rng.choice(length // 2 + 64, per_comp, replace=False)  # overlapping sets
+    if apart and c == n_comp - 1:
+      pick = length // 2 + 64 + rng.choice(length // 2 - 64, per_comp, replace=False)
     keys.append(pick)
     bits.append(np.where(rng.random(per_comp) < 0.85, 1 << c, 0))
   keys, bits = np.concatenate(keys), np.concatenate(bits)
@@ -82,6 +88,18 @@ class ColTests:
   def test_list_not_a_whole_number_of_chunks(self):
     args, kw, bk = inputs(5, per_comp=37, own=8)
     self.check(args, kw, bk, max_cols=100, chunk=32)
+
+  @pytest.mark.parametrize("own", [0, 16])
+  def test_sets_apart_in_the_list(self, own):
+    """A set whose entries all follow the others' (a 2D boundary's grid sink columns
+    after its text vertical lines): rows taking only it loop over its chunks only."""
+    args, kw, bk = inputs(13 + own, own=own, apart=True)
+    self.check(args, kw, bk, max_cols=160)
+    first, end = (np.asarray(x) for x in col_kernel._ranges(args[1], args[3], 16))
+    n_chunks = -(-args[0].shape[0] // 16)
+    only_last = np.asarray(args[3]) == 4  # rows taking the last set alone
+    assert only_last.any() and (first[only_last] > 2).all() and (end == n_chunks).any()
+    assert ((first == end) == (np.asarray(args[3]) == 0)).all()  # no set: no chunk
 
   def test_no_candidates_only_own_tokens(self):
     args, kw, bk = inputs(6, own=32)

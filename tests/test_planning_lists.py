@@ -227,6 +227,9 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
   pol = _policy(name, n, bq, bk)
   for setting, _, _ in PLANNER_KERNELS:
     monkeypatch.setattr(planning, setting, "xla")
+  # (the pooled scores and their top-k as two kernels, also on a GPU, where pooled_topk
+  # would replace both: its own test below)
+  monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "xla")
   monkeypatch.setattr(planning, "MERGE_LISTS", False)
   want = pol.plan(q, k, mod)
   for setting, _, _ in PLANNER_KERNELS:
@@ -257,6 +260,26 @@ def test_2d_boundary_with_one_pair_listed():
   a, d = _plans(pol, q, k, mod)
   assert int(np.asarray(a.block_count).sum()) > 0
   assert_same_plan(a, d)
+
+
+def test_fallback_pairs_pooled_only_when_present(monkeypatch):
+  """A 2D boundary's pairs for ids it never names (`planning._optional`) have their own
+  selectors pooled in a lax.cond, zeros where no head has such a pair: the same plans as
+  pooling them always, on input without such ids and with id 2 tokens (where the pairs
+  pick blocks), and the dense planner's."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(43, b, t, n, kh, h, dtype, modk)
+  pol = _policy("2d_boundary", n, bq, bk)
+  assert sum(planning._optional(c) for c in pol.components()) == 2
+  with_2 = jnp.where((jnp.arange(t) % 37 < 5)[None] & (mod == 1), 2, mod)
+  for m in (mod, with_2):
+    got = pol.plan(q, k, m)
+    assert_same_plan(got, pol.plan(q, k, m, planner="dense"))
+    with monkeypatch.context() as mp:
+      mp.setattr(planning, "_optional", lambda c: False)
+      jax.clear_caches()  # (a new trace)
+      assert_same_plan(got, pol.plan(q, k, m))
+    jax.clear_caches()
 
 
 def test_wide_rows_window_gives_the_same_plan(monkeypatch):

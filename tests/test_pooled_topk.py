@@ -71,6 +71,22 @@ class TopKTests:
     self.check(*inputs(n_q + n_k + k, n_q, n_k, h), k, block_m=block_m, block_n=block_n)
 
   @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+  def test_tile_ranges(self, dtype):
+    """A 2D boundary's shapes: the first programs' rows allow nothing (vision rows of a
+    text-query component) and only the keys of tiles 2-4 of 8 may be allowed (a modality
+    run): programs loop over those tiles only, none in the barred programs."""
+    qp, kp, q_lim, k_lim = inputs(21, 256, 512, 64, barred=0.05)
+    q_lim = q_lim.at[:96].set(-1)
+    k = jnp.arange(512)
+    k_lim = jnp.where((k >= 128) & (k < 300), k_lim, 2**30)
+    qp, kp = qp.astype(dtype), kp.astype(dtype)
+    self.check(qp, kp, q_lim, k_lim, 6, block_m=32, block_n=64)
+    first, end = (np.asarray(x) for x in kernel._tile_ranges(q_lim, k_lim, 32, 64))
+    # (program 3's rows see keys up to 255: tiles 2 and 3)
+    assert (first == end)[:3].all() and (first[3:] == 2).all()
+    np.testing.assert_array_equal(end[3:], [4, 5, 5, 5, 5])
+
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
   def test_ties_go_to_the_lower_column(self, dtype):
     """Scores that are small integers (-1/0/1 vectors): many equal values, negative ones
     and zeros, across and inside tiles; the picks are lax.top_k's (the lowest columns

@@ -41,9 +41,10 @@
 #         by kernel with POOL_GROUP 1 and 16, the 128k check with 16 (PACK=); attn_mass's
 #         GPU tests run with block_pool's.
 # split:  the widest query modality's intervals only in a window of rows
-#         (planning.SPLIT_ROWS): the planner's list tests on the GPU, 1M plans by kernel of
-#         2d_boundary and mminference without and with it, every 128k plan against the
-#         dense planner's (PACK=; about 350 s).
+#         (planning.SPLIT_ROWS): the planner's list tests on the GPU, the GPU tests of
+#         col_select, pooled_topk and block_pool, 1M plans by kernel of
+#         2d_boundary and mminference without and with it (SPLIT_LIST, TOP), 2d_boundary's
+#         128k plan by kernel, every 128k plan against the dense planner's (PACK=; ~350 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
 usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split"
@@ -234,16 +235,25 @@ elif [ "$part" = pool_group ]; then
 elif [ "$part" = split ]; then
   # the widest query modality's intervals in a window of rows (planning.SPLIT_ROWS)
   timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_planning_lists.py \
-    -k "wide_rows or one_pair or planner_kernels_are_the_same" > "$out/gpu_tests_split.txt" 2>&1
+    -k "wide_rows or one_pair or planner_kernels_are_the_same or fallback" \
+    > "$out/gpu_tests_split.txt" 2>&1
   tail -2 "$out/gpu_tests_split.txt"
+  timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_col_select.py \
+    tests/test_pooled_topk.py tests/test_block_pool.py > "$out/gpu_tests_kernels.txt" 2>&1
+  tail -2 "$out/gpu_tests_kernels.txt"
   pack
-  for sr in 0 1; do
+  for sr in ${SPLIT_LIST:-0 1}; do
     XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 python3 tools/plan_trace.py \
-      --length 1048576 --policies 2d_boundary,mminference --by kernel --top 16 --split_rows $sr \
-      > "$out/plan_trace_1m_split$sr.txt" 2>&1
+      --length 1048576 --policies 2d_boundary,mminference --by kernel --top ${TOP:-16} \
+      --split_rows $sr > "$out/plan_trace_1m_split$sr.txt" 2>&1
     echo "split_rows $sr"; grep "plan " "$out/plan_trace_1m_split$sr.txt"
     pack
   done
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 python3 tools/plan_trace.py \
+    --length 131072 --policies 2d_boundary --by kernel --top ${TOP:-16} \
+    > "$out/plan_trace_128k_2d_boundary.txt" 2>&1
+  grep "plan " "$out/plan_trace_128k_2d_boundary.txt"
+  pack
   timeout 150 python3 tools/plan_trace.py --length 131072 --check --top 2 \
     > "$out/plan_trace_128k_check.txt" 2>&1
   grep "plan \|identical" "$out/plan_trace_128k_check.txt"

@@ -11,7 +11,8 @@ q_boundary plan at 1M tokens for 28 heads on an H200. Here one program takes one
 
   own tokens (U of them): kept if allowed, not covered, and no offered candidate has the
     same key (a binary search in the shared list)
-  loop over the shared list in chunks of C:
+  loop over the shared list in chunks of C, from the chunk of the first entry offered to
+  the row to that of the last (`_ranges`):
     kept = offered to the row (set bits) and the first offered entry of its key (the
            offered sets of the equal entries before it, `prev_bits`), causal
            (cand_lim <= row_lim), not covered (a binary search in the row's blocks)
@@ -64,8 +65,8 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
   that keep no own token; each row's count of kept own tokens goes to `flag`), "heavy"
   (the rows `flag` marks; the outputs are the light call's, aliased)."""
   (cand_ref, bits_ref, prev_ref, run_ref, lim_ref, rbits_ref, rlim_ref) = refs[:7]
-  blocks_ref, bcount_ref = refs[7:9]
-  rest = list(refs[9:])
+  first_ref, end_ref, blocks_ref, bcount_ref = refs[7:11]
+  rest = list(refs[11:])
   own_ref = own_ok_ref = own_lim_ref = flag_in = flag_out = None
   if n_own:
     own_ref, own_ok_ref, own_lim_ref = rest[:3]
@@ -135,7 +136,9 @@ def _kernel(*refs, n_cand, chunk, n_blocks, max_cols, n_own, block_k, zero_chunk
     """The loop over the list, then the row's own tokens, count and trailing zeros."""
     below0 = jnp.int32(0) if own_terms is None else jnp.zeros((n_own,), jnp.int32)
     step = functools.partial(body, own_terms=own_terms)
-    total, below_own = jax.lax.fori_loop(0, n_cand // chunk, step, (jnp.int32(0), below0))
+    # (only the chunks from the first to the last entry offered to the row: `_ranges`)
+    carry = (jnp.int32(0), below0)
+    total, below_own = jax.lax.fori_loop(first_ref[i], end_ref[i], step, carry)
     if own_terms is not None:
       own, kept_own, n_kept_own = own_terms
 
@@ -185,6 +188,24 @@ def _run_bits(cand, bits):
   end = jnp.concatenate([cand[1:] != cand[:-1], jnp.ones((1,), bool)])
   _, incl_rev = jax.lax.associative_scan(op, (end[::-1], bits[::-1]))
   return prev, incl | incl_rev[::-1]
+
+
+def _ranges(cand_bits, row_bits, chunk):
+  """Per row, the chunks [first, end) of the list holding the entries offered to it (its
+  bits): the first and last entry of each of the 31 bits, combined over the row's bits.
+  Rows of a set whose entries are few and together (a 2D boundary's vision rows: a grid's
+  sink columns, past the text pair's vertical lines) skip the rest of the list."""
+  n = cand_bits.shape[0]
+  bit = jnp.arange(32, dtype=jnp.int32)
+  has = ((cand_bits[None, :] >> bit[:, None]) & 1) != 0  # [32, V]
+  idx = jnp.arange(n, dtype=jnp.int32)[None, :]
+  lo = jnp.min(jnp.where(has, idx, n), axis=1)  # [32]
+  hi = jnp.max(jnp.where(has, idx + 1, 0), axis=1)
+  takes = ((row_bits[:, None] >> bit[None, :]) & 1) != 0  # [R, 32]
+  first = jnp.min(jnp.where(takes, lo[None, :], n), axis=1)
+  end = jnp.max(jnp.where(takes, hi[None, :], 0), axis=1)
+  first_c = jnp.minimum(first // chunk, -(-end // chunk))  # (none offered: an empty range)
+  return first_c.astype(jnp.int32), (-(-end // chunk)).astype(jnp.int32)
 
 
 def select_columns(
@@ -291,7 +312,8 @@ def _call(arrays, *, block_k, max_cols, chunk, num_warps, interpret):
     jnp.pad(run_bits, (0, pad)),
     jnp.pad(cand_lim, (0, pad), constant_values=_PAD),
   ]
-  args = cols + [row_bits, row_lim, blocks.reshape(-1), block_count]
+  first, end = _ranges(cols[1], row_bits, chunk)
+  args = cols + [row_bits, row_lim, first, end, blocks.reshape(-1), block_count]
   n_own = 0
   if own is not None:
     n_own = own.shape[1]

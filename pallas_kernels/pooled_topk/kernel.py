@@ -10,7 +10,8 @@ leaves them.
 
 Algorithm, one program per `block_m` rows (q tile in registers):
   run = k empty slots per row
-  for each tile of `block_n` key blocks, in column order:
+  for each tile of `block_n` key blocks, in column order, from the first to the last tile
+  that holds a pair the program may allow (`_tile_ranges`, computed by the wrapper):
     skip it if no pair is allowed (max q_lim < min k_lim)
     s = qp kp^T * scale, rounded to the inputs' dtype          [bm, bn], the same dot as
                                                                pooled_scores' tile
@@ -64,8 +65,8 @@ def _kernel(
 ):
   if sort_blocks:  # the key blocks' column ids (sorted order), tiles per program
     kid_ref, ntile_ref, *out_refs = refs
-  else:
-    out_refs = refs
+  else:  # the program's first and past-last tile with an allowed pair (`_tile_ranges`)
+    first_ref, end_ref, *out_refs = refs
   dtype = qp_ref.dtype
   bm, slots = out_refs[0].shape
   q, q_lim = qp_ref[...], qlim_ref[...]
@@ -92,14 +93,18 @@ def _kernel(
 
     return jax.lax.cond(q_max >= jnp.min(k_lim), scores, lambda c: c, carry)
 
-  n = ntile_ref[pl.program_id(0)] if sort_blocks else n_tiles
+  pid = pl.program_id(0)
+  if sort_blocks:
+    t0, t1 = 0, ntile_ref[pid]
+  else:
+    t0, t1 = first_ref[pid], end_ref[pid]
   if packed:  # empty slots: distinct keys below any entry's; past k (a power of two): _FULL
     keys0 = jnp.where(slot < k, _EMPTY + slot, _FULL) + jnp.zeros((bm, 1), jnp.int32)
-    out_refs[0][...] = jax.lax.fori_loop(0, n, tile, keys0)
+    out_refs[0][...] = jax.lax.fori_loop(t0, t1, tile, keys0)
   else:  # slots past k hold +inf
     vals0 = jnp.where(slot < k, -jnp.inf, jnp.inf) + jnp.zeros((bm, 1), jnp.float32)
     idx0 = jnp.zeros((bm, slots), jnp.int32)
-    vals, idx = jax.lax.fori_loop(0, n, tile, (vals0, idx0))
+    vals, idx = jax.lax.fori_loop(t0, t1, tile, (vals0, idx0))
     out_refs[0][...] = idx
     out_refs[1][...] = vals
 
@@ -113,6 +118,21 @@ def input_specs(block_m, n_k, h):
     pl.BlockSpec((block_m,), lambda i: (i,)),
     pl.BlockSpec((n_k,), lambda i: (0,)),
   ]
+
+
+def _tile_ranges(q_lim, k_lim, block_m, block_n):
+  """Per program (block_m rows), the tiles [first, end) from the first to the last one
+  holding a pair it may allow (a key whose limit is at most its rows' greatest): the loop
+  visits no tile outside them (those inside without such a pair are still skipped one by
+  one). A 2D boundary's text-query component then runs no tile in its vision programs,
+  and its vision-query, text-key component only the tiles of the text keys."""
+  q_max = jnp.max(q_lim.reshape(-1, block_m), axis=1)  # [P]
+  t_min = jnp.min(k_lim.reshape(-1, block_n), axis=1)  # [T]
+  may = t_min[None, :] <= q_max[:, None]  # [P, T]
+  t = jnp.arange(t_min.shape[0], dtype=jnp.int32)[None, :]
+  first = jnp.min(jnp.where(may, t, t_min.shape[0]), axis=1)
+  end = jnp.max(jnp.where(may, t + 1, 0), axis=1)
+  return jnp.minimum(first, end).astype(jnp.int32), end.astype(jnp.int32)
 
 
 def _pack(s, cols):
@@ -293,7 +313,8 @@ def _call(
     sort_blocks=sort_blocks,
     packed=packed,
   )
-  extra, extra_specs = [], []
+  programs = pl.BlockSpec((n_q // block_m,), lambda i: (0,))
+  extra, extra_specs = list(_tile_ranges(q_lim, k_lim, block_m, block_n)), [programs] * 2
   if sort_blocks:  # blocks in limit order (stable); each program's allowed-key prefix
     q_order = jnp.argsort(q_lim, stable=True).astype(jnp.int32)
     k_order = jnp.argsort(k_lim, stable=True).astype(jnp.int32)
@@ -302,10 +323,7 @@ def _call(
     q_max = q_lim[block_m - 1 :: block_m]  # (ascending: each program's last row)
     n_allowed = jnp.searchsorted(k_lim, q_max, side="right").astype(jnp.int32)
     extra = [k_order, -(-n_allowed // block_n)]
-    extra_specs = [
-      pl.BlockSpec((n_k,), lambda i: (0,)),
-      pl.BlockSpec((n_q // block_m,), lambda i: (0,)),
-    ]
+    extra_specs = [pl.BlockSpec((n_k,), lambda i: (0,)), programs]
   out_shape = [jax.ShapeDtypeStruct((n_q, slots), jnp.int32)]
   if not packed:
     out_shape.append(jax.ShapeDtypeStruct((n_q, slots), jnp.float32))
