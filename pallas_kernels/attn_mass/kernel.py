@@ -19,7 +19,8 @@ is written once:
       p itself, stored whole (one contiguous store)          -> p [R, tile]
   pass 3, one program per `diag_tile` diagonal offsets o: slash[o] = sum_r p[r, base_r - o]
     (each row's entries gathered along the diagonals: contiguous runs; the first version
-    stored p skewed from pass 2 instead, scattered from the dot's register layout)
+    stored p skewed from pass 2 instead, scattered from the dot's register layout); with
+    a key range, a program whose offsets reach no key of it for any row stores zeros
 
 With `max_offset` W (the grid stride's estimate reads the first few diagonals only) the
 column sums are not made and passes 2 and 3 visit only the key tiles within W of some
@@ -219,19 +220,32 @@ def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged):
     p_ref, base_ref, range_ref, slash_ref = refs
   else:
     p_ref, base_ref, slash_ref = refs
-  o = pl.program_id(0) * diag_tile + jnp.arange(diag_tile, dtype=jnp.int32)
-  j = base_ref[...][:, None] - o[None, :]  # [R, diag_tile]: key of row r at offset o
-  ok = j >= 0
-  if ranged:
-    ok = ok & (j >= range_ref[0]) & (j < range_ref[1])
-  if n_offsets < length:  # (p is written only where these offsets read it)
-    ok = ok & (o < n_offsets)[None, :]
-  r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
-  vals = plgpu.load(p_ref.at[jnp.where(ok, r * length + j, 0)], mask=ok, other=0.0)
-  sums = jnp.sum(vals.astype(jnp.float32), axis=0)
-  if p_dtype == "float16":
-    sums = sums * (1.0 / P_SCALE_F16)
-  slash_ref[pl.ds(pl.program_id(0) * diag_tile, diag_tile)] = sums
+  o0 = pl.program_id(0) * diag_tile
+  o = o0 + jnp.arange(diag_tile, dtype=jnp.int32)
+  base = base_ref[...]
+
+  def gather():
+    j = base[:, None] - o[None, :]  # [R, diag_tile]: key of row r at offset o
+    ok = j >= 0
+    if ranged:
+      ok = ok & (j >= range_ref[0]) & (j < range_ref[1])
+    if n_offsets < length:  # (p is written only where these offsets read it)
+      ok = ok & (o < n_offsets)[None, :]
+    r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
+    vals = plgpu.load(p_ref.at[jnp.where(ok, r * length + j, 0)], mask=ok, other=0.0)
+    sums = jnp.sum(vals.astype(jnp.float32), axis=0)
+    if p_dtype == "float16":
+      sums = sums * (1.0 / P_SCALE_F16)
+    return sums
+
+  if ranged:  # offsets that reach no key of the range, for any row: zeros, nothing read
+    # (most programs where the range is one modality's run: the 2D boundary's text keys)
+    reach = (o0 <= jnp.max(base) - range_ref[0]) & (o0 + diag_tile > jnp.min(base) - range_ref[1])
+    zeros = lambda: jnp.zeros((diag_tile,), jnp.float32)  # noqa: E731
+    sums = jax.lax.cond(reach, gather, zeros)
+  else:
+    sums = gather()
+  slash_ref[pl.ds(o0, diag_tile)] = sums
 
 
 def attention_mass(
