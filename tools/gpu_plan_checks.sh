@@ -42,7 +42,7 @@
 #         GPU tests run with block_pool's.
 # split:  the widest query modality's intervals only in a window of rows
 #         (planning.SPLIT_ROWS): the planner's list tests on the GPU, the GPU tests of
-#         col_select, pooled_topk and block_pool, 1M plans by kernel of
+#         col_select, pooled_topk, block_pool and attn_mass, 1M plans by kernel of
 #         2d_boundary and mminference without and with it (SPLIT_LIST, TOP), 2d_boundary's
 #         128k plan by kernel, every 128k plan against the dense planner's (CHECK=0: not;
 #         PACK=; ~350 s).
@@ -240,7 +240,7 @@ elif [ "$part" = split ]; then
     > "$out/gpu_tests_split.txt" 2>&1
   tail -2 "$out/gpu_tests_split.txt"
   timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_col_select.py \
-    tests/test_pooled_topk.py tests/test_block_pool.py > "$out/gpu_tests_kernels.txt" 2>&1
+    tests/test_pooled_topk.py tests/test_block_pool.py tests/test_attn_mass.py > "$out/gpu_tests_kernels.txt" 2>&1
   tail -2 "$out/gpu_tests_kernels.txt"
   pack
   for sr in ${SPLIT_LIST:-0 1}; do
