@@ -83,7 +83,7 @@ class _Intervals:
     return out
 
   def widest(self):
-    """The split of `_rows_plan`: (the intervals of the query modality whose bound is the
+    """The split of `_wide_rows`: (the intervals of the query modality whose bound is the
     largest, the rest), or None where one query modality adds every interval."""
     by_mod = {}
     for q_mod, b in zip(self.q_mods, self.bounds, strict=True):

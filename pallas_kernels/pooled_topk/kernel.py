@@ -314,8 +314,9 @@ def _call(
     packed=packed,
   )
   programs = pl.BlockSpec((n_q // block_m,), lambda i: (0,))
-  extra, extra_specs = list(_tile_ranges(q_lim, k_lim, block_m, block_n)), [programs] * 2
-  if sort_blocks:  # blocks in limit order (stable); each program's allowed-key prefix
+  if not sort_blocks:
+    extra, extra_specs = list(_tile_ranges(q_lim, k_lim, block_m, block_n)), [programs] * 2
+  else:  # blocks in limit order (stable); each program's allowed-key prefix
     q_order = jnp.argsort(q_lim, stable=True).astype(jnp.int32)
     k_order = jnp.argsort(k_lim, stable=True).astype(jnp.int32)
     qp, q_lim = qp[q_order], q_lim[q_order]
