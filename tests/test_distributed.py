@@ -33,11 +33,10 @@ MESHES = [(2, 2, 2), (1, 4, 1), (1, 1, 4)]
 
 
 # The subprocess's tests in two shards of about two minutes each, so that the suite's
-# workers share them: the model tests, then the attention tests.
-SHARDS = (
-  "model_prefill or generate or answer or poison",
-  "not (model_prefill or generate or answer or poison)",
-)
+# workers share them: the model tests and the bf16 + Pallas one, then the other attention
+# tests (2026-12-02, alone: 91 and 145 s before the bf16 test, 27 s, moved).
+_FIRST = "model_prefill or generate or answer or poison or bf16_and_pallas"
+SHARDS = (_FIRST, f"not ({_FIRST})")
 
 
 @pytest.mark.skipif(MULTI, reason="this is the subprocess")
@@ -78,7 +77,7 @@ def test_on_8_cpu_devices(shard):
   assert proc.returncode == 0, out[-6000:]
   summary = out.strip().splitlines()[-1]
   passed = int(re.search(r"(\d+) passed", summary).group(1))
-  assert passed >= (7, 12)[shard], summary
+  assert passed >= (8, 11)[shard], summary
   # there, only the main process's tests skip (no test marked multidevice)
   skips = [line for line in out.splitlines() if line.startswith("SKIPPED")]
   assert all("this is the subprocess" in s or "main process" in s for s in skips), skips
@@ -174,13 +173,14 @@ def _all_policies():
   "mesh_shape, names",
   [
     ((2, 2, 2), ("2d_boundary", "mminference")),
-    ((1, 1, 4), ("grid", "mminference")),
+    ((1, 1, 4), ("grid",)),
     ((1, 4, 1), ("q_boundary",)),
   ],
 )
 def test_sharded_equals_single_device(mesh_shape, names):
   """A few policies per mesh. mminference's table gives its 8 heads every policy, so each
-  policy runs on the mesh using all three axes."""
+  policy runs on the mesh using all three axes (the one mminference case: it is the
+  slowest to compile)."""
   assert {p.name for p in _all_policies()["mminference"].head_policies(N)} == set(small_policies())
   q, k, v, mod = _inputs(seed=sum(mesh_shape))
   mesh = distributed.make_mesh(dict(zip(distributed.AXES, mesh_shape, strict=True)))
