@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from mmjax import planning as pl
 from mmjax.planning import BIG, NEG, PRI_SELF, PRI_STRUCT, HeadView
+from pallas_kernels.spans import true_span
 
 
 def _cdiv(a, b):
@@ -299,9 +300,8 @@ def _wide_rows(rows_plan, iv, wide, narrow, n_q, axis_names):
   """
   block_idx, block_count = rows_plan(narrow, 0, n_q)
   has = jnp.any(jnp.concatenate(wide.lo, axis=1) <= jnp.concatenate(wide.hi, axis=1), axis=1)
-  r = jnp.arange(n_q, dtype=jnp.int32)
-  first = jnp.min(jnp.where(has, r, n_q))
-  end = jnp.max(jnp.where(has, r + 1, 0))
+  first, end = true_span(has)
+  first = jnp.where(end > 0, first, n_q)  # (none: neutral for the minimum over the axes)
   if axis_names:
     first, end = jax.lax.pmin(first, axis_names), jax.lax.pmax(end, axis_names)
   sizes = sorted({_cdiv(n_q, 1 << j) for j in range(_ROW_LEVELS)})

@@ -44,6 +44,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.spans import true_span
+
 _PAD = np.int32(np.iinfo(np.int32).max)  # the key of the list's padding entries
 
 
@@ -197,12 +199,9 @@ def _ranges(cand_bits, row_bits, chunk):
   sink columns, past the text pair's vertical lines) skip the rest of the list."""
   n = cand_bits.shape[0]
   bit = jnp.arange(32, dtype=jnp.int32)
-  has = ((cand_bits[None, :] >> bit[:, None]) & 1) != 0  # [32, V]
-  idx = jnp.arange(n, dtype=jnp.int32)[None, :]
-  lo = jnp.min(jnp.where(has, idx, n), axis=1)  # [32]
-  hi = jnp.max(jnp.where(has, idx + 1, 0), axis=1)
+  lo, hi = true_span(((cand_bits[None, :] >> bit[:, None]) & 1) != 0)  # [32] each
   takes = ((row_bits[:, None] >> bit[None, :]) & 1) != 0  # [R, 32]
-  first = jnp.min(jnp.where(takes, lo[None, :], n), axis=1)
+  first = jnp.min(jnp.where(takes & (lo < hi)[None, :], lo[None, :], n), axis=1)
   end = jnp.max(jnp.where(takes, hi[None, :], 0), axis=1)
   first_c = jnp.minimum(first // chunk, -(-end // chunk))  # (none offered: an empty range)
   return first_c.astype(jnp.int32), (-(-end // chunk)).astype(jnp.int32)

@@ -53,6 +53,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.pooled_scores.kernel import check_pooled, dot_tf32, pad_to_tiles
+from pallas_kernels.spans import true_span
 
 _BIG = 2**30
 _EMPTY = -(2**31)  # the packed key of a pair that is not allowed (empty slots: _EMPTY + slot)
@@ -128,11 +129,7 @@ def _tile_ranges(q_lim, k_lim, block_m, block_n):
   and its vision-query, text-key component only the tiles of the text keys."""
   q_max = jnp.max(q_lim.reshape(-1, block_m), axis=1)  # [P]
   t_min = jnp.min(k_lim.reshape(-1, block_n), axis=1)  # [T]
-  may = t_min[None, :] <= q_max[:, None]  # [P, T]
-  t = jnp.arange(t_min.shape[0], dtype=jnp.int32)[None, :]
-  first = jnp.min(jnp.where(may, t, t_min.shape[0]), axis=1)
-  end = jnp.max(jnp.where(may, t + 1, 0), axis=1)
-  return jnp.minimum(first, end).astype(jnp.int32), end.astype(jnp.int32)
+  return true_span(t_min[None, :] <= q_max[:, None])  # [P, T] -> [P] each
 
 
 def _pack(s, cols):
