@@ -53,6 +53,14 @@ def get_config(arg: str | None = None):
   # never). mminference's 512k plan on an H200: 14.86 -> 11.67 ms, 0.8 -> 5.0 GiB temp
   # (h200_2026-12-02c)
   c.concurrent_plan_max_len = 524288
+  # with concurrent scheduling, the command-buffer types (xla_gpu_enable_command_buffer;
+  # "": XLA's default, FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN) of the plan programs of
+  # the policies in plan_command_buffers_policies (empty: every policy). XLA's default
+  # and CONDITIONAL,WHILE put a plan's lax.cond / lax.switch branches into its CUDA
+  # graphs. On an H200 at 128k (h200_2026-12-03): mminference's plan (21 conds) 3.11 ->
+  # 2.87 ms, 2d_boundary's 2.47 -> 2.39, grid's (1 cond) 1.05 -> 1.19
+  c.plan_command_buffers = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+  c.plan_command_buffers_policies = ("mminference",)
   # from this length on the plan programs compile without command buffers (0: never). At
   # 1M the plans traced with and without them took the same time (block_sparse 8.95 and
   # 8.89 ms, h200_2026-12-02d): the 10.00 ms of h200_2026-12-02c was two timed calls'

@@ -225,7 +225,7 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
     pol = cycle_table_policy(cfg, q.shape[2], q.shape[1])
   else:
     pol = policies.get(name, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=hps, **kwargs)
-  copts = plan_compiler_options(cfg, q.shape[1])
+  copts = plan_compiler_options(cfg, q.shape[1], name)
   plan_fn = jax.jit(lambda q, k, m: pol.plan(q, k, m), compiler_options=copts)
   plan_iters = max(cfg.iters, cfg.get("plan_iters", 0))
   plan_ms = timeit(plan_fn, q, k, mod, warmup=cfg.warmup, iters=plan_iters)
@@ -267,12 +267,15 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
 
 
-def plan_compiler_options(cfg, length: int) -> dict | None:
+def plan_compiler_options(cfg, length: int, policy: str = "") -> dict | None:
   """The XLA compile options of the programs that build a plan (plan alone, plan +
   kernel): `planning.PLAN_COMPILER_OPTIONS` up to `cfg.concurrent_plan_max_len` tokens
   (their temp memory grows with the length); from `cfg.plan_no_command_buffers_from`
   tokens on (if > 0) no command buffers (`NO_COMMAND_BUFFERS`); else None (XLA's
-  defaults)."""
+  defaults). With concurrent scheduling, `cfg.plan_command_buffers` (if not "") sets the
+  command-buffer types of `policy`'s plans if `cfg.plan_command_buffers_policies` names
+  it or is empty (a list such as "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,
+  WHILE")."""
   off_from = cfg.get("plan_no_command_buffers_from", 0)
   if off_from > 0 and length >= off_from:
     if length <= cfg.concurrent_plan_max_len:
@@ -283,7 +286,17 @@ def plan_compiler_options(cfg, length: int) -> dict | None:
       )
     return dict(NO_COMMAND_BUFFERS)
   if length <= cfg.concurrent_plan_max_len:
-    return dict(planning.PLAN_COMPILER_OPTIONS)
+    opts = dict(planning.PLAN_COMPILER_OPTIONS)
+    which = tuple(cfg.get("plan_command_buffers_policies", ()))
+    unknown = sorted(set(which) - set(policies.names()))
+    if unknown:
+      raise ValueError(
+        f"bench: plan_command_buffers_policies names unknown policies {unknown}; known:"
+        f" {policies.names()}"
+      )
+    if cfg.get("plan_command_buffers", "") and (not which or policy in which):
+      opts["xla_gpu_enable_command_buffer"] = cfg.plan_command_buffers
+    return opts
   return None
 
 

@@ -67,6 +67,18 @@ def test_bench_smoke_runs(tmp_path):
     "xla_gpu_enable_command_buffer": ""
   }
   assert bench.plan_compiler_options(cfg, cfg.concurrent_plan_max_len) is not None
+  # the command-buffer types of the named policies' plans only (mminference's row above
+  # compiled with them: XLA parsed them)
+  n = cfg.concurrent_plan_max_len
+  assert (
+    "CONDITIONAL"
+    in bench.plan_compiler_options(cfg, n, "mminference")["xla_gpu_enable_command_buffer"]
+  )
+  assert "xla_gpu_enable_command_buffer" not in bench.plan_compiler_options(cfg, n, "grid")
+  assert "CONDITIONAL" in rows[-1]["plan_options"] and rows[-1]["policy"] == "mminference"
+  cfg.plan_command_buffers_policies = ("grids",)
+  with pytest.raises(ValueError, match=r"unknown policies \['grids'\]"):
+    bench.plan_compiler_options(cfg, n, "grid")
   # (XLA parses the option: an unknown value would raise here)
   jax.jit(lambda x: x + 1, compiler_options=bench.NO_COMMAND_BUFFERS)(np.ones(2))
   cfg.plan_no_command_buffers_from = cfg.concurrent_plan_max_len

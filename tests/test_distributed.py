@@ -29,7 +29,6 @@ multidevice = pytest.mark.skipif(
   not MULTI, reason="runs in the 8-device subprocess of test_on_8_cpu_devices"
 )
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MESHES = [(2, 2, 2), (1, 4, 1), (1, 1, 4)]
 
 
 # The subprocess's tests in two shards of about two minutes each, so that the suite's
@@ -77,7 +76,7 @@ def test_on_8_cpu_devices(shard):
   assert proc.returncode == 0, out[-6000:]
   summary = out.strip().splitlines()[-1]
   passed = int(re.search(r"(\d+) passed", summary).group(1))
-  assert passed >= (8, 11)[shard], summary
+  assert passed >= (6, 10)[shard], summary
   # there, only the main process's tests skip (no test marked multidevice)
   skips = [line for line in out.splitlines() if line.startswith("SKIPPED")]
   assert all("this is the subprocess" in s or "main process" in s for s in skips), skips
@@ -200,7 +199,9 @@ def test_sharded_bf16_and_pallas_interpret():
   q, k, v, mod = _inputs(jnp.bfloat16, seed=7)
   mesh = distributed.make_mesh({"data": 2, "heads": 2, "seq": 2})
   pols = _all_policies()
-  for name, backends in (("mminference", ("xla", "pallas")),):
+  # (the sharded XLA backend is compared in f32 above; here the Pallas kernels, with
+  # 2d_boundary: its pairs take every pattern; the mminference table took 35 s)
+  for name, backends in (("2d_boundary", ("pallas",)),):
     pol = pols[name]
     ref = sparse_attention(q, k, v, pol, mod, backend="xla").astype(jnp.float32)
     for backend in backends:
@@ -236,7 +237,7 @@ def _collectives(txt):
 
 
 @multidevice
-@pytest.mark.parametrize("mesh_shape", MESHES)
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 1)])  # tokens sharded or not
 def test_hlo_has_no_all_gather(mesh_shape):
   q, k, v, mod = _inputs()
   mesh = distributed.make_mesh(dict(zip(distributed.AXES, mesh_shape, strict=True)))
@@ -280,9 +281,10 @@ def _table_2_layers():
 @pytest.mark.parametrize(
   "mesh_shape, policy, mlp_chunk",
   [
+    # (every axis: data, heads (all-reduce) and tokens (all-to-all); 2026-12-03: the
+    # heads-only and unchunked tokens-only cases went, for CI time: the attention tests
+    # below run both meshes)
     ((2, 2, 2), "mminference", 48),  # 128 local tokens: chunks 48, 48, 32
-    ((1, 4, 1), "vertical_slash", 0),
-    ((1, 1, 4), "vertical_slash", 0),
     ((1, 1, 4), "vertical_slash", 24),  # 64 local tokens: chunks 24, 24, 16
   ],
 )

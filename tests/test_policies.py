@@ -197,9 +197,7 @@ def test_select_blocks_equals_top_k(mb):
 
 
 @pytest.mark.parametrize("case", ["b2_gqa_interleaved_f32", "vision_bf16_bq32", "grid_1k"])
-@pytest.mark.parametrize(
-  "name", ["a_shape", "vertical_slash", "grid", "2d_boundary", "mminference"]
-)
+@pytest.mark.parametrize("name", ["a_shape", "vertical_slash", "grid", "2d_boundary"])
 def test_plan_takes_the_sort_free_selection(name, case, monkeypatch):
   """With the top-k branch poisoned the plans are unchanged: the planner's own priorities
   take the sort-free branch and give the plan the top-k gives. A grid's rows need the
@@ -252,7 +250,7 @@ def _count_prims(jaxpr, name):
 
 
 @pytest.mark.parametrize("case", ["b2_gqa_interleaved_f32", "text_f32_bk32"])
-@pytest.mark.parametrize("name", ["2d_boundary", "q_boundary", "mminference"])
+@pytest.mark.parametrize("name", ["2d_boundary", "q_boundary"])
 def test_empty_top_k_is_skipped_with_the_same_plan(name, case, monkeypatch):
   """The pooled-score top-k of a component without a real query or key (2d_boundary's ids
   never named; vision pairs on text-only input) sits in a cond that stays a branch under

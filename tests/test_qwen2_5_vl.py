@@ -93,18 +93,20 @@ def test_policy_at_full_budget_equals_dense(tiny, name):
 
 
 def test_every_policy_prefills_under_jit_at_default_budget(tiny):
-  pols = dict(small_policies())
-  n = tiny["config"].text.num_heads
-  rows = tuple(
-    tuple(list(pols.values())[(li + h) % len(pols)] for h in range(n)) for li in range(2)
-  )
-  pols["mminference"] = P.get("mminference", table=rows, block_q=16, block_k=16)
+  """One prefill whose table gives the 2 layers x 4 heads every policy (each policy alone
+  runs through the model in `test_policy_at_full_budget_equals_dense`; one program here
+  rather than eight, for CI time)."""
+  pols = list(small_policies().values())
+  n, layers = tiny["config"].text.num_heads, tiny["config"].text.num_layers
+  assert n * layers >= len(pols)
+  rows = tuple(tuple(pols[(li * n + h) % len(pols)] for h in range(n)) for li in range(layers))
+  assert {p.name for row in rows for p in row} == {p.name for p in pols}
+  pol = P.get("mminference", table=rows, block_q=16, block_k=16)
   dense = tiny["ref"]
-  for name, pol in pols.items():
-    out = _logits(tiny, pol)
-    assert out.shape == dense.shape and np.isfinite(out).all(), name
-    # sparse, so not equal to dense, but close to it on this short input
-    assert np.abs(out - dense).max() < 0.5 * np.abs(dense).max(), name
+  out = _logits(tiny, pol)
+  assert out.shape == dense.shape and np.isfinite(out).all()
+  # sparse, so not equal to dense, but close to it on this short input
+  assert 0 < np.abs(out - dense).max() < 0.5 * np.abs(dense).max()
 
 
 def test_pallas_backend_interpret_matches_xla(tiny):

@@ -204,6 +204,12 @@ def main():
     help="1: compile the plans with planning.PLAN_COMPILER_OPTIONS (concurrent scheduling)",
   )
   ap.add_argument(
+    "--compiler_options",
+    default="",
+    help="more XLA compile options for the plans, 'name=value;name=value' (e.g."
+    " 'xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,CONDITIONAL,WHILE')",
+  )
+  ap.add_argument(
     "--score_topk_max_k",
     type=int,
     default=planning.SCORE_TOPK_MAX_K,
@@ -247,9 +253,24 @@ def main():
     trace(args)
 
 
+def _option_value(text: str):
+  """A compile option's value from its text: a bool, an int, or the string itself."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return int(text)
+  except ValueError:
+    return text
+
+
 def trace(args):
   """The plans of `args.policies` traced (and checked) with the planner's settings now."""
   copts = dict(planning.PLAN_COMPILER_OPTIONS) if args.concurrent else None
+  if args.compiler_options:
+    extra = {
+      k: _option_value(v) for k, v in (kv.split("=", 1) for kv in args.compiler_options.split(";"))
+    }
+    copts = (copts or {}) | extra
   t, h = args.length, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)
@@ -303,8 +324,14 @@ def trace(args):
     for where, us in top:
       share = 100 * us / max(total, 1e-9)
       print(f"  {us / 1e3:9.2f} ms {share:5.1f}% {n_by_src[where]:5d}x  {where}")
+    n_cond = len(re.findall(r"= [^=]*? conditional\(", hlo))
+    n_while = len(re.findall(r"= [^=]*? while\(", hlo))
+    n_cmd = len(re.findall(r"command_buffer", hlo))
+    print(f"  HLO: {n_cond} conditionals, {n_while} while loops, {n_cmd} command_buffer mentions")
     report[name] = {
       "wall_ms": ms,
+      "conditionals": n_cond,
+      "whiles": n_while,
       "ops_ms": total / 1e3,
       "kernels": n_kernels,
       "temp_gib": temp,
