@@ -477,14 +477,16 @@ def test_niah_runs_on_a_checkpoint_and_reproduces(tok_tiny, tmp_path):
   assert len(rows) == 4
 
 
-def test_model_ablation_runs_and_reproduces(tok_tiny, tmp_path):
-  """configs/ablate_model.py:smoke on the tiny checkpoint, through the absl main."""
+def test_model_ablation_runs(tok_tiny, tmp_path):
+  """configs/ablate_model.py:smoke on the tiny checkpoint, through the absl main. (Once:
+  `test_ablation.py::test_smoke_run_is_reproducible` and the NIAH test check that runs
+  reproduce; a second run here took 20 s of CI, 2026-12-03.)"""
   import subprocess
   import sys
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   outs = []
-  for name in ("a", "b"):
+  for name in ("a",):
     r = subprocess.run(
       [
         sys.executable,
@@ -500,7 +502,6 @@ def test_model_ablation_runs_and_reproduces(tok_tiny, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     outs.append((tmp_path / name / "metrics.jsonl").read_bytes())
-  assert outs[0] == outs[1]
   rows = [json.loads(line) for line in outs[0].decode().splitlines()]
   per_layer = [r for r in rows if r["layer"] != "model"]
   model_rows = {r["policy"]: r for r in rows if r["layer"] == "model"}
