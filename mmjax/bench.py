@@ -168,7 +168,8 @@ def _run(cfg, workdir, progress):
 def check_policies(cfg) -> None:
   """Raises a ValueError, before anything is timed, for names in `cfg.policies` that
   `policies.get` does not know (a flag's tuple of unquoted names arrives as one string)
-  and for the cycle-table mminference without other names to cycle."""
+  and for the cycle-table mminference without other names to cycle; likewise for
+  `plan_command_buffers_policies`."""
   if not cfg.policies:
     raise ValueError("bench: policies must be a non-empty tuple of names; got none")
   unknown = [n for n in cfg.policies if n not in policies.names()]
@@ -184,6 +185,20 @@ def check_policies(cfg) -> None:
       "its heads (cycle_table_policy), and there are none: add them, or give "
       "policy_kwargs.mminference.table_path"
     )
+  command_buffer_policies(cfg)
+
+
+def command_buffer_policies(cfg) -> tuple[str, ...]:
+  """`cfg.plan_command_buffers_policies` as a tuple of known policy names; a ValueError
+  names unknown ones."""
+  which = tuple(cfg.get("plan_command_buffers_policies", ()))
+  unknown = sorted(set(which) - set(policies.names()))
+  if unknown:
+    raise ValueError(
+      f"bench: plan_command_buffers_policies names unknown policies {unknown}; known:"
+      f" {policies.names()}"
+    )
+  return which
 
 
 def heads_per_step(cfg, length: int, num_heads: int) -> int:
@@ -287,13 +302,7 @@ def plan_compiler_options(cfg, length: int, policy: str = "") -> dict | None:
     return dict(NO_COMMAND_BUFFERS)
   if length <= cfg.concurrent_plan_max_len:
     opts = dict(planning.PLAN_COMPILER_OPTIONS)
-    which = tuple(cfg.get("plan_command_buffers_policies", ()))
-    unknown = sorted(set(which) - set(policies.names()))
-    if unknown:
-      raise ValueError(
-        f"bench: plan_command_buffers_policies names unknown policies {unknown}; known:"
-        f" {policies.names()}"
-      )
+    which = command_buffer_policies(cfg)
     if cfg.get("plan_command_buffers", "") and (not which or policy in which):
       opts["xla_gpu_enable_command_buffer"] = cfg.plan_command_buffers
     return opts

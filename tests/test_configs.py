@@ -79,6 +79,8 @@ def test_bench_smoke_runs(tmp_path):
   cfg.plan_command_buffers_policies = ("grids",)
   with pytest.raises(ValueError, match=r"unknown policies \['grids'\]"):
     bench.plan_compiler_options(cfg, n, "grid")
+  with pytest.raises(ValueError, match=r"unknown policies \['grids'\]"):
+    bench.check_policies(cfg)
   # (XLA parses the option: an unknown value would raise here)
   jax.jit(lambda x: x + 1, compiler_options=bench.NO_COMMAND_BUFFERS)(np.ones(2))
   cfg.plan_no_command_buffers_from = cfg.concurrent_plan_max_len
@@ -158,6 +160,7 @@ def test_bench_heads_per_step_follows_the_length():
   assert bench.heads_per_step(cfg, 131072, 28) == 3
 
 
+@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
 def test_bench_prefill_smoke_runs(tmp_path):
   from mmjax.models import bench as model_bench
 
@@ -172,6 +175,7 @@ def test_bench_prefill_smoke_runs(tmp_path):
   assert saved["complete"] and len(saved["rows"]) == 3
 
 
+@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
 def test_bench_sharded_smoke_runs(tmp_path):
   """Each item in its own process with as many CPU devices as its mesh."""
   from mmjax.models import bench_sharded

@@ -293,6 +293,7 @@ def test_end_to_end_video_question_matches_transformers(tok_tiny):
   np.testing.assert_array_equal(out[0], ref_tokens)
 
 
+@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
 def test_answer_and_convert_commands(tok_tiny, tmp_path):
   """The README's commands: convert to orbax, then answer from frames (absl entry points)."""
   import subprocess
@@ -477,6 +478,7 @@ def test_niah_runs_on_a_checkpoint_and_reproduces(tok_tiny, tmp_path):
   assert len(rows) == 4
 
 
+@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
 def test_model_ablation_runs(tok_tiny, tmp_path):
   """configs/ablate_model.py:smoke on the tiny checkpoint, through the absl main. (Once:
   `test_ablation.py::test_smoke_run_is_reproducible` and the NIAH test check that runs

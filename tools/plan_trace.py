@@ -207,7 +207,7 @@ def main():
     "--compiler_options",
     default="",
     help="more XLA compile options for the plans, 'name=value;name=value' (e.g."
-    " 'xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,CONDITIONAL,WHILE')",
+    " 'xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE')",
   )
   ap.add_argument(
     "--score_topk_max_k",
@@ -267,10 +267,11 @@ def trace(args):
   """The plans of `args.policies` traced (and checked) with the planner's settings now."""
   copts = dict(planning.PLAN_COMPILER_OPTIONS) if args.concurrent else None
   if args.compiler_options:
-    extra = {
-      k: _option_value(v) for k, v in (kv.split("=", 1) for kv in args.compiler_options.split(";"))
-    }
-    copts = (copts or {}) | extra
+    pairs = [kv.split("=", 1) for kv in args.compiler_options.split(";") if kv]
+    bad = [kv for kv in pairs if len(kv) != 2 or not kv[0]]
+    if bad:
+      raise ValueError(f"--compiler_options: 'name=value;name=value' expected, got {bad}")
+    copts = (copts or {}) | {k: _option_value(v) for k, v in pairs}
   t, h = args.length, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)
