@@ -160,7 +160,7 @@ def test_bench_heads_per_step_follows_the_length():
   assert bench.heads_per_step(cfg, 131072, 28) == 3
 
 
-@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
+@pytest.mark.slow  # (outside CI's `-m "not slow"`: README, "Run the tests")
 def test_bench_prefill_smoke_runs(tmp_path):
   from mmjax.models import bench as model_bench
 
@@ -175,7 +175,7 @@ def test_bench_prefill_smoke_runs(tmp_path):
   assert saved["complete"] and len(saved["rows"]) == 3
 
 
-@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
+@pytest.mark.slow  # (outside CI's `-m "not slow"`: README, "Run the tests")
 def test_bench_sharded_smoke_runs(tmp_path):
   """Each item in its own process with as many CPU devices as its mesh."""
   from mmjax.models import bench_sharded

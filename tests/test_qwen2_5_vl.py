@@ -293,7 +293,7 @@ def test_end_to_end_video_question_matches_transformers(tok_tiny):
   np.testing.assert_array_equal(out[0], ref_tokens)
 
 
-@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
+@pytest.mark.slow  # (outside CI's `-m "not slow"`: README, "Run the tests")
 def test_answer_and_convert_commands(tok_tiny, tmp_path):
   """The README's commands: convert to orbax, then answer from frames (absl entry points)."""
   import subprocess
@@ -478,17 +478,15 @@ def test_niah_runs_on_a_checkpoint_and_reproduces(tok_tiny, tmp_path):
   assert len(rows) == 4
 
 
-@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
-def test_model_ablation_runs(tok_tiny, tmp_path):
-  """configs/ablate_model.py:smoke on the tiny checkpoint, through the absl main. (Once:
-  `test_ablation.py::test_smoke_run_is_reproducible` and the NIAH test check that runs
-  reproduce; a second run here took 20 s of CI, 2026-12-03.)"""
+@pytest.mark.slow
+def test_model_ablation_runs_and_reproduces(tok_tiny, tmp_path):
+  """configs/ablate_model.py:smoke on the tiny checkpoint, through the absl main."""
   import subprocess
   import sys
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   outs = []
-  for name in ("a",):
+  for name in ("a", "b"):
     r = subprocess.run(
       [
         sys.executable,
@@ -504,6 +502,7 @@ def test_model_ablation_runs(tok_tiny, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     outs.append((tmp_path / name / "metrics.jsonl").read_bytes())
+  assert outs[0] == outs[1]
   rows = [json.loads(line) for line in outs[0].decode().splitlines()]
   per_layer = [r for r in rows if r["layer"] != "model"]
   model_rows = {r["policy"]: r for r in rows if r["layer"] == "model"}

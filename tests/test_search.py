@@ -91,18 +91,16 @@ def test_table_loads_as_mminference_and_plans(tmp_path):
 @pytest.mark.slow
 @pytest.mark.xla_optimized  # T = 6656: the programs' run time dominates
 def test_search_recovers_planted_patterns():
-  """Six planted heads at the default layout: every one gets its own pattern. (Scale 4: a
-  grid reaches the 0.4 budget only there since its sinks are columns.) One layer: the
-  time is mostly the 24 candidates' compiles, a second seed's layer added 20 of 96 s and
-  also found 6 of 6 (2026-12-03). `configs/search_patterns.py` searches three seeds'
-  layers: 17 of 18 in `results/search_synthetic/`."""
+  """Two seeds x six planted heads at the default layout: >= 90% get their own pattern.
+  (Scale 4: a grid reaches the 0.4 budget only there since its sinks are columns.)"""
   layout = synthetic.VideoLayout()
-  layers = search.synthetic_layers(layout, synthetic.HEAD_KINDS, 1, seed=0)
+  layers = search.synthetic_layers(layout, synthetic.HEAD_KINDS, 2, seed=0)
   cfg = search.SearchConfig(scales=(0.5, 1.0, 2.0, 4.0))
-  table = search.search(layers, 1, cfg, progress=False)
+  table = search.search(layers, 2, cfg, progress=False)
   got = [h["pattern"] for row in table["heads"] for h in row]
-  want = list(synthetic.HEAD_KINDS)
-  assert got == want
+  want = list(synthetic.HEAD_KINDS) * 2
+  acc = np.mean([g == w for g, w in zip(got, want, strict=True)])
+  assert acc >= 0.9, list(zip(got, want, strict=True))
   assert search.mean_density(table) < 0.5
 
 

@@ -344,7 +344,7 @@ def test_report_main(budget_smoke, tmp_path):
   assert "## Recall vs density" in res.stdout and (tmp_path / "report.md").exists()
 
 
-@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
+@pytest.mark.slow  # (outside CI's `-m "not slow"`: README, "Run the tests")
 def test_block_size_smoke_main_in_two_shards(tmp_path):
   wd = tmp_path / "blocks"
   cmd = [
@@ -701,7 +701,7 @@ def test_launch_names_the_failed_worker_and_a_relaunch_finishes(fake_config, tmp
     assert [r["value"] for r in csv.DictReader(f)] == ["10", "20", "30", "40"]
 
 
-@pytest.mark.slow  # (CI runs `-m "not slow"`: README, "Tests")
+@pytest.mark.slow  # (outside CI's `-m "not slow"`: README, "Run the tests")
 def test_main_workers_and_shard_by_process(fake_config, tmp_path):
   # --workers: overrides reach every worker, the launcher prints the summary
   wd = tmp_path / "local"
