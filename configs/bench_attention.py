@@ -58,9 +58,11 @@ def get_config(arg: str | None = None):
   # the policies in plan_command_buffers_policies (empty: every policy). XLA's default
   # and CONDITIONAL,WHILE put a plan's lax.cond / lax.switch branches into its CUDA
   # graphs. On an H200 at 128k (h200_2026-12-03): mminference's plan (21 conds) 3.11 ->
-  # 2.87 ms, 2d_boundary's 2.47 -> 2.39, grid's (1 cond) 1.05 -> 1.19
+  # 2.87 ms, 2d_boundary's 2.47 -> 2.39, grid's (1 cond) 1.05 -> 1.19; without the
+  # empty top-k's conds (h200_2026-12-03b): mminference 3.00 -> 2.75, 2d_boundary (9
+  # conds) 2.57 -> 2.24, grid 1.06 -> 1.16
   c.plan_command_buffers = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
-  c.plan_command_buffers_policies = ("mminference",)
+  c.plan_command_buffers_policies = ("mminference", "2d_boundary")
   # from this length on the plan programs compile without command buffers (0: never). At
   # 1M the plans traced with and without them took the same time (block_sparse 8.95 and
   # 8.89 ms, h200_2026-12-02d): the 10.00 ms of h200_2026-12-02c was two timed calls'
@@ -93,6 +95,9 @@ def get_config(arg: str | None = None):
   # the widest query modality's intervals only in a window of rows (None: as planning has
   # it, on a GPU; --config.planner.split_rows=False)
   c.planner.split_rows = ml_collections.config_dict.placeholder(bool)
+  # each scored component's top-k in a lax.cond that skips it when the component is
+  # empty (None: as planning has it, off on a GPU; --config.planner.skip_empty_topk=True)
+  c.planner.skip_empty_topk = ml_collections.config_dict.placeholder(bool)
   c.warmup = 2
   c.iters = 10
   # the plan alone is timed over max(iters, plan_iters) calls: a plan takes milliseconds,

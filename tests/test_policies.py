@@ -196,6 +196,23 @@ def test_select_blocks_equals_top_k(mb):
   assert taken >= 2, "the inputs did not exercise the sort-free branch"
 
 
+def test_group_sort_is_a_stable_sort_by_group():
+  """group_sort's one-key sort (ids as uint32) orders tokens as numpy's stable lexsort
+  by (group, position): negative and large ids, padding last, groups of one token."""
+  from mmjax import planning
+
+  rng = np.random.default_rng(7)
+  for n, lo, hi in [(1, 0, 2), (37, -5, 5), (4096, 0, 3), (3000, -(2**31), 2**31 - 1)]:
+    mod = rng.integers(lo, hi, n, dtype=np.int64).astype(np.int32)
+    real = np.arange(n) < n - rng.integers(0, min(n, 9))
+    pos = np.arange(n, dtype=np.int32)
+    got = planning.group_sort(jnp.asarray(pos), jnp.asarray(mod), jnp.asarray(real))
+    grp = np.where(real, mod, int(planning.BIG)).astype(np.int64)
+    want = np.lexsort((pos, grp))
+    np.testing.assert_array_equal(np.asarray(got.by_group), want)
+    np.testing.assert_array_equal(np.asarray(got.g_sorted), grp[want])
+
+
 @pytest.mark.parametrize("case", ["b2_gqa_interleaved_f32", "vision_bf16_bq32", "grid_1k"])
 @pytest.mark.parametrize("name", ["a_shape", "vertical_slash", "grid", "2d_boundary"])
 def test_plan_takes_the_sort_free_selection(name, case, monkeypatch):

@@ -81,10 +81,8 @@ def op_sources(hlo_text: str, package: str = "mmjax") -> dict[str, str]:
   return out
 
 
-def kernel_times(fn, *args, counts=None, names=None) -> tuple[dict[str, float], float]:
-  """Device time (us) per HLO op of one profiled call of jitted `fn`, and the total;
-  `counts` (a Counter), if given, gets the number of kernels each op launched, `names` (a
-  dict) each op's kernel name."""
+def profile_events(fn, *args) -> list[dict]:
+  """The trace events (perfetto JSON) of one profiled call of jitted `fn`, after a warm-up."""
   jax.block_until_ready(fn(*args))
   d = tempfile.mkdtemp(prefix="plantrace_")
   with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -92,7 +90,15 @@ def kernel_times(fn, *args, counts=None, names=None) -> tuple[dict[str, float], 
   path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
   with gzip.open(path) as f:
     data = json.load(f)
-  events = data["traceEvents"] if isinstance(data, dict) else data
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def kernel_times(fn, *args, counts=None, names=None, events=None):
+  """Device time (us) per HLO op of one profiled call of jitted `fn` (or of `events`, its
+  trace), and the total; `counts` (a Counter), if given, gets the number of kernels each
+  op launched, `names` (a dict) each op's kernel name."""
+  if events is None:
+    events = profile_events(fn, *args)
   times = collections.Counter()
   for e in events:
     a = e.get("args") or {}
@@ -103,6 +109,84 @@ def kernel_times(fn, *args, counts=None, names=None) -> tuple[dict[str, float], 
       if names is not None:
         names[a["hlo_op"]] = e["name"]
   return dict(times), sum(times.values())
+
+
+def _union(intervals):
+  """Sorted, merged [start, end) intervals."""
+  out = []
+  for a, b in sorted(intervals):
+    if out and a <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], b)
+    else:
+      out.append([a, b])
+  return out
+
+
+def timeline(events, gaps: int = 8, min_gap_us: float = 5.0) -> dict:
+  """Where one profiled call's wall time goes, from its trace `events`: the call's window
+  (from the jitted function's dispatch on the host to its last device or host event), the
+  device's busy time (the union of its kernels and copies), its idle time before the
+  first kernel, between kernels and after the last, and the longest idle gaps, each with
+  the host events running through it (the innermost first: the thunk the host was in
+  while the device waited). Times in us. Needs the device's events (a GPU trace)."""
+  procs = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+  dev = {p for p, n in procs.items() if n.startswith("/device:")}
+  spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  dev_ev = [e for e in spans if e["pid"] in dev and not e["name"].startswith("end:")]
+  host_ev = [e for e in spans if e["pid"] not in dev]
+  if not dev_ev:
+    raise ValueError("timeline: the trace has no device events (a GPU trace is needed)")
+  calls = [e for e in host_ev if e["name"].startswith("PjitFunction")]
+  start = min(e["ts"] for e in calls) if calls else min(e["ts"] for e in dev_ev)
+  busy = _union((e["ts"], e["ts"] + e["dur"]) for e in dev_ev if e["ts"] >= start)
+  end = busy[-1][1]
+  idle = [(start, busy[0][0])] + [(a[1], b[0]) for a, b in zip(busy[:-1], busy[1:], strict=True)]
+  long_gaps = sorted((g for g in idle if g[1] - g[0] >= min_gap_us), key=lambda g: g[0] - g[1])
+  rows = []
+  for a, b in long_gaps[:gaps]:
+    inside = [
+      e for e in host_ev if e["ts"] < b and e["ts"] + e["dur"] > a and e["dur"] < (end - start)
+    ]
+    inside.sort(key=lambda e: e["dur"])
+    rows.append(
+      {
+        "at_us": a - start,
+        "gap_us": b - a,
+        "host": [f"{e['name'][:70]} ({e['dur']:.0f} us)" for e in inside[:4]],
+      }
+    )
+  busy_us = sum(b - a for a, b in busy)
+  # what the host ran before the device's first kernel (the call's start-up), in order
+  startup = sorted(
+    (e for e in host_ev if start <= e["ts"] < busy[0][0] and e["dur"] >= min_gap_us),
+    key=lambda e: e["ts"],
+  )
+  return {
+    "startup": [
+      f"{e['ts'] - start:7.0f} +{e['dur']:6.0f} us  {e['name'][:80]}" for e in startup[:40]
+    ],
+    "window_us": end - start,
+    "busy_us": busy_us,
+    "first_kernel_us": busy[0][0] - start,
+    "idle_between_us": sum(b - a for a, b in idle[1:]),
+    "idle_gaps": len([g for g in idle[1:] if g[1] - g[0] >= min_gap_us]),
+    "dispatch_us": max((e["dur"] for e in calls), default=0.0),
+    "gaps": rows,
+  }
+
+
+def print_timeline(t: dict) -> None:
+  print(
+    f"  timeline: {t['window_us'] / 1e3:.2f} ms from dispatch to the last kernel;"
+    f" device busy {t['busy_us'] / 1e3:.2f} ms; first kernel after {t['first_kernel_us']:.0f}"
+    f" us (dispatch {t['dispatch_us']:.0f} us); idle between kernels"
+    f" {t['idle_between_us'] / 1e3:.2f} ms ({t['idle_gaps']} gaps >= 5 us)"
+  )
+  for g in t["gaps"]:
+    print(f"    gap {g['gap_us']:7.0f} us at {g['at_us']:7.0f} us: " + "; ".join(g["host"]))
+  print("    host events before the first kernel (start, duration):")
+  for line in t["startup"]:
+    print("      " + line)
 
 
 def top_kernels(fn, *args, n=5) -> list[tuple[str, float]]:
@@ -163,6 +247,7 @@ def main():
     "--heads_per_step", type=int, default=-1, help="-1: the attention benchmark's choice"
   )
   ap.add_argument("--top", type=int, default=12)
+  ap.add_argument("--iters", type=int, default=3, help="timed calls of each plan (median)")
   ap.add_argument(
     "--by",
     default="line",
@@ -171,6 +256,12 @@ def main():
     " with each Pallas kernel (mmjax_*) on its own",
   )
   ap.add_argument("--out", default="")
+  ap.add_argument(
+    "--timeline",
+    action="store_true",
+    help="also where the profiled call's wall time goes: device busy and idle, the longest"
+    " idle gaps and the host events in them (GPU)",
+  )
   ap.add_argument("--hlo_dir", default="", help="write each plan's compiled HLO text here")
   ap.add_argument("--planner", default="lists", choices=["lists", "dense"])
   ap.add_argument(
@@ -239,6 +330,13 @@ def main():
     default="",
     help="the pooled_scores / pooled_topk tile 'block_m,block_n,warps' (planning.SCORE_TILES)",
   )
+  ap.add_argument(
+    "--skip_empty_topk",
+    default="",
+    choices=["", "0", "1"],
+    help="1: each scored component's top-k in a lax.cond that skips it when empty, 0: not"
+    " (planning.SKIP_EMPTY_TOPK); default: the planner's (0 on a GPU)",
+  )
   args = ap.parse_args()
   if args.score_tiles:
     planning.SCORE_TILES = tuple(int(x) for x in args.score_tiles.split(","))
@@ -248,6 +346,8 @@ def main():
   settings["mass_p_dtype"] = args.mass_p_dtype
   settings["pool_group"] = args.pool_group
   settings["split_rows"] = bool(int(args.split_rows)) if args.split_rows else None
+  skip = args.skip_empty_topk
+  settings["skip_empty_topk"] = bool(int(skip)) if skip else None
   settings |= {name: bool(getattr(args, name)) for name, _ in SWITCH_FLAGS}
   with planning.settings(**settings):
     trace(args)
@@ -294,7 +394,12 @@ def trace(args):
     fn = jax.jit(
       lambda q, k, m, pol=pol: pol.plan(q, k, m, planner=args.planner), compiler_options=copts
     )
-    ms = bench.timeit(fn, q, k, mod, warmup=1, iters=3)
+    ms = bench.timeit(fn, q, k, mod, warmup=2, iters=args.iters)
+    if args.timeline and "floor_ms" not in report:
+      # the wall of a jitted call on the same inputs that launches almost nothing
+      floor = jax.jit(lambda q, k, m: q[0, 0, 0, 0] + k[0, 0, 0, 0] + m[0, 0])
+      report["floor_ms"] = bench.timeit(floor, q, k, mod, warmup=2, iters=20)
+      print(f"dispatch floor (a jitted call of one fused kernel): {report['floor_ms']:.3f} ms")
     compiled = fn.lower(q, k, mod).compile()
     hlo = compiled.as_text()
     temp = temp_gib(compiled)
@@ -304,7 +409,8 @@ def trace(args):
       with open(os.path.join(args.hlo_dir, f"{name}.hlo.txt"), "w") as f:
         f.write(hlo)
     counts, names = collections.Counter(), {}
-    times, total = kernel_times(fn, q, k, mod, counts=counts, names=names)
+    events = profile_events(fn, q, k, mod)
+    times, total = kernel_times(fn, counts=counts, names=names, events=events)
     by_src, n_by_src = collections.Counter(), collections.Counter()
     for op, us in times.items():
       where = src.get(op, op)
@@ -329,6 +435,9 @@ def trace(args):
     n_while = len(re.findall(r"= [^=]*? while\(", hlo))
     # (command buffers are made after the HLO, from its thunks: this text never names them)
     print(f"  HLO: {n_cond} conditionals, {n_while} while loops")
+    if args.timeline:
+      report.setdefault("timeline", {})[name] = t = timeline(events)
+      print_timeline(t)
     report[name] = {
       "wall_ms": ms,
       "conditionals": n_cond,
