@@ -59,8 +59,9 @@ def get_config(arg: str | None = None):
   # and CONDITIONAL,WHILE put a plan's lax.cond / lax.switch branches into its CUDA
   # graphs. On an H200 at 128k (h200_2026-12-03): mminference's plan (21 conds) 3.11 ->
   # 2.87 ms, 2d_boundary's 2.47 -> 2.39, grid's (1 cond) 1.05 -> 1.19; without the
-  # empty top-k's conds (h200_2026-12-03b): mminference 3.00 -> 2.75, 2d_boundary (9
-  # conds) 2.57 -> 2.24, grid 1.06 -> 1.16
+  # empty top-k's conds (planning.SKIP_EMPTY_TOPK off on a GPU), XLA's default types ->
+  # these (h200_2026-12-03b): mminference 3.00 -> 2.75, 2d_boundary (9 conds) 2.57 ->
+  # 2.24, grid (none) 1.06 -> 1.16
   c.plan_command_buffers = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
   c.plan_command_buffers_policies = ("mminference", "2d_boundary")
   # from this length on the plan programs compile without command buffers (0: never). At

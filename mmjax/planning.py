@@ -52,8 +52,8 @@ NEG = -jnp.inf
 # and splits the plan's graphs, while the top-k of an empty component is cheap there
 # (pooled_topk and pooled_scores visit no tile of it). On an H200 at 128k, with the
 # inputs of the attention benchmark (every component present), plans without these
-# conds: block_sparse 0.91 -> 0.75 ms, 2d_boundary 2.39 -> 2.24 ms and mminference 2.83
-# -> 2.75 ms with conditional command buffers (h200_2026-12-03b).
+# conds: block_sparse 0.91 -> 0.75 ms (XLA's default command buffers), 2d_boundary 2.39
+# -> 2.24 ms and mminference 2.83 -> 2.75 ms (with CONDITIONAL,WHILE; h200_2026-12-03b).
 SKIP_EMPTY_TOPK = None
 _CHUNK = 128  # chunk of the sort-free prefix counts
 BIG = np.int32(2**30)
