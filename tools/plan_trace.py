@@ -124,11 +124,12 @@ def _union(intervals):
 
 def timeline(events, gaps: int = 8, min_gap_us: float = 5.0) -> dict:
   """Where one profiled call's wall time goes, from its trace `events`: the call's window
-  (from the jitted function's dispatch on the host to its last device or host event), the
-  device's busy time (the union of its kernels and copies), its idle time before the
-  first kernel, between kernels and after the last, and the longest idle gaps, each with
-  the host events running through it (the innermost first: the thunk the host was in
-  while the device waited). Times in us. Needs the device's events (a GPU trace)."""
+  (from the jitted function's dispatch on the host to the end of its last device event),
+  the device's busy time (the union of its kernels and copies), its idle time before the
+  first kernel and between kernels, the longest idle gaps (the first one included), each
+  with the host events running through it (the shortest first: the thunk the host was in
+  while the device waited), and the host events that start before the first kernel.
+  Times in us. Needs the device's events (a GPU trace)."""
   procs = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
   dev = {p for p, n in procs.items() if n.startswith("/device:")}
   spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
