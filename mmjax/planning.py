@@ -394,24 +394,24 @@ def mass_impl():
   return _impl("MASS_IMPL", MASS_IMPL)
 
 
+def _switch(name, value, on_gpu=True):
+  """An on / off setting's value: as set, or by default `on_gpu` on a GPU and the
+  opposite elsewhere."""
+  if value not in (None, True, False):
+    raise ValueError(f"planning.{name} must be None, True or False; got {value!r}")
+  return (_on_gpu() == on_gpu) if value is None else value
+
+
 def merge_lists():
-  if MERGE_LISTS not in (None, True, False):
-    raise ValueError(f"planning.MERGE_LISTS must be None, True or False; got {MERGE_LISTS!r}")
-  return _on_gpu() if MERGE_LISTS is None else MERGE_LISTS
+  return _switch("MERGE_LISTS", MERGE_LISTS)
 
 
 def skip_empty_topk():
-  if SKIP_EMPTY_TOPK not in (None, True, False):
-    raise ValueError(
-      f"planning.SKIP_EMPTY_TOPK must be None, True or False; got {SKIP_EMPTY_TOPK!r}"
-    )
-  return not _on_gpu() if SKIP_EMPTY_TOPK is None else SKIP_EMPTY_TOPK
+  return _switch("SKIP_EMPTY_TOPK", SKIP_EMPTY_TOPK, on_gpu=False)
 
 
 def split_rows():
-  if SPLIT_ROWS not in (None, True, False):
-    raise ValueError(f"planning.SPLIT_ROWS must be None, True or False; got {SPLIT_ROWS!r}")
-  return _on_gpu() if SPLIT_ROWS is None else SPLIT_ROWS
+  return _switch("SPLIT_ROWS", SPLIT_ROWS)
 
 
 def score_impl():

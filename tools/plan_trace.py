@@ -233,6 +233,14 @@ SWITCH_HELP = {
   "score_topk_sort": "pooled_topk sorts grid views' blocks by their limits",
 }
 SWITCH_FLAGS = tuple((name, SWITCH_HELP[name]) for name in planning.SWITCH_SETTINGS)
+# on / off settings whose default depends on the backend: 0 / 1 flags, "" for the default
+DEFAULT_FLAGS = (
+  ("split_rows", "the widest query modality's intervals only in a window of rows (on a GPU)"),
+  (
+    "skip_empty_topk",
+    "each scored component's top-k in a lax.cond that skips it when empty (off on a GPU)",
+  ),
+)
 
 
 def main():
@@ -314,13 +322,6 @@ def main():
     help="blocks per block_pool program for sampled means (planning.POOL_GROUP, 16; 1 or >= 16)",
   )
   ap.add_argument(
-    "--split_rows",
-    default="",
-    choices=["", "0", "1"],
-    help="1: the widest query modality's intervals only in a window of rows (planning."
-    "SPLIT_ROWS); default: the planner's (on a GPU)",
-  )
-  ap.add_argument(
     "--score_dtype",
     default="",
     choices=["", *planning.SCORE_DTYPES],
@@ -331,13 +332,13 @@ def main():
     default="",
     help="the pooled_scores / pooled_topk tile 'block_m,block_n,warps' (planning.SCORE_TILES)",
   )
-  ap.add_argument(
-    "--skip_empty_topk",
-    default="",
-    choices=["", "0", "1"],
-    help="1: each scored component's top-k in a lax.cond that skips it when empty, 0: not"
-    " (planning.SKIP_EMPTY_TOPK); default: the planner's (0 on a GPU)",
-  )
+  for name, what in DEFAULT_FLAGS:
+    ap.add_argument(
+      f"--{name}",
+      default="",
+      choices=["", "0", "1"],
+      help=f"1: {what}, 0: not (planning.{planning.SETTING_NAMES[name]}); default: the planner's",
+    )
   args = ap.parse_args()
   if args.score_tiles:
     planning.SCORE_TILES = tuple(int(x) for x in args.score_tiles.split(","))
@@ -346,9 +347,9 @@ def main():
   settings["score_topk_max_k"] = args.score_topk_max_k
   settings["mass_p_dtype"] = args.mass_p_dtype
   settings["pool_group"] = args.pool_group
-  settings["split_rows"] = bool(int(args.split_rows)) if args.split_rows else None
-  skip = args.skip_empty_topk
-  settings["skip_empty_topk"] = bool(int(skip)) if skip else None
+  settings |= {
+    n: bool(int(getattr(args, n))) if getattr(args, n) else None for n, _ in DEFAULT_FLAGS
+  }
   settings |= {name: bool(getattr(args, name)) for name, _ in SWITCH_FLAGS}
   with planning.settings(**settings):
     trace(args)
@@ -436,10 +437,11 @@ def trace(args):
     n_while = len(re.findall(r"= [^=]*? while\(", hlo))
     # (command buffers are made after the HLO, from its thunks: this text never names them)
     print(f"  HLO: {n_cond} conditionals, {n_while} while loops")
-    if args.timeline:
-      report.setdefault("timeline", {})[name] = t = timeline(events)
+    t = timeline(events) if args.timeline else None
+    if t:
       print_timeline(t)
     report[name] = {
+      "timeline": t,
       "wall_ms": ms,
       "conditionals": n_cond,
       "whiles": n_while,
