@@ -64,6 +64,11 @@ def get_config(arg: str | None = None):
   # 2.24, grid (none) 1.06 -> 1.16
   c.plan_command_buffers = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
   c.plan_command_buffers_policies = ("mminference", "2d_boundary")
+  # more XLA options ("name=value;...") for the plans that get plan_command_buffers. A
+  # CUB sort (XLA's choice for the group sort, planning.group_sort) cannot go into a CUDA
+  # graph: it cut 2d_boundary's plan in two graphs launched from the host. XLA's own sort
+  # instead, on an H200 at 128k (h200_2026-12-03c/2_flags): 2.25 -> 2.09 ms
+  c.plan_command_buffer_options = "xla_gpu_enable_cub_radix_sort=false"
   # from this length on the plan programs compile without command buffers (0: never). At
   # 1M the plans traced with and without them took the same time (block_sparse 8.95 and
   # 8.89 ms, h200_2026-12-02d): the 10.00 ms of h200_2026-12-02c was two timed calls'

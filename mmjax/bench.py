@@ -282,6 +282,25 @@ def _bench_policy(cfg, name, q, k, v, mod, base_ms, flops, dense_ours):
 NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
 
 
+def parse_compiler_options(text: str, what: str = "compiler options") -> dict:
+  """XLA compile options from 'name=value;name=value' text: values as bools ("true" /
+  "false"), ints, or the text itself; "" gives {}. A ValueError names a malformed pair."""
+  pairs = [kv.split("=", 1) for kv in text.split(";") if kv]
+  bad = [kv for kv in pairs if len(kv) != 2 or not kv[0]]
+  if bad:
+    raise ValueError(f"{what}: 'name=value;name=value' expected, got {bad}")
+  return {k: _option_value(v) for k, v in pairs}
+
+
+def _option_value(text: str):
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return int(text)
+  except ValueError:
+    return text
+
+
 def plan_compiler_options(cfg, length: int, policy: str = "") -> dict | None:
   """The XLA compile options of the programs that build a plan (plan alone, plan +
   kernel): `planning.PLAN_COMPILER_OPTIONS` up to `cfg.concurrent_plan_max_len` tokens
@@ -290,7 +309,7 @@ def plan_compiler_options(cfg, length: int, policy: str = "") -> dict | None:
   defaults). With concurrent scheduling, `cfg.plan_command_buffers` (if not "") sets the
   command-buffer types of `policy`'s plans if `cfg.plan_command_buffers_policies` names
   it or is empty (a list such as "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,
-  WHILE")."""
+  WHILE"), and those plans also get `cfg.plan_command_buffer_options` ("name=value;...")."""
   off_from = cfg.get("plan_no_command_buffers_from", 0)
   if off_from > 0 and length >= off_from:
     if length <= cfg.concurrent_plan_max_len:
@@ -305,6 +324,8 @@ def plan_compiler_options(cfg, length: int, policy: str = "") -> dict | None:
     which = command_buffer_policies(cfg)
     if cfg.get("plan_command_buffers", "") and (not which or policy in which):
       opts["xla_gpu_enable_command_buffer"] = cfg.plan_command_buffers
+      extra = cfg.get("plan_command_buffer_options", "")
+      opts |= parse_compiler_options(extra, "bench: plan_command_buffer_options")
     return opts
   return None
 

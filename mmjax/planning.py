@@ -194,6 +194,14 @@ MASS_HEADS_INNER = True
 # 0.5 of 35 ms in a 1M mminference plan (2 heads per step) and 3.27 -> 3.22 ms in its
 # 128k plan (h200_2026-12-02d/3_traces); not yet in a benchmark, so float32 stays.
 MASS_P_DTYPE = "float32"
+# A last-query estimate over one modality group of a grouped view (the 2D boundary's
+# text-text vertical-slash) reads the group's keys only; its second and third passes then
+# launch L / tile / this many programs per head, laid over the group's key tiles and the
+# offsets that reach them (`attention_mass(range_tiles=)`), not one per tile of L, most of
+# which returned at once: the text of a video input is a few % of its tokens. A group of
+# more than that many tiles is shared out, a loop per program (a loop over tiles ran
+# 1.4-1.6x slower than a program per tile on an H200).
+MASS_RANGE_DIV = 8
 
 # XLA compile options for a program that builds plans (`jax.jit(..., compiler_options=)`;
 # an inner jit's options are ignored, so they go on the outermost one). Concurrent
@@ -271,9 +279,15 @@ SCORE_TILES = (64, 128, 4)
 # with the row; on an H200 a pooled-score top-k of 28 heads with rows up to 512 instead of
 # 4096 ran 1.17x faster at 1M and 1.91x at 128k: h200_2026-12-01b/score_bench.json)
 _KERNEL_ROW = 512
-# fewer rows (per vmapped call) stay on lax.top_k: the kernel's 32 dependent counting
-# passes are latency-bound there (28 rows of 16384, k 512: 0.44 ms vs 0.16 on an H200)
+# calls of fewer rows (per vmapped call: the vertical-slash estimate's one row per head)
+# go to the kernel only whole, one program per row held in registers, for rows up to
+# _KERNEL_WHOLE_ROW long (8 warps), else to lax.top_k: re-read tile by tile, the kernel's
+# 32 dependent counting passes are latency-bound (28 rows of 16384, k 512: 0.44 ms vs 0.16
+# on an H200). Whole, in one call's wall on an H200 (a 0.07-0.08 ms dispatch floor in
+# each): 28 rows of 8192, k 512: 0.087 ms vs lax.top_k's 0.152; of 4096, k 128: 0.093 vs
+# 0.153; of 16384, k 512: 0.125 vs 0.173 (h200_2026-12-03c/topk.txt)
 _KERNEL_MIN_ROWS = 64
+_KERNEL_WHOLE_ROW = 16384
 
 
 def kernel_settings():
@@ -289,6 +303,7 @@ def kernel_settings_dict():
     topk_impl=topk_impl(),
     kernel_row=_KERNEL_ROW,
     kernel_min_rows=_KERNEL_MIN_ROWS,
+    kernel_whole_row=_KERNEL_WHOLE_ROW,
     pool_impl=pool_impl(),
     mass_impl=mass_impl(),
     score_impl=score_impl(),
@@ -304,6 +319,7 @@ def kernel_settings_dict():
     cols_tiles=COLS_TILES,
     mass_heads_inner=bool(MASS_HEADS_INNER),
     mass_p_dtype=MASS_P_DTYPE,
+    mass_range_div=MASS_RANGE_DIV,
     pool_heads_inner=bool(POOL_HEADS_INNER),
     pool_group=_pool_group_setting(),
   )
@@ -450,15 +466,37 @@ def score_topk_impl(k=None):
   return impl
 
 
+def _row_top_k_mode(n_rows, n):
+  """How `_row_top_k` runs rows [n_rows, n]: "tiles" (the Pallas top-k, its own tiles),
+  "whole" (the Pallas top-k, one program per row, the row held whole) or "xla"
+  (lax.top_k). The kernel's picks come in index order, lax.top_k's in value order."""
+  if topk_impl() != "pallas":
+    return "xla"
+  if n_rows >= _KERNEL_MIN_ROWS:
+    return "tiles"
+  return "whole" if n <= _KERNEL_WHOLE_ROW else "xla"
+
+
 def _row_top_k(x, k):
   """The k largest entries of each row of x [R, n] (ties to the lower index) as a set:
-  (values [R, k], int32 indices [R, k]) in value order (lax.top_k) or index order (the
-  kernel, for R >= _KERNEL_MIN_ROWS)."""
-  if topk_impl() == "pallas" and x.shape[0] >= _KERNEL_MIN_ROWS:
+  (values [R, k], int32 indices [R, k]) in index order (the kernel) or value order
+  (lax.top_k), as `_row_top_k_mode` says."""
+  mode = _row_top_k_mode(*x.shape)
+  if mode == "tiles":
     idx, vals = top_k_select(x, k, interpret=_interpret())
+    return vals, idx
+  if mode == "whole":
+    tile = 1 << max(0, (x.shape[1] - 1).bit_length())
+    idx, vals = top_k_select(x, k, tile=tile, block_rows=1, num_warps=8, interpret=_interpret())
     return vals, idx
   vals, idx = jax.lax.top_k(x, k)
   return vals, idx.astype(jnp.int32)
+
+
+def sort_ints(x, axis=-1):
+  """x's integers sorted along `axis`. Equal keys are equal values, so the sort need not be
+  stable; a stable one (jnp.sort's) makes XLA add an index operand to break the ties."""
+  return jax.lax.sort(x, dimension=axis % x.ndim, is_stable=False)
 
 
 def topk_chunk(n, k):
@@ -491,7 +529,6 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True,
   """
   n_r, n = score.shape
   k = min(k, n)
-  kernel = topk_impl() == "pallas"
   c = topk_chunk(n, k)
   n_c = -(-n // c)
   kc = min(k, n_c)
@@ -513,9 +550,9 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True,
       vals, idx = _row_top_k(s, k)
       return idx, vals
     s = jnp.pad(s, ((0, 0), (0, n_c * c - n)), constant_values=NEG).reshape(n_r, n_c, c)
-    cmax_top, chunks = _chunks_top_k(s.max(-1) if cmax is None else cmax, kc)  # [R, kc]
-    if not kernel:  # the kernel's picks come in index order already
-      chunks, cmax_top = jax.lax.sort((chunks, cmax_top), dimension=1, num_keys=1)
+    cmax_top, chunks, in_order = _chunks_top_k(s.max(-1) if cmax is None else cmax, kc)
+    if not in_order:  # [R, kc] chunks in index order (distinct: stability is moot)
+      chunks, cmax_top = jax.lax.sort((chunks, cmax_top), dimension=1, num_keys=1, is_stable=False)
     cand = jnp.take_along_axis(s, chunks[:, :, None], axis=1)  # [R, kc, C]
     if cmax is not None:  # the kernel leaves chunks without an allowed pair unwritten
       cand = jnp.where(cmax_top[:, :, None] > NEG, cand, NEG)
@@ -534,14 +571,20 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True,
 
 
 def _chunks_top_k(m, k):
-  """The top k of the chunk maxima m [R, n_c] (values, indices), as `_row_top_k`; with the
-  Pallas top-k, rows longer than `_KERNEL_ROW` are chunked again (`top_k_entries`): its
-  cost grows with the row, and a few short rows beat one long one (1M tokens: maxima
-  of 1024 chunks -> 256 maxima of maxima, then 128 chunk maxima)."""
-  if topk_impl() == "pallas" and topk_chunk(m.shape[1], k) > 1:
+  """The top k of the chunk maxima m [R, n_c]: (values, indices, whether they are in
+  index order), as `_row_top_k`. With the Pallas top-k, rows are chunked again
+  (`top_k_entries`) unless the kernel takes them whole (`_row_top_k_mode`): its cost
+  grows with the row, and a few short rows beat one long one (1M tokens: maxima of 1024
+  chunks -> 256 maxima of maxima, then 128 chunk maxima). The picks of `top_k_entries`
+  come in index order when its last top-k is the kernel's (the chunks are put in order)."""
+  mode = _row_top_k_mode(*m.shape)
+  if topk_impl() == "pallas" and mode != "whole" and topk_chunk(m.shape[1], k) > 1:
     idx, vals = top_k_entries(m, None, k, present=jnp.asarray(True), skip_empty=False)
-    return vals, idx
-  return _row_top_k(m, k)
+    c = topk_chunk(m.shape[1], k)
+    last = _row_top_k_mode(m.shape[0], min(k, -(-m.shape[1] // c)) * c)
+    return vals, idx, last != "xla"
+  vals, idx = _row_top_k(m, k)
+  return vals, idx, mode != "xla"
 
 
 def _masked_mean(x, w, nb):
@@ -921,9 +964,11 @@ def last_query_mass(
   lo = jnp.min(jnp.where(seen, at, v.length))
   hi = jnp.maximum(jnp.max(jnp.where(seen, at, -1)) + 1, lo)
   tile = min(128, v.length & -v.length)
-  span = None
+  span = range_tiles = None
   if window and max_offset is not None:  # the window's tiles, with the rows' own spread
     span = -(-(max_offset + 2 * (n_r + n_pad)) // tile) + 2
+  elif max_offset is None and v.key_layout == "modality" and v.has_key_span(k_mod):
+    range_tiles = max(1, v.length // tile // MASS_RANGE_DIV)  # (one modality's keys)
   return attention_mass(
     q_rows,
     v.k_src.x,
@@ -939,6 +984,7 @@ def last_query_mass(
     max_offset=max_offset,
     key_range=jnp.stack([lo, hi]).astype(jnp.int32),
     span_tiles=span,
+    range_tiles=range_tiles,
     interpret=_interpret(),
   )
 
@@ -1136,9 +1182,16 @@ def pooled_score_matrix(qp, kp, q_lim, k_lim, scale, chunk=0):
   return s, lambda: k_lim[None, :] <= q_lim[:, None], None
 
 
+def _pooled_dtype():
+  """The pooled means' dtype: `score_dtype()` from the Pallas kernel (their one use is
+  the pooled scores, in that dtype; rounding there spares a conversion), f32 from XLA."""
+  return jnp.dtype(score_dtype() if pool_impl() == "pallas" else jnp.float32)
+
+
 def _pooled(v: HeadView, side, sel):
-  """(masked block means [nb, H] f32, whether each block has a token [nb]) of one side's
-  tokens of selector `sel`, computed once per view (`pool_all` fills them up front)."""
+  """(masked block means [nb, H] (`_pooled_dtype()`), whether each block has a token
+  [nb]) of one side's tokens of selector `sel`, computed once per view (`pool_all` fills
+  them up front)."""
   if (side, sel) not in v.pooled:
     pool_side(v, side, [sel])
   return v.pooled[side, sel]
@@ -1196,7 +1249,7 @@ def pool_all(v: HeadView, components, axis_names=()):
       return [w.pooled[side, s] for s in rest]
 
     def zeros(rest=rest, nb=nb, h=h):
-      return [(jnp.zeros((nb, h), jnp.float32), jnp.zeros((nb,), bool)) for _ in rest]
+      return [(jnp.zeros((nb, h), _pooled_dtype()), jnp.zeros((nb,), bool)) for _ in rest]
 
     vals = jax.lax.cond(_any_over(present, axis_names), pool, zeros)
     v.pooled.update({(side, s): val for s, val in zip(rest, vals, strict=True)})
@@ -1262,6 +1315,7 @@ def pool_side(v: HeadView, side, sels):
       index=x.index(),
       heads_inner=bool(POOL_HEADS_INNER),
       group=group,
+      out_dtype=_pooled_dtype(),
       interpret=_interpret(),
     )
   else:
@@ -1384,7 +1438,7 @@ def _topk_rows(pri, max_blocks):
   n_k = pri.shape[-1]
   vals, idx = jax.lax.top_k(pri, max_blocks)
   valid = vals > NEG
-  key = jnp.sort(jnp.where(valid, idx, n_k + idx), axis=-1)
+  key = sort_ints(jnp.where(valid, idx, n_k + idx))
   idx = jnp.where(key >= n_k, key - n_k, key)
   return idx.astype(jnp.int32), valid.sum(-1).astype(jnp.int32)
 
@@ -1464,7 +1518,7 @@ def select_columns(cand, cand_ok, v: HeadView, block_idx, block_count, max_cols,
     first = first_of_runs(cand, ok, runs)
     srt = _compact_rows(jnp.where(first, cand, BIG), first, max_cols)
   else:
-    srt = jnp.sort(jnp.where(ok, cand, BIG), axis=-1)
+    srt = sort_ints(jnp.where(ok, cand, BIG))
     dup = jnp.concatenate([jnp.zeros((n_q, 1), bool), srt[:, 1:] == srt[:, :-1]], axis=1)
     srt = _compact_rows(srt, ~dup & (srt < BIG), max_cols)  # distinct ones, still ascending
   if srt.shape[1] < max_cols:  # every head of a plan has the same MC

@@ -163,7 +163,7 @@ def union_blocks(lo, hi, block_k, cap, n_blocks=None):
   bhi = jnp.where(empty, BIG - 1, hi // block_k)
   if n_blocks is not None and n_blocks <= 1 << _PACK_BITS:
     top = jnp.iinfo(jnp.int32).max  # the empty intervals, last
-    key = jnp.sort(jnp.where(empty, top, (blo << _PACK_BITS) | bhi).astype(jnp.int32), axis=1)
+    key = pl.sort_ints(jnp.where(empty, top, (blo << _PACK_BITS) | bhi).astype(jnp.int32), 1)
     blo = jnp.where(key == top, BIG, key >> _PACK_BITS)
     bhi = jnp.where(key == top, BIG - 1, key & ((1 << _PACK_BITS) - 1))
   else:
@@ -185,9 +185,30 @@ def union_blocks(lo, hi, block_k, cap, n_blocks=None):
 _SORT_WIDTH = 16  # ascending lists up to this wide join the short lists' one sort
 
 
-def merge_candidates(lists, axis_names=()):
+def sort_by_block(idx, pri, n_blocks=None):
+  """Rows of (idx, pri) [nQ, w] sorted by idx (BIG entries last), equal blocks in their
+  column order: as a stable sort of the pair.
+
+  With n_blocks (static; idx < n_blocks or BIG) and (n_blocks + 1) * 2^ceil(log2 w) below
+  2^31, one int32 key is sorted, block * 2^bits + column, and pri gathered by the column
+  (a sort of three operands, the pair and the index XLA adds to keep it stable, became
+  one; the keys are distinct, so stability is moot).
+  """
+  bits = max(1, (idx.shape[1] - 1).bit_length())
+  if n_blocks is None or (n_blocks + 1) << bits >= 2**31:
+    return jax.lax.sort((idx, pri), dimension=1, num_keys=1)
+  col = jnp.arange(idx.shape[1], dtype=jnp.int32)[None, :]
+  blk = jnp.minimum(idx, n_blocks).astype(jnp.int32)  # BIG -> n_blocks: last
+  key = pl.sort_ints((blk << bits) | col, axis=1)
+  blk = key >> bits
+  pri = jnp.take_along_axis(pri, key & ((1 << bits) - 1), axis=1)
+  return jnp.where(blk >= n_blocks, BIG, blk), pri
+
+
+def merge_candidates(lists, axis_names=(), n_blocks=None):
   """Candidate lists [(idx [nQ, w], pri [nQ, w], ascending)] -> one list (idx, pri) whose
   rows are ascending (BIG where a list had no entry), for `select_candidates(runs=...)`.
+  n_blocks: the number of key blocks (static), for `sort_by_block`'s one-key sort.
 
   A list marked ascending has rows ascending and distinct, entries without a candidate
   included (a union of intervals, whose unused slots continue past its last block; the
@@ -220,7 +241,7 @@ def merge_candidates(lists, axis_names=()):
   pri = jnp.concatenate([p for _, p, _ in short], axis=1)
 
   def sort_merge(idx, pri, longs):
-    return merged(jax.lax.sort((idx, pri), dimension=1, num_keys=1), longs)
+    return merged(sort_by_block(idx, pri, n_blocks), longs)
 
   if not long:
     return sort_merge(idx, pri, long)
@@ -245,7 +266,8 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
   n_q, width = idx.shape
   if runs is None:
     key = jnp.where(pri > NEG, idx, BIG)
-    key, negpri = jax.lax.sort((key, -pri), dimension=1, num_keys=2)
+    # (equal (key, -pri) pairs are equal entries: stability is moot)
+    key, negpri = jax.lax.sort((key, -pri), dimension=1, num_keys=2, is_stable=False)
     first = (key < BIG) & jnp.concatenate(
       [jnp.ones((n_q, 1), bool), key[:, 1:] != key[:, :-1]], axis=1
     )
@@ -267,7 +289,7 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
   def top(key, negpri, first):
     vals, pos = jax.lax.top_k(jnp.where(first, -negpri, NEG), max_blocks)
     sel = jnp.where(vals > NEG, jnp.take_along_axis(key, pos, axis=1), BIG)
-    return jnp.sort(sel, axis=1)
+    return pl.sort_ints(sel, 1)
 
   if width <= max_blocks:
     sel = compact(key, negpri, first)
@@ -392,7 +414,7 @@ def head_plan(
       ok = idx <= ((i + 1) * block_q - 1) // block_k
       rows.append((idx, jnp.where(ok, PRI_SELF, NEG), True))
     if pl.merge_lists():  # one ascending list (merged, not sorted), then the causal filter
-      idx, pri = merge_candidates(rows, axis_names)
+      idx, pri = merge_candidates(rows, axis_names, n_k)
       runs = len(rows)
     else:  # one sort per row (select_candidates)
       idx = jnp.concatenate([x for x, _, _ in rows], axis=1)

@@ -137,13 +137,16 @@ class MassTests:
       assert float(got.min()) >= 0 and float(got.sum()) > 0.1  # some mass in the window
 
   @pytest.mark.parametrize(
-    "max_offset, heads_inner", [(None, False), (None, True), (40, True), (40, False)]
-  )
-  def test_key_range(self, max_offset, heads_inner):
+    "max_offset, heads_inner, range_tiles",
+    [(None, False, None), (None, True, None), (40, True, None), (40, False, None),
+     (None, False, 2), (None, True, 5), (None, True, 16)],
+  )  # fmt: skip
+  def test_key_range(self, max_offset, heads_inner, range_tiles):
     """key_range (lo, hi): the numbers of the keys outside it barred by key_lim (bit for
     bit: the skipped tiles add nothing), and the reference's; per head under vmap (a range
     inside tiles, one over every key, an empty one), heads innermost or not, with and
-    without the window of offsets."""
+    without the window of offsets. range_tiles: programs over the range's tiles only, 2
+    or 5 of them for up to 16 tiles (a loop each), or 16 (L's tiles: one per tile)."""
     q, k, key_lim, q_lim, base, perm = inputs(31, 16, 512, 32)
     ranges = jnp.asarray([[300, 500], [0, 512], [200, 200]], jnp.int32)
     qs = jnp.stack([q, -q, q * 0.5])
@@ -152,7 +155,8 @@ class MassTests:
     def run(qh, kl, r):
       return attention_mass(
         qh, k, kl, q_lim, base, key_range=r, tile=32, heads_inner=heads_inner,
-        max_offset=max_offset, interpret=self.interpret, **kw,
+        max_offset=max_offset, interpret=self.interpret,
+        range_tiles=range_tiles if r is not None else None, **kw,
       )  # fmt: skip
 
     j = jnp.arange(512)
@@ -344,6 +348,13 @@ class TestInterpret(MassTests):
       call(q, k, key_lim, q_lim, base, span_tiles=0, max_offset=8)
     with pytest.raises(ValueError, match="key_range must be int32"):
       call(q, k, key_lim, q_lim, base, key_range=jnp.asarray([0, 5, 9], jnp.int32))
+    rng = jnp.asarray([0, 5], jnp.int32)
+    with pytest.raises(ValueError, match="range_tiles=4 must be >= 1, with key_range"):
+      call(q, k, key_lim, q_lim, base, range_tiles=4)
+    with pytest.raises(ValueError, match="range_tiles=4 must be >= 1, with key_range"):
+      call(q, k, key_lim, q_lim, base, key_range=rng, max_offset=8, range_tiles=4)
+    with pytest.raises(ValueError, match="range_tiles=0 must be"):
+      call(q, k, key_lim, q_lim, base, key_range=rng, range_tiles=0)
     with pytest.raises(ValueError, match="key_range must be int32"):
       call(q, k, key_lim, q_lim, base, key_range=jnp.asarray([0.0, 5.0]))
 

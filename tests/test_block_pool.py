@@ -167,8 +167,20 @@ class BlockPoolTests:
 class TestInterpret(BlockPoolTests):
   interpret = True
 
+  @pytest.mark.parametrize("group, out_dtype", [(1, jnp.bfloat16), (16, jnp.float16)])
+  def test_out_dtype(self, group, out_dtype):
+    """out_dtype: the f32 means rounded once, as .astype on the f32 output (bit for bit)."""
+    x, bits, rows = inputs(60 + group, 1024, 64, 2, jnp.bfloat16)
+    kw = dict(rows=rows, block=16, n_sel=2, group=group, interpret=self.interpret)
+    got = block_mean(x, bits, out_dtype=out_dtype, poison=POISON, **kw)
+    want = block_mean(x, bits, **kw)
+    assert got.dtype == out_dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want.astype(out_dtype)))
+
   def test_bad_input(self):
     x, bits, rows = inputs(0, 128, 32, 1)
+    with pytest.raises(ValueError, match="out_dtype int32 is not supported"):
+      block_mean(x, bits, block=16, n_sel=1, out_dtype=jnp.int32, interpret=True)
     with pytest.raises(ValueError, match=r"\[L, H\]"):
       block_mean(x[0], bits, block=16, n_sel=1, interpret=True)
     with pytest.raises(ValueError, match="needs index"):

@@ -75,6 +75,16 @@ def test_bench_smoke_runs(tmp_path):
     in bench.plan_compiler_options(cfg, n, "mminference")["xla_gpu_enable_command_buffer"]
   )
   assert "xla_gpu_enable_command_buffer" not in bench.plan_compiler_options(cfg, n, "grid")
+  # and their plan_command_buffer_options, parsed (a bool here)
+  assert (
+    bench.plan_compiler_options(cfg, n, "mminference")["xla_gpu_enable_cub_radix_sort"] is False
+  )
+  assert "xla_gpu_enable_cub_radix_sort" not in bench.plan_compiler_options(cfg, n, "grid")
+  assert bench.parse_compiler_options("a=1;b=true;c=x;") == {"a": 1, "b": True, "c": "x"}
+  with pytest.raises(ValueError, match=r"plan_command_buffer_options: 'name=value"):
+    cfg.plan_command_buffer_options = "xla_gpu_enable_cub_radix_sort"
+    bench.plan_compiler_options(cfg, n, "mminference")
+  cfg.plan_command_buffer_options = ""
   assert "CONDITIONAL" in rows[-1]["plan_options"] and rows[-1]["policy"] == "mminference"
   cfg.plan_command_buffers_policies = ("grids",)
   with pytest.raises(ValueError, match=r"unknown policies \['grids'\]"):

@@ -166,6 +166,35 @@ def test_top_k_entries_kernel_picks_the_same_set(n, k, kernel_row, pallas_topk, 
   )
 
 
+@pytest.mark.parametrize("whole_row", [4096, 64])
+@pytest.mark.parametrize("n,k", [(37, 5), (300, 7), (1000, 32)])
+def test_top_k_entries_few_rows_picks_the_same_set(n, k, whole_row, monkeypatch):
+  """Calls of fewer than _KERNEL_MIN_ROWS rows with the Pallas top-k: rows up to
+  _KERNEL_WHOLE_ROW go to the kernel whole (one program per row), longer ones are chunked
+  until they fit or left to lax.top_k (whole_row 64); the entries are lax.top_k's, in
+  index order where the last top-k is the kernel's."""
+  monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
+  monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 10)  # (9 rows: fewer)
+  monkeypatch.setattr(planning, "_KERNEL_WHOLE_ROW", whole_row)
+  monkeypatch.setattr(planning, "_KERNEL_ROW", 64)
+  rng = np.random.default_rng(n * 10 + k)
+  s = jnp.asarray(rng.integers(0, 6, (9, n)).astype(np.float32))
+  valid = jnp.asarray(rng.random((9, n)) < np.linspace(0.0, 1.0, 9)[:, None])
+  idx, vals = planning.top_k_entries(s, valid, k)
+  want_vals, want_idx = jax.lax.top_k(jnp.where(valid, s, -jnp.inf), min(k, n))
+  got_order, order = np.argsort(np.asarray(idx), 1), np.argsort(np.asarray(want_idx), 1)
+  for g, w in ((idx, want_idx), (vals, want_vals)):
+    np.testing.assert_array_equal(
+      np.take_along_axis(np.asarray(g), got_order, 1), np.take_along_axis(np.asarray(w), order, 1)
+    )
+  c = planning.topk_chunk(n, k)
+  last = planning._row_top_k_mode(9, n if c == 1 else min(k, -(-n // c)) * c)
+  if last != "xla":
+    assert (np.diff(np.asarray(idx), axis=1) > 0).all()  # index order
+  jaxpr = str(jax.make_jaxpr(lambda s, v: planning.top_k_entries(s, v, k))(s, valid))
+  assert ("mmjax_topk_select" in jaxpr) == (n <= whole_row or c > 1)
+
+
 @pytest.mark.parametrize("kernel_topk", [False, True])
 def test_top_k_entries_reads_only_written_chunks(kernel_topk, monkeypatch):
   """Pooled scores from the kernel with tiles skipped (fill=False: their scores unwritten,
@@ -249,6 +278,24 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
   assert_same_plan(got, want)
   if name in SCORED:  # the reference planner reads the same kernel scores
     assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
+
+
+@pytest.mark.parametrize("name", ["vertical_slash", "2d_boundary"])
+def test_plans_with_whole_row_top_k_are_the_same(name, monkeypatch):
+  """The vertical-slash estimates' top-k (one row per head: fewer than _KERNEL_MIN_ROWS
+  rows per call) through the Pallas top-k, rows held whole (`_row_top_k_mode`), give the
+  plan of lax.top_k."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(26, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "TOPK_IMPL", "xla")
+  want = pol.plan(q, k, mod)
+  monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
+  monkeypatch.setattr(planning, "_KERNEL_MIN_ROWS", 10**6)  # every call: few rows
+  got = pol.plan(q, k, mod)
+  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  assert "mmjax_topk_select" in jaxpr
+  assert_same_plan(got, want)
 
 
 def test_2d_boundary_with_one_pair_listed():
@@ -438,11 +485,13 @@ def test_score_topk_default_on_a_gpu(monkeypatch):
   assert planning.score_topk_impl(8) == "xla"
 
 
-@pytest.mark.parametrize("name", ("block_sparse", "grid", "2d_boundary"))
+@pytest.mark.parametrize("name", ("block_sparse", "grid", "q_boundary", "2d_boundary"))
 def test_bfloat16_pooled_scores_give_the_same_plan_in_both_planners(name, monkeypatch):
   """SCORE_DTYPE "bfloat16": the pooled means enter the score dot in bf16 and the scores
   come out in bf16 (more bf16 arrays in the trace), in the lists and the dense planner
-  alike, by XLA's dot and by the kernels (scores + top-k, and picks in one kernel)."""
+  alike, by XLA's dot and by the kernels (scores + top-k, and picks in one kernel); then
+  with the means from the block_pool kernel, which writes them in bf16 (q_boundary: its
+  optional components' means pooled in a cond, whose other branch must match)."""
   b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
   q, k, _, mod = helpers.random_inputs(30, b, t, n, kh, h, dtype, modk)
   pol = _policy(name, n, bq, bk)
@@ -456,6 +505,8 @@ def test_bfloat16_pooled_scores_give_the_same_plan_in_both_planners(name, monkey
   monkeypatch.setattr(planning, "SCORE_IMPL", "pallas")
   assert_same_plan(pol.plan(q, k, mod), want)
   monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
+  assert_same_plan(pol.plan(q, k, mod), want)
+  monkeypatch.setattr(planning, "POOL_IMPL", "pallas")
   assert_same_plan(pol.plan(q, k, mod), want)
   monkeypatch.setattr(planning, "SCORE_DTYPE", "float16")
   with pytest.raises(ValueError, match="SCORE_DTYPE must be None or one of"):
@@ -690,12 +741,14 @@ def test_kernel_impls_are_checked(name, monkeypatch):
     planning.kernel_settings()
 
 
+@pytest.mark.parametrize("n_blocks", [None, 60])
 @pytest.mark.parametrize("valid_heads", [(), (1,), (0, 1)])
-def test_merge_candidates_skips_only_empty_short_lists(valid_heads):
+def test_merge_candidates_skips_only_empty_short_lists(valid_heads, n_blocks):
   """merge_candidates under vmap over 2 heads (axis name "h", as the planner runs it):
   the short lists' sort merged into the long ascending lists, or, when no head has a
   valid short entry, the long lists followed by the short ones' BIG entries; either way
-  the arrays of merging everything (merge_rows)."""
+  the arrays of merging everything (merge_rows). With n_blocks the short lists' sort is
+  of one packed key (`sort_by_block`): the same arrays."""
   rng = np.random.default_rng(len(valid_heads))
   n_q, n_long, w = 5, 20, 4
   assert n_long > planning_lists._SORT_WIDTH  # (a long list)
@@ -717,7 +770,7 @@ def test_merge_candidates_skips_only_empty_short_lists(valid_heads):
   si, sp = jnp.asarray(np.stack(shorts)), jnp.asarray(np.stack(pris))
 
   def one(li, lp, si, sp):
-    return planning_lists.merge_candidates([(si, sp, False), (li, lp, True)], ("h",))
+    return planning_lists.merge_candidates([(si, sp, False), (li, lp, True)], ("h",), n_blocks)
 
   def reference(li, lp, si, sp):  # every list merged
     key, pri = jax.lax.sort((jnp.where(sp > -jnp.inf, si, planning.BIG), sp), num_keys=1)
@@ -729,6 +782,21 @@ def test_merge_candidates_skips_only_empty_short_lists(valid_heads):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w_))
   jaxpr = str(jax.make_jaxpr(jax.vmap(one, axis_name="h"))(li, lp, si, sp))
   assert "cond[" in jaxpr  # (a real branch: the predicate is reduced over the heads)
+
+
+@pytest.mark.parametrize("n_blocks", [None, 50, 2**25])
+def test_sort_by_block_is_a_stable_sort_of_the_pair(n_blocks):
+  """sort_by_block against lax.sort's stable sort of (idx, pri) by idx: repeated blocks
+  keep their column order, BIG entries go last; packed (n_blocks 50) or not (None, and
+  2^25 blocks, whose key would not fit in an int32)."""
+  rng = np.random.default_rng(3)
+  idx = rng.integers(0, 50, (7, 13)).astype(np.int32)
+  idx[rng.random(idx.shape) < 0.25] = planning.BIG
+  pri = rng.standard_normal(idx.shape).astype(np.float32)
+  got = jax.jit(planning_lists.sort_by_block, static_argnums=2)(idx, pri, n_blocks)
+  want = jax.lax.sort((jnp.asarray(idx), jnp.asarray(pri)), dimension=1, num_keys=1)
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def test_union_blocks_matches_sets():

@@ -355,25 +355,13 @@ def main():
     trace(args)
 
 
-def _option_value(text: str):
-  """A compile option's value from its text: a bool, an int, or the string itself."""
-  if text.lower() in ("true", "false"):
-    return text.lower() == "true"
-  try:
-    return int(text)
-  except ValueError:
-    return text
-
-
 def trace(args):
   """The plans of `args.policies` traced (and checked) with the planner's settings now."""
   copts = dict(planning.PLAN_COMPILER_OPTIONS) if args.concurrent else None
   if args.compiler_options:
-    pairs = [kv.split("=", 1) for kv in args.compiler_options.split(";") if kv]
-    bad = [kv for kv in pairs if len(kv) != 2 or not kv[0]]
-    if bad:
-      raise ValueError(f"--compiler_options: 'name=value;name=value' expected, got {bad}")
-    copts = (copts or {}) | {k: _option_value(v) for k, v in pairs}
+    copts = (copts or {}) | bench.parse_compiler_options(
+      args.compiler_options, "--compiler_options"
+    )
   t, h = args.length, 128
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)

@@ -155,13 +155,17 @@ def _stats_kernel(
   heads.set("out", l_ref, (p, slice(None)), l)
 
 
-def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged, spanned, heads):
+def _mass_kernel(
+  *refs, tile, scale, gather, in_place, p_dtype, windowed, ranged, spanned, shared, heads
+):
   """One key tile per program, as straight-line code (a loop over tiles, with the stores
   inside it, ran 1.4-1.6x slower on an H200). windowed: no column sums, and only the
   tiles in [window[0], window[1]] are computed (the others return). ranged: tiles outside
   the key range write zero column sums and return. spanned (windowed): the programs are
   laid over the window's tiles from its first on, one tile each, or an equal share each
-  (a loop) when the window is wider than the grid."""
+  (a loop) when the window is wider than the grid. shared (ranged, not windowed): so
+  over the key range's tiles; the tiles outside it are left unwritten (the wrapper
+  zeroes their column sums)."""
   index_ref, perm_ref, rest = _split(refs, gather, in_place)
   range_ref = rest.pop(0) if ranged else None
   if windowed:
@@ -181,10 +185,14 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
       p = (p * P_SCALE_F16).astype(jnp.float16)
     heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), p)
 
-  if spanned:  # the tiles [c0, c1]: the window's (the window comes from base, per head)
-    c0, c1 = heads.get("base", win_ref, 0), heads.get("base", win_ref, 1)
-    if ranged:
-      c0, c1 = jnp.maximum(c0, tile_range[0]), jnp.minimum(c1, tile_range[1] - 1)
+  if spanned or shared:  # the tiles [c0, c1]: the window's (from base, per head), or
+    # the key range's
+    if spanned:
+      c0, c1 = heads.get("base", win_ref, 0), heads.get("base", win_ref, 1)
+      if ranged:
+        c0, c1 = jnp.maximum(c0, tile_range[0]), jnp.minimum(c1, tile_range[1] - 1)
+    else:
+      c0, c1 = tile_range[0], tile_range[1] - 1
     t0, count = _shared_range(c0, c1 + 1, 1, heads)
     pl.when(count > 0)(lambda: body(t0))
 
@@ -213,39 +221,78 @@ def _mass_kernel(*refs, tile, scale, gather, in_place, p_dtype, windowed, ranged
     pl.when(run)(lambda: body(t))
 
 
-def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged):
+def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged, shared):
   """slash[o] = sum_r p[r, base_r - o] for this program's offsets o < n_offsets (p flat
-  [R * L]); ranged: only keys inside the key range are read (p is written there only)."""
+  [R * L]); ranged: only keys inside the key range are read (p is written there only).
+  shared (ranged): the programs share the offset tiles that reach the range
+  (`_reaching_tiles`), in order, a loop each when there are more tiles than programs; the
+  other tiles are left unwritten (the wrapper zeroes them)."""
   if ranged:
     p_ref, base_ref, range_ref, slash_ref = refs
+    key_range = (range_ref[0], range_ref[1])
   else:
-    p_ref, base_ref, slash_ref = refs
+    (p_ref, base_ref, slash_ref), key_range = refs, None
+  base = base_ref[...]
+  sums = functools.partial(
+    _offset_sums, p_ref, base, key_range, length=length, n_rows=n_rows,
+    n_offsets=n_offsets, p_dtype=p_dtype,
+  )  # fmt: skip
+
+  def store(o0, vals):
+    slash_ref[pl.ds(o0, diag_tile)] = vals
+
+  if shared:
+    d0, d1 = _reaching_tiles(base, *key_range, diag_tile, length)
+    n_progs = pl.num_programs(0)
+    per = jnp.maximum(1, (d1 - d0 + n_progs - 1) // n_progs)
+    first = d0 + pl.program_id(0) * per
+    count = jnp.clip(jnp.minimum(first + per, d1) - first, 0, per)
+
+    def one(i, carry):
+      o0 = (first + i) * diag_tile
+      store(o0, sums(o0 + jnp.arange(diag_tile, dtype=jnp.int32)))
+      return carry
+
+    jax.lax.fori_loop(0, count, one, 0)
+    return
   o0 = pl.program_id(0) * diag_tile
   o = o0 + jnp.arange(diag_tile, dtype=jnp.int32)
-  base = base_ref[...]
-
-  def gather():
-    j = base[:, None] - o[None, :]  # [R, diag_tile]: key of row r at offset o
-    ok = j >= 0
-    if ranged:
-      ok = ok & (j >= range_ref[0]) & (j < range_ref[1])
-    if n_offsets < length:  # (p is written only where these offsets read it)
-      ok = ok & (o < n_offsets)[None, :]
-    r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
-    vals = plgpu.load(p_ref.at[jnp.where(ok, r * length + j, 0)], mask=ok, other=0.0)
-    sums = jnp.sum(vals.astype(jnp.float32), axis=0)
-    if p_dtype == "float16":
-      sums = sums * (1.0 / P_SCALE_F16)
-    return sums
-
   if ranged:  # offsets that reach no key of the range, for any row: zeros, nothing read
     # (most programs where the range is one modality's run: the 2D boundary's text keys)
-    reach = (o0 <= jnp.max(base) - range_ref[0]) & (o0 + diag_tile > jnp.min(base) - range_ref[1])
+    reach = (o0 <= jnp.max(base) - key_range[0]) & (o0 + diag_tile > jnp.min(base) - key_range[1])
     zeros = lambda: jnp.zeros((diag_tile,), jnp.float32)  # noqa: E731
-    sums = jax.lax.cond(reach, gather, zeros)
+    store(o0, jax.lax.cond(reach, lambda: sums(o), zeros))
   else:
-    sums = gather()
-  slash_ref[pl.ds(o0, diag_tile)] = sums
+    store(o0, sums(o))
+
+
+def _offset_sums(p_ref, base, key_range, o, *, length, n_rows, n_offsets, p_dtype):
+  """sum_r p[r, base_r - o] for the offsets o [D] (f32), reading p only at keys >= 0,
+  inside key_range (lo, hi) if not None, for offsets below n_offsets."""
+  j = base[:, None] - o[None, :]  # [R, D]: key of row r at offset o
+  ok = j >= 0
+  if key_range is not None:
+    ok = ok & (j >= key_range[0]) & (j < key_range[1])
+  if n_offsets < length:  # (p is written only where these offsets read it)
+    ok = ok & (o < n_offsets)[None, :]
+  r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
+  vals = plgpu.load(p_ref.at[jnp.where(ok, r * length + j, 0)], mask=ok, other=0.0)
+  sums = jnp.sum(vals.astype(jnp.float32), axis=0)
+  if p_dtype == "float16":
+    sums = sums * (1.0 / P_SCALE_F16)
+  return sums
+
+
+def _reaching_tiles(base, lo, hi, diag_tile, length):
+  """The offset tiles [d0, d1) that may reach a key of [lo, hi) for some row (bases
+  `base` [..., R], -1 for none): those holding an offset in [min base - hi + 1, max base
+  - lo], as `_diag_kernel`'s `reach`."""
+  n_diag = -(-length // diag_tile)
+  o_lo = jnp.maximum(jnp.min(base, axis=-1) - hi + 1, 0)
+  o_hi = jnp.max(base, axis=-1) - lo
+  d0 = jnp.minimum(o_lo // diag_tile, n_diag)
+  d1 = jnp.where(o_hi >= o_lo, jnp.minimum(o_hi // diag_tile + 1, n_diag), d0)
+  return d0, d1
 
 
 def attention_mass(
@@ -266,6 +313,7 @@ def attention_mass(
   max_offset: int | None = None,
   key_range=None,
   span_tiles: int | None = None,
+  range_tiles: int | None = None,
   interpret: bool = False,
 ):
   """Column and diagonal sums of the softmax of a few query rows against all keys.
@@ -301,6 +349,12 @@ def attention_mass(
       for all L / tile, and a wider span is shared out (a loop per program), the same
       numbers. None: programs over every tile, most of which return at once when the
       window is narrow.
+    range_tiles: without max_offset, with key_range: passes 2 and 3 launch this many
+      programs (static) per head, laid over the key range's tiles and over the diagonal
+      offsets' tiles that reach it, in order (a loop each when those are more), not one
+      per tile of L, most of which return at once when the range is narrow (one modality's
+      keys); the sums outside them are zeros, set by XLA. The same numbers. None, or at
+      least L / tile: one program per tile.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -343,6 +397,12 @@ def attention_mass(
     raise ValueError(f"max_offset must be in [1, L={length}] or None; got {max_offset}")
   if span_tiles is not None and (max_offset is None or int(span_tiles) < 1):
     raise ValueError(f"span_tiles={span_tiles} must be >= 1, with max_offset, or None")
+  if range_tiles is not None and (
+    max_offset is not None or key_range is None or int(range_tiles) < 1
+  ):
+    raise ValueError(
+      f"range_tiles={range_tiles} must be >= 1, with key_range and without max_offset, or None"
+    )
   if key_range is not None and (key_range.shape != (2,) or key_range.dtype != jnp.int32):
     got = f"{key_range.dtype} {key_range.shape}"
     raise ValueError(f"key_range must be int32 (lo, hi) of shape (2,) or None; got {got}")
@@ -351,6 +411,7 @@ def attention_mass(
     p_dtype=p_dtype,
     max_offset=None if max_offset is None else int(max_offset),
     span_tiles=None if span_tiles is None else int(span_tiles),
+    range_tiles=None if range_tiles is None else int(range_tiles),
     tile=tile,
     tiles=max(1, int(tiles)),
     num_warps=num_warps,
@@ -375,6 +436,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   p_dtype, max_offset = static["p_dtype"], static["max_offset"]
   num_warps, interpret = static["num_warps"], static["interpret"]
   span = static["span_tiles"]
+  range_tiles = static["range_tiles"]
   lead = (n_heads,) if per_head else ()
   n_rows = q.shape[-2]
   length = key_lim.shape[-1]
@@ -382,6 +444,8 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   spanned = span is not None
   n_progs = -(-(min(span, n_tiles) if spanned else n_tiles) // tiles)
   gather, in_place, ranged = perm is not None, index is not None, key_range is not None
+  # (range_tiles: passes 2 and 3 over the key range's tiles only)
+  shared = ranged and range_tiles is not None and range_tiles < n_tiles
   head = ([index] if in_place else []) + ([perm] if gather else [])
   head += [key_range] if ranged else []
   names = frozenset(per_head) | ({"out"} if per_head else set())
@@ -430,8 +494,10 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   else:
     outs = [(whole(lead + (length,)), jax.ShapeDtypeStruct(lead + (length,), jnp.float32)), p_spec]
   *col, p = pl.pallas_call(
-    kernel(_mass_kernel, p_dtype=p_dtype, windowed=windowed, spanned=spanned, **common),
-    grid=lead + (min(span, n_tiles) if spanned else n_tiles,),
+    kernel(
+      _mass_kernel, p_dtype=p_dtype, windowed=windowed, spanned=spanned, shared=shared, **common
+    ),
+    grid=lead + (min(span, n_tiles) if spanned else range_tiles if shared else n_tiles,),
     in_specs=[whole(a.shape) for a in args],
     out_specs=[spec for spec, _ in outs],
     out_shape=[shape for _, shape in outs],
@@ -443,6 +509,10 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   diag_tile = min(DIAG_TILE, length & -length)
   n_offsets = length if max_offset is None else max_offset
   n_diag = -(-n_offsets // diag_tile)
+  if shared:  # the tiles outside the range were not written: zeros
+    t = jnp.arange(length, dtype=jnp.int32) // tile
+    lo, hi = key_range[..., 0:1], key_range[..., 1:2]
+    col = jnp.where((t >= lo // tile) & (t < (hi + tile - 1) // tile), col, 0.0)
 
   def diagonals(p, base, *key_range):
     return pl.pallas_call(
@@ -454,8 +524,9 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
         n_offsets=n_offsets,
         p_dtype=p_dtype,
         ranged=ranged,
+        shared=shared,
       ),
-      grid=(n_diag,),
+      grid=(min(range_tiles, n_diag) if shared else n_diag,),
       in_specs=[whole((n_rows * length,)), whole((n_rows,))] + [whole((2,))] * ranged,
       out_specs=whole((n_diag * diag_tile,)),
       out_shape=jax.ShapeDtypeStruct((n_diag * diag_tile,), jnp.float32),
@@ -471,11 +542,17 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
     slash = jax.vmap(diagonals, axes)(p, base, *extra)
   else:
     slash = diagonals(p, base, *extra)
+  if shared:  # the offset tiles that reach no key of the range were not written: zeros
+    b = jnp.clip(base, -1, length - 1)
+    d0, d1 = _reaching_tiles(b, key_range[..., 0], key_range[..., 1], diag_tile, length)
+    d = jnp.arange(n_diag * diag_tile, dtype=jnp.int32) // diag_tile
+    slash = jnp.where((d >= d0[..., None]) & (d < d1[..., None]), slash, 0.0)
   return col, slash[..., :n_offsets]
 
 
 _STATIC = (
-  "scale", "tile", "tiles", "num_warps", "p_dtype", "max_offset", "span_tiles", "interpret"
+  "scale", "tile", "tiles", "num_warps", "p_dtype", "max_offset", "span_tiles",
+  "range_tiles", "interpret",
 )  # fmt: skip
 _call = jax.jit(
   functools.partial(_passes, per_head=frozenset(), n_heads=None), static_argnames=_STATIC

@@ -57,14 +57,15 @@ def _kernel(*refs, block, n_sel, group, gather, in_place, per_head):
       w = jnp.where(mine & (((bits >> m) & 1) > 0)[None, :], 1.0, 0.0)  # [group, rows]
       total = plgpu.dot(w.astype(xb.dtype), xb, allow_tf32=not f32)  # [group, H] f32
       count = jnp.maximum(jnp.sum(w, axis=1), 1.0)
-      heads.set("out", out_ref, (m, pl.ds(i * group, group), slice(None)), total / count[:, None])
+      mean = (total / count[:, None]).astype(out_ref.dtype)
+      heads.set("out", out_ref, (m, pl.ds(i * group, group), slice(None)), mean)
     return
   xb = xb.astype(jnp.float32)  # [block, H]
   for m in range(n_sel):
     w = (bits >> m) & 1
     count = jnp.maximum(jnp.sum(w), 1).astype(jnp.float32)
     total = jnp.sum(jnp.where(w[:, None] > 0, xb, 0.0), axis=0)  # [H]
-    heads.set("out", out_ref, (m, i, slice(None)), total / count)
+    heads.set("out", out_ref, (m, i, slice(None)), (total / count).astype(out_ref.dtype))
 
 
 def is_group(group) -> bool:
@@ -87,6 +88,7 @@ def block_mean(
   num_warps: int = 4,
   heads_inner: bool = False,
   group: int = 1,
+  out_dtype=jnp.float32,
   poison: float | None = None,
 ):
   """Per block of `block` view rows, the mean of the rows each selection admits.
@@ -114,11 +116,13 @@ def block_mean(
       `group` blocks per selection as one dot of 0/1 weights [group, group * block] with
       their rows (exact products, f32 sums in another order): fewer, larger programs
       for small blocks (the planner's sampled means have 16 rows).
+    out_dtype: the means' dtype (f32 sums and division, then rounded once): the planner's
+      pooled scores take bf16 means on a GPU, and rounding here spares a conversion pass.
     poison: tests only: the output starts filled with this value, aliased into the
       kernel, so an entry the kernel fails to write keeps it.
 
   Returns:
-    mean [n_sel, V // block, H] f32, 0 where a block has no row of the selection.
+    mean [n_sel, V // block, H] in out_dtype, 0 where a block has no row of the selection.
   """
   if x.ndim == 4:
     if index is None or index.shape != (2,) or index.dtype != jnp.int32:
@@ -150,12 +154,23 @@ def block_mean(
     raise ValueError(f"bits must be int32 of shape ({n_view},); got {bits.dtype} {bits.shape}")
   if not is_group(group):
     raise ValueError(f"group={group!r} must be 1 or a power of two >= 16")
+  if jnp.dtype(out_dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+    raise ValueError(
+      f"out_dtype {jnp.dtype(out_dtype)} is not supported; use one of "
+      f"{[str(jnp.dtype(d)) for d in SUPPORTED_DTYPES]}"
+    )
   if (n_view // block) % group:
     raise ValueError(
       f"group={group} must divide the {n_view // block} blocks (V={n_view} / block={block})"
     )
   static = dict(
-    block=block, n_sel=n_sel, group=group, num_warps=num_warps, interpret=interpret, poison=poison
+    block=block,
+    n_sel=n_sel,
+    group=group,
+    out_dtype=jnp.dtype(out_dtype).name,
+    num_warps=num_warps,
+    interpret=interpret,
+    poison=poison,
   )
   if not heads_inner:
     return _call(x, bits, rows, index, **static)
@@ -167,7 +182,20 @@ _ARGS = ("x", "bits", "rows", "index")
 
 
 def _pool(
-  x, bits, rows, index, *, per_head, n_heads, block, n_sel, group, num_warps, interpret, poison
+  x,
+  bits,
+  rows,
+  index,
+  *,
+  per_head,
+  n_heads,
+  block,
+  n_sel,
+  group,
+  out_dtype,
+  num_warps,
+  interpret,
+  poison,
 ):
   """The pallas_call. per_head: the names of the arguments with a leading head axis of
   n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
@@ -191,7 +219,7 @@ def _pool(
   aliases = {}
   if poison is not None:  # the poisoned buffer becomes the output (the kernel ignores it)
     in_specs.append(whole(out_shape))
-    args.append(jnp.full(out_shape, poison, jnp.float32))
+    args.append(jnp.full(out_shape, poison, out_dtype))
     aliases = {len(args) - 1: 0}
     kernel = functools.partial(_drop_last_input, kernel)
   return pl.pallas_call(
@@ -199,7 +227,7 @@ def _pool(
     grid=lead + (nb // group,),
     in_specs=in_specs,
     out_specs=whole(out_shape),
-    out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+    out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
     input_output_aliases=aliases,
     compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
     interpret=interpret,
@@ -207,7 +235,7 @@ def _pool(
   )(*args)
 
 
-_STATIC = ("block", "n_sel", "group", "num_warps", "interpret", "poison")
+_STATIC = ("block", "n_sel", "group", "out_dtype", "num_warps", "interpret", "poison")
 _call = jax.jit(
   functools.partial(_pool, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
 )
