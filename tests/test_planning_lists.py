@@ -280,14 +280,19 @@ def test_plans_with_the_planner_kernels_are_the_same(name, monkeypatch):
     assert_same_plan(pol.plan(q, k, mod, planner="dense"), got)
 
 
+def _two_d_case(seed):
+  """(2d_boundary policy, q, k, mod) on the b2_gqa_interleaved_f32 case's random inputs."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(seed, b, t, n, kh, h, dtype, modk)
+  return _policy("2d_boundary", n, bq, bk), q, k, mod
+
+
 def test_plans_with_whole_row_top_k_are_the_same(monkeypatch):
   """The vertical-slash estimates' top-k (one row per head: fewer than _KERNEL_MIN_ROWS
   rows per call) through the Pallas top-k, rows held whole (`_row_top_k_mode`), give the
   plan of lax.top_k: a 2D boundary's (its text pair is a vertical-slash; its pooled-score
   picks take the kernel whole too)."""
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(26, b, t, n, kh, h, dtype, modk)
-  pol = _policy("2d_boundary", n, bq, bk)
+  pol, q, k, mod = _two_d_case(26)
   monkeypatch.setattr(planning, "TOPK_IMPL", "xla")
   want = pol.plan(q, k, mod)
   monkeypatch.setattr(planning, "TOPK_IMPL", "pallas")
@@ -319,11 +324,9 @@ def test_fallback_pairs_pooled_only_when_present(monkeypatch):
   selectors pooled in a lax.cond, zeros where no head has such a pair: the same plans as
   pooling them always, on input without such ids and with id 2 tokens (where the pairs
   pick blocks), and the dense planner's."""
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(43, b, t, n, kh, h, dtype, modk)
-  pol = _policy("2d_boundary", n, bq, bk)
+  pol, q, k, mod = _two_d_case(43)
   assert sum(planning._optional(c) for c in pol.components()) == 2
-  with_2 = jnp.where((jnp.arange(t) % 37 < 5)[None] & (mod == 1), 2, mod)
+  with_2 = jnp.where((jnp.arange(mod.shape[1]) % 37 < 5)[None] & (mod == 1), 2, mod)
   for m in (mod, with_2):
     got = pol.plan(q, k, m)
     assert_same_plan(got, pol.plan(q, k, m, planner="dense"))
@@ -454,9 +457,7 @@ def test_one_kernel_only_up_to_a_top_k(monkeypatch):
   """SCORE_TOPK_MAX_K: with 2 the 2D boundary's grid pair (top 2) takes pooled_topk and
   its block_sparse pairs (top 3) the scores + top_k_entries, with the same plan; a bad
   value raises."""
-  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
-  q, k, _, mod = helpers.random_inputs(29, b, t, n, kh, h, dtype, modk)
-  pol = _policy("2d_boundary", n, bq, bk)
+  pol, q, k, mod = _two_d_case(29)
   monkeypatch.setattr(planning, "SCORE_IMPL", "pallas")
   want = pol.plan(q, k, mod)
   monkeypatch.setattr(planning, "SCORE_TOPK_IMPL", "pallas")
