@@ -255,13 +255,14 @@ def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged, s
 
     jax.lax.fori_loop(0, count, one, 0)
     return
-  o0 = pl.program_id(0) * diag_tile
+  d = pl.program_id(0)
+  o0 = d * diag_tile
   o = o0 + jnp.arange(diag_tile, dtype=jnp.int32)
   if ranged:  # offsets that reach no key of the range, for any row: zeros, nothing read
     # (most programs where the range is one modality's run: the 2D boundary's text keys)
-    reach = (o0 <= jnp.max(base) - key_range[0]) & (o0 + diag_tile > jnp.min(base) - key_range[1])
+    d0, d1 = _reaching_tiles(base, *key_range, diag_tile, length)
     zeros = lambda: jnp.zeros((diag_tile,), jnp.float32)  # noqa: E731
-    store(o0, jax.lax.cond(reach, lambda: sums(o), zeros))
+    store(o0, jax.lax.cond((d >= d0) & (d < d1), lambda: sums(o), zeros))
   else:
     store(o0, sums(o))
 
@@ -286,7 +287,7 @@ def _offset_sums(p_ref, base, key_range, o, *, length, n_rows, n_offsets, p_dtyp
 def _reaching_tiles(base, lo, hi, diag_tile, length):
   """The offset tiles [d0, d1) that may reach a key of [lo, hi) for some row (bases
   `base` [..., R], -1 for none): those holding an offset in [min base - hi + 1, max base
-  - lo], as `_diag_kernel`'s `reach`."""
+  - lo] (row r reaches key base_r - o)."""
   n_diag = -(-length // diag_tile)
   o_lo = jnp.maximum(jnp.min(base, axis=-1) - hi + 1, 0)
   o_hi = jnp.max(base, axis=-1) - lo
