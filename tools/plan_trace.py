@@ -243,6 +243,19 @@ DEFAULT_FLAGS = (
 )
 
 
+def _add_unset_flags(ap, table, choices, setting, describe):
+  """A flag per (name, what) of `table`, one of `choices` or "" (the planner's own default);
+  setting(name): its key in planning.SETTING_NAMES; describe(what): the help's start."""
+  for name, what in table:
+    ap.add_argument(
+      f"--{name}",
+      default="",
+      choices=["", *choices],
+      help=f"{describe(what)} (planning.{planning.SETTING_NAMES[setting(name)]}); default: the"
+      " planner's",
+    )
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--length", type=int, default=131072)
@@ -276,13 +289,7 @@ def main():
   ap.add_argument(
     "--check", action="store_true", help="also compare each plan with the other planner's"
   )
-  for flag, what in IMPL_FLAGS:
-    ap.add_argument(
-      f"--{flag}",
-      default="",
-      choices=["", "pallas", "xla"],
-      help=f"{what} (planning.{planning.SETTING_NAMES[flag + '_impl']}); default: the planner's",
-    )
+  _add_unset_flags(ap, IMPL_FLAGS, ("pallas", "xla"), lambda n: n + "_impl", lambda w: w)
   for name, what in SWITCH_FLAGS:
     setting = planning.SETTING_NAMES[name]
     ap.add_argument(
@@ -332,13 +339,7 @@ def main():
     default="",
     help="the pooled_scores / pooled_topk tile 'block_m,block_n,warps' (planning.SCORE_TILES)",
   )
-  for name, what in DEFAULT_FLAGS:
-    ap.add_argument(
-      f"--{name}",
-      default="",
-      choices=["", "0", "1"],
-      help=f"1: {what}, 0: not (planning.{planning.SETTING_NAMES[name]}); default: the planner's",
-    )
+  _add_unset_flags(ap, DEFAULT_FLAGS, ("0", "1"), lambda n: n, lambda w: f"1: {w}, 0: not")
   args = ap.parse_args()
   if args.score_tiles:
     planning.SCORE_TILES = tuple(int(x) for x in args.score_tiles.split(","))
