@@ -98,6 +98,9 @@ def get_config(arg: str | None = None):
   # blocks per block_pool program for the sampled means (None: as planning has it;
   # --config.planner.pool_group=1)
   c.planner.pool_group = ml_collections.config_dict.placeholder(int)
+  # programs per head of a last-query estimate over one modality group: L / tile / this
+  # (None: as planning has it; --config.planner.mass_range_div=32)
+  c.planner.mass_range_div = ml_collections.config_dict.placeholder(int)
   # the widest query modality's intervals only in a window of rows (None: as planning has
   # it, on a GPU; --config.planner.split_rows=False)
   c.planner.split_rows = ml_collections.config_dict.placeholder(bool)
@@ -115,6 +118,11 @@ def get_config(arg: str | None = None):
   c.text_between = 16
   c.text_prefix = 256
   c.policies = ALL
+  # the names mminference's heads cycle through (the table above); (): the other names of
+  # `policies`. To time 2d_boundary and mminference with mminference's usual table:
+  # --config.policies="('2d_boundary','mminference')" --config.mminference_cycle="('a_shape',
+  # 'vertical_slash','block_sparse','grid','q_boundary','2d_boundary')" (one line)
+  c.mminference_cycle = ()
   c.policy_kwargs = ml_collections.ConfigDict({n: ml_collections.ConfigDict({}) for n in ALL})
   # the grid estimate's options (the grid row and mminference's grid heads), e.g. the
   # estimate before 1e0ef2f: --config.policy_kwargs.grid.stride_norm=all

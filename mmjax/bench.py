@@ -178,8 +178,18 @@ def check_policies(cfg) -> None:
       f"bench: unknown policies {unknown}; known: {policies.names()} (in a flag, quote "
       "each name: --config.policies=\"('q_boundary','mminference')\")"
     )
+  cycle = tuple(cfg.get("mminference_cycle", ()))
+  bad = [n for n in cycle if n not in policies.names() or n == "mminference"]
+  if bad:
+    raise ValueError(
+      f"bench: mminference_cycle names {bad}; give policy names other than mminference"
+      f" ({[n for n in policies.names() if n != 'mminference']}), or () for the other"
+      " names of `policies`"
+    )
   cycled = not cfg.policy_kwargs.get("mminference", {})
-  if "mminference" in cfg.policies and cycled and set(cfg.policies) == {"mminference"}:
+  if (
+    "mminference" in cfg.policies and cycled and not cycle and set(cfg.policies) == {"mminference"}
+  ):
     raise ValueError(
       "bench: mminference without policy_kwargs cycles the other names of `policies` over "
       "its heads (cycle_table_policy), and there are none: add them, or give "
@@ -214,9 +224,10 @@ def heads_per_step(cfg, length: int, num_heads: int) -> int:
 
 def cycle_table_policy(cfg, num_heads: int, length: int = 0) -> policies.Policy:
   """`mminference` with a one-layer table whose head i runs the i-th (cyclically) of
-  `cfg.policies` other than mminference, each with its `cfg.policy_kwargs` (default
-  budgets): the per-head mix a searched table gives, without a model to search."""
-  names = [n for n in cfg.policies if n != "mminference"]
+  `cfg.mminference_cycle` (if not empty) or else of `cfg.policies` other than
+  mminference, each with its `cfg.policy_kwargs` (default budgets): the per-head mix a
+  searched table gives, without a model to search."""
+  names = list(cfg.get("mminference_cycle", ())) or [n for n in cfg.policies if n != "mminference"]
   if not names:
     raise ValueError("bench: the mminference cycle table needs other names in `policies`")
   per = {

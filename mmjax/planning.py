@@ -200,7 +200,8 @@ MASS_P_DTYPE = "float32"
 # offsets that reach them (`attention_mass(range_tiles=)`), not one per tile of L, most of
 # which returned at once: the text of a video input is a few % of its tokens. A group of
 # more than that many tiles is shared out, a loop per program (a loop over tiles ran
-# 1.4-1.6x slower than a program per tile on an H200).
+# 1.4-1.6x slower than a program per tile on an H200). 32 instead: within the noise of 8
+# in 2d_boundary's 128k plan on an H200 (h200_2026-12-03d/3_variants and 4_early).
 MASS_RANGE_DIV = 8
 
 # XLA compile options for a program that builds plans (`jax.jit(..., compiler_options=)`;
@@ -319,7 +320,7 @@ def kernel_settings_dict():
     cols_tiles=COLS_TILES,
     mass_heads_inner=bool(MASS_HEADS_INNER),
     mass_p_dtype=MASS_P_DTYPE,
-    mass_range_div=MASS_RANGE_DIV,
+    mass_range_div=_mass_range_div_setting(),
     pool_heads_inner=bool(POOL_HEADS_INNER),
     pool_group=_pool_group_setting(),
   )
@@ -343,6 +344,7 @@ SETTING_NAMES = {
   "mass_p_dtype": "MASS_P_DTYPE",
   "pool_heads_inner": "POOL_HEADS_INNER",
   "pool_group": "POOL_GROUP",
+  "mass_range_div": "MASS_RANGE_DIV",
 }
 
 
@@ -372,6 +374,13 @@ def settings(**overrides):
   finally:
     for name, value in old.items():
       g[SETTING_NAMES[name]] = value
+
+
+def _mass_range_div_setting():
+  div = MASS_RANGE_DIV
+  if isinstance(div, bool) or not isinstance(div, int) or div < 1:
+    raise ValueError(f"planning.MASS_RANGE_DIV must be an int >= 1; got {div!r}")
+  return div
 
 
 def _pool_group_setting():
@@ -672,6 +681,9 @@ class HeadView:
   # pooled means already computed in this view, by (side, selector): components sharing a
   # modality (2D boundary's pairs, Q boundary's keys) pool it once
   pooled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+  # vertical-slash estimates made before the grid permutation, by (pattern, q_mod, k_mod)
+  # (`early_estimates`): `vs_estimate` returns these
+  estimates: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @functools.cached_property
   def q(self):
@@ -968,7 +980,7 @@ def last_query_mass(
   if window and max_offset is not None:  # the window's tiles, with the rows' own spread
     span = -(-(max_offset + 2 * (n_r + n_pad)) // tile) + 2
   elif max_offset is None and v.key_layout == "modality" and v.has_key_span(k_mod):
-    range_tiles = max(1, v.length // tile // MASS_RANGE_DIV)  # (one modality's keys)
+    range_tiles = max(1, v.length // tile // _mass_range_div_setting())  # (one modality's keys)
   return attention_mass(
     q_rows,
     v.k_src.x,
@@ -1277,7 +1289,7 @@ def plan_view(layout, components, q, k, mod, k_pooled=None, axis_names=(), **kw)
   """A planner's view of one (batch, head) with its pooled means filled (`pool_all`);
   `k_pooled`: the head's kv head's `shared_k_pools`, if computed; axis_names: the vmapped
   axes (`pool_all`'s skip). Returns (view, aux)."""
-  v, aux = head_view(layout, q, k, mod, **kw)
+  v, aux = head_view(layout, q, k, mod, early=early_estimates(layout, components), **kw)
   if k_pooled is not None:
     sels = shared_k_selectors(layout, components)
     v.pooled.update({("k", sel): val for sel, val in zip(sels, k_pooled, strict=True)})
@@ -1356,7 +1368,9 @@ def pattern_priority(kind, pat, v: HeadView, q_mod, k_mod, causal, axis_names=()
 
 def vs_estimate(pat, v: HeadView, q_mod, k_mod):
   """The online vertical-slash estimate: (columns [V] view indices, valid [V], slash rank
-  offsets [S], valid [S])."""
+  offsets [S], valid [S]); an `early_estimates` one is taken from `v.estimates`."""
+  if (pat, q_mod, k_mod) in v.estimates:
+    return v.estimates[pat, q_mod, k_mod]
   length = v.length
   start, _ = v.key_span(k_mod)
   col, sl = last_query_mass(v, q_mod, k_mod, pat.last_q, True, lambda rows: v.q_rank[rows] + start)
@@ -1558,18 +1572,46 @@ def self_priority(v: HeadView):
   return jnp.where((j >= lo) & (j <= hi), PRI_SELF, NEG)
 
 
-def head_view(layout, q, k, mod, *, seq_len, block_q, block_k, scale):
+def early_estimates(layout, components):
+  """The (pattern, q_mod, k_mod) of the vertical-slash components whose estimate is the
+  same in the view before the grid permutation (`head_view`'s pre-view) as after it:
+  with grid groups, queries of one modality id that no grid permutes, and keys that no
+  grid permutes either (one such id in a view grouped on both sides; any keys in a Q
+  view, whose keys keep their order). Their rows, keys and ranks are the same view
+  indices in both views, so the numbers are too."""
+  grid = {g for g, _ in layout.grid_groups}
+  if not grid or -1 in grid or layout.group not in ("both", "q"):
+    return ()
+
+  def plain(m):  # one modality id, not grid-permuted
+    return isinstance(m, int) and not isinstance(m, bool) and m not in grid
+
+  return tuple(
+    (c.pattern, c.q_mod, c.k_mod)
+    for c in components
+    if c.pattern.name == "vertical_slash"
+    and plain(c.q_mod)
+    and (layout.group == "q" or plain(c.k_mod))
+  )
+
+
+def head_view(layout, q, k, mod, *, seq_len, block_q, block_k, scale, early=()):
   """The view of one (batch, head): grid strides estimated in the grouped (not yet
   grid-permuted) view, then the permuted view. q, k: [L, H] (any float dtype) or
-  HeadSource; mod: [L].
+  HeadSource; mod: [L]. early: `early_estimates`, made in the grouped view too, so they
+  do not wait for the strides (with concurrent scheduling on a GPU the two estimates'
+  small kernels overlap: each alone leaves most of the GPU idle).
 
   Returns (HeadView, aux dict of the estimated strides)."""
   q, k = HeadSource.of(q), HeadSource.of(k)
   kw = dict(seq_len=seq_len, block_q=block_q, block_k=block_k, scale=scale)
   strides = []
   aux = {}
+  made = {}
   if layout.grid_groups:
     pre = build_view(Layout(layout.group), (), q, k, mod, **kw)
+    for pat, qm, km in early:
+      made[pat, qm, km] = vs_estimate(pat, pre, qm, km)
     for gmod, gpat in layout.grid_groups:
       if gpat.stride > 0:
         stride = jnp.int32(gpat.stride)
@@ -1597,7 +1639,9 @@ def head_view(layout, q, k, mod, *, seq_len, block_q, block_k, scale):
         stride = estimate_stride(slash, gpat.min_stride, gpat.max_stride, length=pre.length)
       strides.append((gmod, stride))
       aux["stride" if gmod < 0 else f"stride_{gmod}"] = stride
-  return build_view(layout, tuple(strides), q, k, mod, **kw), aux
+  v = build_view(layout, tuple(strides), q, k, mod, **kw)
+  v.estimates.update(made)
+  return v, aux
 
 
 def vertical_candidates(v: HeadView, q_mod, cols, cols_ok):

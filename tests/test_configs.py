@@ -155,6 +155,13 @@ def test_bench_mminference_cycle_table():
   cfg.policies = ("mminference",)
   with pytest.raises(ValueError, match="needs other names"):
     bench.cycle_table_policy(cfg, 28)
+  # timed alone, with the usual table: the names to cycle given
+  cfg.mminference_cycle = mod.POLICIES
+  bench.check_policies(cfg)
+  assert bench.cycle_table_policy(cfg, 28).table == pol.table
+  cfg.mminference_cycle = ("grid", "mminference")
+  with pytest.raises(ValueError, match="mminference_cycle names"):
+    bench.check_policies(cfg)
 
 
 def test_bench_heads_per_step_follows_the_length():

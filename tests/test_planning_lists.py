@@ -337,6 +337,36 @@ def test_fallback_pairs_pooled_only_when_present(monkeypatch):
     jax.clear_caches()
 
 
+def test_early_vertical_slash_estimate_is_the_same(monkeypatch):
+  """A 2D boundary's text pair (vertical-slash) is estimated in the view before the grid
+  permutation (`planning.early_estimates`: it need not wait for the vision stride): the
+  same numbers as in the permuted view, with XLA and with the attn_mass kernel over the
+  text keys' range, and the same plan as estimating it late."""
+  pol, q, k, mod = _two_d_case(44)
+  layout, comps = pol.layout(), pol.components()
+  early = planning.early_estimates(layout, comps)
+  assert [(qm, km) for _, qm, km in early] == [(P.TEXT, P.TEXT)]
+  t, h = q.shape[1], q.shape[3]
+  kw = dict(seq_len=t, block_q=pol.block_q, block_k=pol.block_k, scale=h**-0.5)
+  pad = planning.padded_length(t, pol.block_q, pol.block_k) - t
+  qh, kh = (jnp.pad(x[0, :, 0], ((0, pad), (0, 0))) for x in (q, k))
+  mh = jnp.pad(mod[0], (0, pad), constant_values=-1)
+  for impl in ("xla", "pallas"):
+    with planning.settings(mass_impl=impl):
+      v, _ = planning.head_view(layout, qh, kh, mh, early=early, **kw)
+      late, _ = planning.head_view(layout, qh, kh, mh, **kw)
+      assert not late.estimates and len(v.estimates) == 1
+      for pat, qm, km in early:
+        got, want = v.estimates[pat, qm, km], planning.vs_estimate(pat, late, qm, km)
+        for a, b in zip(got, want, strict=True):
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=impl)
+  got = pol.plan(q, k, mod)
+  monkeypatch.setattr(planning, "early_estimates", lambda layout, components: ())
+  jax.clear_caches()  # (a new trace)
+  assert_same_plan(got, pol.plan(q, k, mod))
+  jax.clear_caches()
+
+
 def test_wide_rows_window_gives_the_same_plan(monkeypatch):
   """SPLIT_ROWS (on a GPU): a 2D boundary whose text pair's slashes (24 key blocks a row)
   are wider than the vision pair's A-shape (7) plans every row from the narrow intervals

@@ -57,3 +57,26 @@ def test_plan_trace_timeline_needs_device_events():
   ]
   with pytest.raises(ValueError, match="no device events"):
     pt.timeline(events)
+
+
+def test_plan_variants_kernel_timeline_marks_idle_starts():
+  """The device kernels (events with an HLO op) in start order, from the first kernel's
+  start; "*" where the device had been idle (k3 after a gap), not where one overlaps."""
+  pv = _tool("plan_variants")
+
+  def kernel(name, ts, dur, tid):
+    return {**_event(9, name, ts, dur, tid), "args": {"hlo_op": "command_buffer_1"}}
+
+  events = [
+    _event(7, "PjitFunction(plan)", 100, 400),  # (host: no HLO op)
+    kernel("k2", 190, 20, 4),
+    kernel("k1", 160, 40, 3),
+    kernel("k3", 300, 50, 3),
+  ]
+  lines = pv.kernel_timeline(events)
+  assert [ln.split() for ln in lines] == [
+    ["0.0", "40.0", "tid3", "k1"],
+    ["30.0", "20.0", "tid4", "k2"],
+    ["140.0", "50.0", "*", "tid3", "k3"],
+  ]
+  assert pv.kernel_timeline(events[:1]) == []

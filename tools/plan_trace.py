@@ -323,6 +323,13 @@ def main():
     help="pooled_topk (--score_topk pallas) only for top k <= this (0: every k)",
   )
   ap.add_argument(
+    "--mass_range_div",
+    type=int,
+    default=planning.MASS_RANGE_DIV,
+    help="an estimate over one modality group launches L / 128 / this programs per head"
+    " (planning.MASS_RANGE_DIV)",
+  )
+  ap.add_argument(
     "--pool_group",
     type=int,
     default=planning.POOL_GROUP,
@@ -348,6 +355,7 @@ def main():
   settings["score_topk_max_k"] = args.score_topk_max_k
   settings["mass_p_dtype"] = args.mass_p_dtype
   settings["pool_group"] = args.pool_group
+  settings["mass_range_div"] = args.mass_range_div
   settings |= {
     n: bool(int(getattr(args, n))) if getattr(args, n) else None for n, _ in DEFAULT_FLAGS
   }

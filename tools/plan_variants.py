@@ -1,0 +1,156 @@
+"""One policy's plan under variants of the planner, compiled as the attention benchmark
+compiles it (its compile options at that length), timed in one process: an A/B of planner
+changes without the benchmark's noise between runs. GPU.
+
+  python3 tools/plan_variants.py --out $OUT/v --variants base,noearly,div32
+
+Per variant: the plan's wall (two medians of --iters calls), the kernel time summed over
+one profiled call ("ops"; kernels overlap under concurrent scheduling), the kernel count,
+the profiled call's device busy and idle time, and whether the plan equals the first
+variant's. The first variant's kernels are listed in time order in <out>/timeline.txt
+(start and duration in us, "*" where the device was idle before it, the stream).
+
+Variants (each against the planner as it is; names in VARIANTS): base; noearly (no
+vertical-slash estimate in the view before the grid permutation); tiles1 / tiles2
+(attn_mass's first pass with 1 or 2 key tiles per program, not 8); div32 (estimates over
+one modality group with L / 128 / 32 programs per head, `mass_range_div`); p16
+(`mass_p_dtype` float16); noopt (no fallback pairs for ids the 2D boundary never names:
+not a valid plan where such ids occur); tsort (`score_topk_sort`); st32 / st16
+(pooled_topk's tile with 32 / 16 query blocks); pg1 (`pool_group` 1).
+"""
+
+import argparse
+import collections
+import contextlib
+import functools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import bench_attention as bench_config
+from mmjax import bench, planning
+from mmjax import policies as P
+from tools import plan_trace as pt
+
+
+@contextlib.contextmanager
+def _patch(obj, name, val):
+  old = getattr(obj, name)
+  setattr(obj, name, val)
+  try:
+    yield
+  finally:
+    setattr(obj, name, old)
+
+
+def _mass_tiles(n):
+  return _patch(planning, "attention_mass", functools.partial(planning.attention_mass, tiles=n))
+
+
+def _no_optional():
+  comps = P.TwoDBoundary.components
+
+  def components(self):
+    return tuple(c for c in comps(self) if not planning._optional(c))
+
+  return _patch(P.TwoDBoundary, "components", components)
+
+
+VARIANTS = {
+  "base": contextlib.nullcontext,
+  "noearly": lambda: _patch(planning, "early_estimates", lambda layout, components: ()),
+  "tiles2": lambda: _mass_tiles(2),
+  "tiles1": lambda: _mass_tiles(1),
+  "div32": lambda: planning.settings(mass_range_div=32),
+  "p16": lambda: planning.settings(mass_p_dtype="float16"),
+  "noopt": _no_optional,
+  "tsort": lambda: planning.settings(score_topk_sort=True),
+  "st32": lambda: _patch(planning, "SCORE_TILES", (32, 128, 4)),
+  "st16": lambda: _patch(planning, "SCORE_TILES", (16, 128, 4)),
+  "pg1": lambda: planning.settings(pool_group=1),
+}
+
+
+def kernel_timeline(events) -> list[str]:
+  """The device kernels of one profiled call in start order: start (us from the first),
+  duration, "*" where no kernel ran just before it, the stream id, the kernel's name."""
+  dev = sorted(
+    (e for e in events if e.get("ph") == "X" and "hlo_op" in (e.get("args") or {})),
+    key=lambda e: e["ts"],
+  )
+  if not dev:
+    return []
+  t0, end, lines = dev[0]["ts"], 0.0, []
+  for e in dev:
+    s = e["ts"] - t0
+    idle = "*" if s > end else " "
+    lines.append(f"{s:8.1f} {e['dur']:7.1f} {idle} tid{e.get('tid')} {e['name']}")
+    end = max(end, s + e["dur"])
+  return lines
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--length", type=int, default=131072)
+  ap.add_argument("--policy", default="2d_boundary")
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--iters", type=int, default=40)
+  args = ap.parse_args()
+  names = args.variants.split(",")
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise ValueError(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+  os.makedirs(args.out, exist_ok=True)
+  t = args.length
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  q = jax.random.normal(keys[0], (1, t, 28, 128), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, t, 4, 128), jnp.float32).astype(jnp.bfloat16)
+  mod = bench.video_text_modality(t, 576, 16, 256)
+  cfg = bench_config.get_config("")
+  copts = bench.plan_compiler_options(cfg, t, args.policy)
+  hps = bench.heads_per_step(cfg, t, 28)
+  print(f"compile options {copts}; heads per step {hps}", flush=True)
+  ref, report = None, {"length": t, "policy": args.policy, "compiler_options": copts}
+  for name in names:
+    jax.clear_caches()  # (a monkeypatch is not part of the plan's jit key)
+    with VARIANTS[name]():
+      pol = P.get(args.policy, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=hps)
+      fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m), compiler_options=copts)
+      ms = bench.timeit(fn, q, k, mod, warmup=3, iters=args.iters)
+      ms2 = bench.timeit(fn, q, k, mod, warmup=0, iters=args.iters)
+      plan = fn(q, k, mod)
+      same = True if ref is None else pt.same_plans(plan, ref)
+      ref = plan if ref is None else ref
+      events = pt.profile_events(fn, q, k, mod)
+      counts = collections.Counter()
+      _, total = pt.kernel_times(fn, counts=counts, events=events)
+      try:
+        tl = pt.timeline(events)
+      except ValueError:  # (no device events: the CPU)
+        tl = dict(busy_us=0.0, idle_between_us=0.0, window_us=0.0)
+    n = sum(counts.values())
+    print(
+      f"{name:8s} wall {ms:.3f} / {ms2:.3f} ms  ops {total / 1e3:.3f}  kernels {n}  busy"
+      f" {tl['busy_us'] / 1e3:.3f} idle {tl['idle_between_us'] / 1e3:.3f} window"
+      f" {tl['window_us'] / 1e3:.3f}  same {same}",
+      flush=True,
+    )
+    report[name] = dict(
+      wall=ms, wall2=ms2, ops=total / 1e3, kernels=n, same=same,
+      busy=tl["busy_us"], idle=tl["idle_between_us"],
+    )  # fmt: skip
+    if name == names[0]:
+      with open(os.path.join(args.out, "timeline.txt"), "w") as f:
+        f.write("\n".join(kernel_timeline(events)) + "\n")
+  with open(os.path.join(args.out, "variants.json"), "w") as f:
+    json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
