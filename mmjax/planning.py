@@ -518,6 +518,11 @@ def topk_chunk(n, k):
 
 
 def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True, chunk_max=None):
+  """`_top_k_entries`' picks (idx, values), as a set."""
+  return _top_k_entries(score, valid, k, axis_names, present, skip_empty, chunk_max)[:2]
+
+
+def _top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True, chunk_max=None):
   """Per row, the k highest valid scores (ties to the lower index), without a top-k over
   the whole row: (idx [R, k'], values [R, k'], -inf where fewer are valid), k' = min(k, n),
   as a set (in no particular order).
@@ -535,12 +540,16 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True,
   `chunk_max` [R, ceil(n / C)] may give the chunk maxima (pooled_scores' kernel); then
   the score is read only in chunks whose maximum is above -inf (the kernel leaves the
   tiles without an allowed pair unwritten).
+
+  Returns (idx, values, in_order): in_order (static) whether the picks come in index
+  order (the last top-k's, `_row_top_k`, on [R, n] rows or on [R, kc * C] candidates).
   """
   n_r, n = score.shape
   k = min(k, n)
   c = topk_chunk(n, k)
   n_c = -(-n // c)
   kc = min(k, n_c)
+  in_order = _row_top_k_mode(n_r, n if c == 1 else kc * c) != "xla"
   if chunk_max is not None and (valid is not None or chunk_max.shape != (n_r, n_c)):
     raise ValueError(f"top_k_entries: chunk_max needs valid None and shape {(n_r, n_c)}")
 
@@ -574,9 +583,9 @@ def top_k_entries(score, valid, k, axis_names=(), present=None, skip_empty=True,
     return jnp.zeros((n_r, k), jnp.int32), jnp.full((n_r, k), NEG, s.dtype)
 
   if not (skip_empty and skip_empty_topk()):
-    return run(score, valid, chunk_max)
+    return (*run(score, valid, chunk_max), in_order)
   present = _any_over(valid if present is None else present, axis_names)
-  return jax.lax.cond(present, run, empty, score, valid, chunk_max)
+  return (*jax.lax.cond(present, run, empty, score, valid, chunk_max), in_order)
 
 
 def _chunks_top_k(m, k):
@@ -588,10 +597,8 @@ def _chunks_top_k(m, k):
   come in index order when its last top-k is the kernel's (the chunks are put in order)."""
   mode = _row_top_k_mode(*m.shape)
   if topk_impl() == "pallas" and mode != "whole" and topk_chunk(m.shape[1], k) > 1:
-    idx, vals = top_k_entries(m, None, k, present=jnp.asarray(True), skip_empty=False)
-    c = topk_chunk(m.shape[1], k)
-    last = _row_top_k_mode(m.shape[0], min(k, -(-m.shape[1] // c)) * c)
-    return vals, idx, last != "xla"
+    idx, vals, in_order = _top_k_entries(m, None, k, present=jnp.asarray(True), skip_empty=False)
+    return vals, idx, in_order
   vals, idx = _row_top_k(m, k)
   return vals, idx, mode != "xla"
 
@@ -1574,13 +1581,12 @@ def self_priority(v: HeadView):
 
 def early_estimates(layout, components):
   """The (pattern, q_mod, k_mod) of the vertical-slash components whose estimate is the
-  same in the view before the grid permutation (`head_view`'s pre-view) as after it:
-  with grid groups, queries of one modality id that no grid permutes, and keys that no
-  grid permutes either (one such id in a view grouped on both sides; any keys in a Q
-  view, whose keys keep their order). Their rows, keys and ranks are the same view
-  indices in both views, so the numbers are too."""
+  same in the view before the grid permutation (`head_view`'s pre-view) as after it: in
+  a view grouped by modality on both sides (the 2D boundary, the one layout with grid
+  groups and rank patterns), the pairs of one modality id that no grid permutes. Their
+  rows, keys and ranks are the same view indices in both views, so the numbers are too."""
   grid = {g for g, _ in layout.grid_groups}
-  if not grid or -1 in grid or layout.group not in ("both", "q"):
+  if not grid or layout.group != "both":
     return ()
 
   def plain(m):  # one modality id, not grid-permuted
@@ -1589,9 +1595,7 @@ def early_estimates(layout, components):
   return tuple(
     (c.pattern, c.q_mod, c.k_mod)
     for c in components
-    if c.pattern.name == "vertical_slash"
-    and plain(c.q_mod)
-    and (layout.group == "q" or plain(c.k_mod))
+    if c.pattern.name == "vertical_slash" and plain(c.q_mod) and plain(c.k_mod)
   )
 
 

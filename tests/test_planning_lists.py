@@ -180,7 +180,7 @@ def test_top_k_entries_few_rows_picks_the_same_set(n, k, whole_row, monkeypatch)
   rng = np.random.default_rng(n * 10 + k)
   s = jnp.asarray(rng.integers(0, 6, (9, n)).astype(np.float32))
   valid = jnp.asarray(rng.random((9, n)) < np.linspace(0.0, 1.0, 9)[:, None])
-  idx, vals = planning.top_k_entries(s, valid, k)
+  idx, vals, in_order = planning._top_k_entries(s, valid, k)
   want_vals, want_idx = jax.lax.top_k(jnp.where(valid, s, -jnp.inf), min(k, n))
   got_order, order = np.argsort(np.asarray(idx), 1), np.argsort(np.asarray(want_idx), 1)
   for g, w in ((idx, want_idx), (vals, want_vals)):
@@ -189,7 +189,8 @@ def test_top_k_entries_few_rows_picks_the_same_set(n, k, whole_row, monkeypatch)
     )
   c = planning.topk_chunk(n, k)
   last = planning._row_top_k_mode(9, n if c == 1 else min(k, -(-n // c)) * c)
-  if last != "xla":
+  assert in_order == (last != "xla")  # (what `_chunks_top_k` reads)
+  if in_order:
     assert (np.diff(np.asarray(idx), axis=1) > 0).all()  # index order
   jaxpr = str(jax.make_jaxpr(lambda s, v: planning.top_k_entries(s, v, k))(s, valid))
   assert ("mmjax_topk_select" in jaxpr) == (n <= whole_row or c > 1)
@@ -346,6 +347,7 @@ def test_early_vertical_slash_estimate_is_the_same(monkeypatch):
   layout, comps = pol.layout(), pol.components()
   early = planning.early_estimates(layout, comps)
   assert [(qm, km) for _, qm, km in early] == [(P.TEXT, P.TEXT)]
+  assert planning.early_estimates(planning.Layout("both"), comps) == ()  # (no grid)
   t, h = q.shape[1], q.shape[3]
   kw = dict(seq_len=t, block_q=pol.block_q, block_k=pol.block_k, scale=h**-0.5)
   pad = planning.padded_length(t, pol.block_q, pol.block_k) - t
