@@ -46,9 +46,14 @@
 #         2d_boundary and mminference without and with it (SPLIT_LIST, TOP), 2d_boundary's
 #         128k plan by kernel, every 128k plan against the dense planner's (CHECK=0: not;
 #         PACK=; ~350 s).
+# early:  the 2D boundary's text estimate before the grid permutation
+#         (planning.early_estimates): its test and the planner's kernel and list tests on
+#         the GPU, the attn_mass GPU tests, tools/plan_variants.py on 2d_boundary at 128k
+#         (VARIANTS, default base,noearly,div32,noopt), then the benchmark at 128k for
+#         2d_boundary and mminference (its usual cycle table) (PACK=; about 350 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -261,8 +266,29 @@ elif [ "$part" = split ]; then
   grep "plan \|identical" "$out/plan_trace_128k_check.txt"
   pack
   exit 0
+elif [ "$part" = early ]; then
+  timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_planning_lists.py \
+    -k "early_vertical or planner_kernels_are_the_same or fallback" \
+    > "$out/gpu_tests_early.txt" 2>&1
+  tail -2 "$out/gpu_tests_early.txt"
+  timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_attn_mass.py \
+    > "$out/gpu_tests_attn_mass.txt" 2>&1
+  tail -2 "$out/gpu_tests_attn_mass.txt"
+  pack
+  timeout 150 python3 tools/plan_variants.py --out "$out/variants" \
+    --variants "${VARIANTS:-base,noearly,div32,noopt}" > "$out/variants.txt" 2>&1
+  grep wall "$out/variants.txt"
+  pack
+  timeout 150 python3 experiments/bench_attention.py --config=configs/bench_attention.py \
+    --workdir="$out/attention_128k" '--config.lengths=(131072,)' --config.iters=5 \
+    "--config.policies=('2d_boundary','mminference')" \
+    "--config.mminference_cycle=('a_shape','vertical_slash','block_sparse','grid','q_boundary','2d_boundary')" \
+    > "$out/attention_128k_log.txt" 2>&1
+  tail -3 "$out/attention_128k_log.txt"
+  pack
+  exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group or split, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split or early, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)
