@@ -64,6 +64,13 @@ git log --oneline -1 > "$out/commit.txt" 2>/dev/null  # stale on the device: say
 # PACK=$OUT/NAME.tgz (OUT_DIR outside $OUT): the parts sort, tiles and pool rewrite that
 # archive after each step, so that a call cut short still brings back what ran
 pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
+# run_pytest NAME LIMIT PYTEST_ARGS...: pytest on 4 workers into $out/NAME.txt, its last lines shown
+run_pytest() {
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 -m pytest -q -n 4 -p no:cacheprovider "$@" > "$out/$name.txt" 2>&1
+  tail -2 "$out/$name.txt"
+}
 if [ "$part" = tests ]; then
   timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
     tests/test_attn_mass.py tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
@@ -240,13 +247,10 @@ elif [ "$part" = pool_group ]; then
   exit 0
 elif [ "$part" = split ]; then
   # the widest query modality's intervals in a window of rows (planning.SPLIT_ROWS)
-  timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_planning_lists.py \
-    -k "wide_rows or one_pair or planner_kernels_are_the_same or fallback" \
-    > "$out/gpu_tests_split.txt" 2>&1
-  tail -2 "$out/gpu_tests_split.txt"
-  timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_col_select.py \
-    tests/test_pooled_topk.py tests/test_block_pool.py tests/test_attn_mass.py > "$out/gpu_tests_kernels.txt" 2>&1
-  tail -2 "$out/gpu_tests_kernels.txt"
+  run_pytest gpu_tests_split 150 tests/test_planning_lists.py \
+    -k "wide_rows or one_pair or planner_kernels_are_the_same or fallback"
+  run_pytest gpu_tests_kernels 150 --gpu -m gpu tests/test_col_select.py tests/test_pooled_topk.py \
+    tests/test_block_pool.py tests/test_attn_mass.py
   pack
   for sr in ${SPLIT_LIST:-0 1}; do
     XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 python3 tools/plan_trace.py \
@@ -267,13 +271,9 @@ elif [ "$part" = split ]; then
   pack
   exit 0
 elif [ "$part" = early ]; then
-  timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_planning_lists.py \
-    -k "early_vertical or planner_kernels_are_the_same or fallback" \
-    > "$out/gpu_tests_early.txt" 2>&1
-  tail -2 "$out/gpu_tests_early.txt"
-  timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_attn_mass.py \
-    > "$out/gpu_tests_attn_mass.txt" 2>&1
-  tail -2 "$out/gpu_tests_attn_mass.txt"
+  run_pytest gpu_tests_early 150 tests/test_planning_lists.py \
+    -k "early_vertical or planner_kernels_are_the_same or fallback"
+  run_pytest gpu_tests_attn_mass 100 --gpu -m gpu tests/test_attn_mass.py
   pack
   timeout 150 python3 tools/plan_variants.py --out "$out/variants" \
     --variants "${VARIANTS:-base,noearly,div32,noopt}" > "$out/variants.txt" 2>&1
