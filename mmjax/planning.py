@@ -68,6 +68,11 @@ class OtherThan:
   ids: tuple[int, ...]
 
 
+def _single_id(sel):
+  """Whether a modality selector is one id (an int; not None, an `OtherThan` or a bool)."""
+  return isinstance(sel, int) and not isinstance(sel, bool)
+
+
 def _mod_ok(mods, sel):
   if sel is None:
     return jnp.ones(mods.shape, bool)
@@ -724,7 +729,7 @@ class HeadView:
     """Whether the keys of selector `k_mod` are one run of view indices (static)."""
     if self.key_layout == "positions":
       return k_mod is None
-    return isinstance(k_mod, int) and not isinstance(k_mod, bool)
+    return _single_id(k_mod)
 
   def key_span(self, k_mod):
     """(start, n): the keys of selector `k_mod` are view indices [start, start + n) with
@@ -1590,7 +1595,7 @@ def early_estimates(layout, components):
     return ()
 
   def plain(m):  # one modality id, not grid-permuted
-    return isinstance(m, int) and not isinstance(m, bool) and m not in grid
+    return _single_id(m) and m not in grid
 
   return tuple(
     (c.pattern, c.q_mod, c.k_mod)

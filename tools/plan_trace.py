@@ -364,6 +364,15 @@ def main():
     trace(args)
 
 
+def plan_inputs(length, heads=28, kv_heads=4):
+  """(q [1, T, N, 128], k [1, T, K, 128] bf16 random, modality ids [1, T]): the
+  benchmark's shapes and video + text layout, the plans' inputs in the plan tools."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  q = jax.random.normal(keys[0], (1, length, heads, 128), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, length, kv_heads, 128), jnp.float32).astype(jnp.bfloat16)
+  return q, k, bench.video_text_modality(length, 576, 16, 256)
+
+
 def trace(args):
   """The plans of `args.policies` traced (and checked) with the planner's settings now."""
   copts = dict(planning.PLAN_COMPILER_OPTIONS) if args.concurrent else None
@@ -371,11 +380,8 @@ def trace(args):
     copts = (copts or {}) | bench.parse_compiler_options(
       args.compiler_options, "--compiler_options"
     )
-  t, h = args.length, 128
-  keys = jax.random.split(jax.random.PRNGKey(0), 2)
-  q = jax.random.normal(keys[0], (1, t, args.heads, h), jnp.float32).astype(jnp.bfloat16)
-  k = jax.random.normal(keys[1], (1, t, args.kv_heads, h), jnp.float32).astype(jnp.bfloat16)
-  mod = bench.video_text_modality(t, 576, 16, 256)
+  t = args.length
+  q, k, mod = plan_inputs(t, args.heads, args.kv_heads)
   report = {"length": t, "device": jax.devices()[0].device_kind, "jax": jax.__version__}
   report["topk"] = planning.topk_impl()
   report["kernel_settings"] = planning.kernel_settings_dict()

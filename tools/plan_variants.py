@@ -28,7 +28,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,10 +107,7 @@ def main():
     raise ValueError(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
   os.makedirs(args.out, exist_ok=True)
   t = args.length
-  keys = jax.random.split(jax.random.PRNGKey(0), 2)
-  q = jax.random.normal(keys[0], (1, t, 28, 128), jnp.float32).astype(jnp.bfloat16)
-  k = jax.random.normal(keys[1], (1, t, 4, 128), jnp.float32).astype(jnp.bfloat16)
-  mod = bench.video_text_modality(t, 576, 16, 256)
+  q, k, mod = pt.plan_inputs(t)
   cfg = bench_config.get_config("")
   copts = bench.plan_compiler_options(cfg, t, args.policy)
   hps = bench.heads_per_step(cfg, t, 28)

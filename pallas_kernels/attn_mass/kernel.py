@@ -95,7 +95,12 @@ def _range_of(range_ref, heads, tile):
   if range_ref is None:
     return None, None
   lo, hi = heads.get("key_range", range_ref, 0), heads.get("key_range", range_ref, 1)
-  return (lo, hi), (lo // tile, (hi + tile - 1) // tile)
+  return (lo, hi), _key_tiles(lo, hi, tile)
+
+
+def _key_tiles(lo, hi, tile):
+  """(first, end): the key tiles that hold keys of [lo, hi)."""
+  return lo // tile, (hi + tile - 1) // tile
 
 
 def _tile_range(tiles, n_tiles, heads):
@@ -241,12 +246,10 @@ def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged, s
   def store(o0, vals):
     slash_ref[pl.ds(o0, diag_tile)] = vals
 
-  if shared:
-    d0, d1 = _reaching_tiles(base, *key_range, diag_tile, length)
-    n_progs = pl.num_programs(0)
-    per = jnp.maximum(1, (d1 - d0 + n_progs - 1) // n_progs)
-    first = d0 + pl.program_id(0) * per
-    count = jnp.clip(jnp.minimum(first + per, d1) - first, 0, per)
+  if shared:  # (an unbatched call: vmap batches this kernel's heads)
+    first, count = _shared_range(
+      *_reaching_tiles(base, *key_range, diag_tile, length), 1, HeadRefs()
+    )
 
     def one(i, carry):
       o0 = (first + i) * diag_tile
@@ -480,13 +483,13 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   inv = 1.0 / jnp.maximum(l, 1e-30)
 
   args = head + [q, k, key_lim, q_lim, m_safe, inv]
+  b = jnp.clip(base, -1, length - 1)  # the bases as the third pass reads them
   windowed = max_offset is not None
   p_spec = (
     whole(lead + (n_rows, length)),
     jax.ShapeDtypeStruct(lead + (n_rows, length), jnp.dtype(p_dtype)),
   )
   if windowed:  # the tiles holding a key within max_offset of some row's base
-    b = jnp.clip(base, -1, length - 1)  # (as the third pass reads it)
     lo = jnp.min(jnp.where(b >= 0, b - (max_offset - 1), length), axis=-1)
     hi = jnp.max(b, axis=-1)
     win = jnp.stack([jnp.maximum(lo, 0) // tile, jnp.where(hi >= 0, hi // tile, -1)], -1)
@@ -512,8 +515,8 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   n_diag = -(-n_offsets // diag_tile)
   if shared:  # the tiles outside the range were not written: zeros
     t = jnp.arange(length, dtype=jnp.int32) // tile
-    lo, hi = key_range[..., 0:1], key_range[..., 1:2]
-    col = jnp.where((t >= lo // tile) & (t < (hi + tile - 1) // tile), col, 0.0)
+    t0, t1 = _key_tiles(key_range[..., 0:1], key_range[..., 1:2], tile)
+    col = jnp.where((t >= t0) & (t < t1), col, 0.0)
 
   def diagonals(p, base, *key_range):
     return pl.pallas_call(
@@ -534,17 +537,16 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="mmjax_attn_mass_diagonals",
-    )(p.reshape(-1), jnp.clip(base, -1, length - 1), *key_range)
+    )(p.reshape(-1), base, *key_range)
 
   extra = [key_range] if ranged else []
   if per_head:
     axes = [0, 0 if "base" in per_head else None]
     axes += [0 if "key_range" in per_head else None] if ranged else []
-    slash = jax.vmap(diagonals, axes)(p, base, *extra)
+    slash = jax.vmap(diagonals, axes)(p, b, *extra)
   else:
-    slash = diagonals(p, base, *extra)
+    slash = diagonals(p, b, *extra)
   if shared:  # the offset tiles that reach no key of the range were not written: zeros
-    b = jnp.clip(base, -1, length - 1)
     d0, d1 = _reaching_tiles(b, key_range[..., 0], key_range[..., 1], diag_tile, length)
     d = jnp.arange(n_diag * diag_tile, dtype=jnp.int32) // diag_tile
     slash = jnp.where((d >= d0[..., None]) & (d < d1[..., None]), slash, 0.0)
