@@ -107,6 +107,9 @@ def get_config(arg: str | None = None):
   # each scored component's top-k in a lax.cond that skips it when the component is
   # empty (None: as planning has it, off on a GPU; --config.planner.skip_empty_topk=True)
   c.planner.skip_empty_topk = ml_collections.config_dict.placeholder(bool)
+  # the other lax.conds that skip work no head needs (the optional selectors' pooling, an
+  # empty merge; None: as planning has it; --config.planner.skip_empty_work=False)
+  c.planner.skip_empty_work = ml_collections.config_dict.placeholder(bool)
   c.warmup = 2
   c.iters = 10
   # the plan alone is timed over max(iters, plan_iters) calls: a plan takes milliseconds,

@@ -55,6 +55,11 @@ NEG = -jnp.inf
 # conds: block_sparse 0.91 -> 0.75 ms (XLA's default command buffers), 2d_boundary 2.39
 # -> 2.24 ms and mminference 2.83 -> 2.75 ms (with CONDITIONAL,WHILE; h200_2026-12-03b).
 SKIP_EMPTY_TOPK = None
+# The other lax.conds that skip work no head needs: the pooled means of the selectors
+# only `_optional` components use (`pool_all`), and the merge of a row's short candidate
+# lists when none of them has an entry (`planning_lists.merge_candidates`). True: skipped (a
+# conditional each); False: always done (the same plan, no conditional); None: True.
+SKIP_EMPTY_WORK = None
 _CHUNK = 128  # chunk of the sort-free prefix counts
 BIG = np.int32(2**30)
 PRI_SELF = 3.0
@@ -318,6 +323,7 @@ def kernel_settings_dict():
     merge_lists=merge_lists(),
     split_rows=split_rows(),
     skip_empty_topk=skip_empty_topk(),
+    skip_empty_work=skip_empty_work(),
     score_topk_impl=score_topk_impl(),
     score_topk_max_k=SCORE_TOPK_MAX_K,
     score_topk_sort=bool(SCORE_TOPK_SORT),
@@ -345,6 +351,7 @@ SETTING_NAMES = {
   "merge_lists": "MERGE_LISTS",
   "split_rows": "SPLIT_ROWS",
   "skip_empty_topk": "SKIP_EMPTY_TOPK",
+  "skip_empty_work": "SKIP_EMPTY_WORK",
   "mass_heads_inner": "MASS_HEADS_INNER",
   "mass_p_dtype": "MASS_P_DTYPE",
   "pool_heads_inner": "POOL_HEADS_INNER",
@@ -438,6 +445,14 @@ def merge_lists():
 
 def skip_empty_topk():
   return _switch("SKIP_EMPTY_TOPK", SKIP_EMPTY_TOPK, on_gpu=False)
+
+
+def skip_empty_work():
+  if SKIP_EMPTY_WORK not in (None, True, False):
+    raise ValueError(
+      f"planning.SKIP_EMPTY_WORK must be None, True or False; got {SKIP_EMPTY_WORK!r}"
+    )
+  return SKIP_EMPTY_WORK is not False
 
 
 def split_rows():
@@ -1275,7 +1290,10 @@ def pool_all(v: HeadView, components, axis_names=()):
     def zeros(rest=rest, nb=nb, h=h):
       return [(jnp.zeros((nb, h), _pooled_dtype()), jnp.zeros((nb,), bool)) for _ in rest]
 
-    vals = jax.lax.cond(_any_over(present, axis_names), pool, zeros)
+    if skip_empty_work():
+      vals = jax.lax.cond(_any_over(present, axis_names), pool, zeros)
+    else:
+      vals = pool()
     v.pooled.update({(side, s): val for s, val in zip(rest, vals, strict=True)})
 
 

@@ -243,7 +243,7 @@ def merge_candidates(lists, axis_names=(), n_blocks=None):
   def sort_merge(idx, pri, longs):
     return merged(sort_by_block(idx, pri, n_blocks), longs)
 
-  if not long:
+  if not long or not pl.skip_empty_work():
     return sort_merge(idx, pri, long)
 
   def skip(idx, pri, longs):  # no valid short entry: they all sort last (BIG)
@@ -307,6 +307,13 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
 _ROW_LEVELS = 6  # `_wide_rows`' window sizes: nQ, nQ / 2, ..., nQ / 32
 
 
+def _count_below(sizes, x):
+  """How many of the static ints `sizes` are below x (an int32 scalar): a sum of compares,
+  not jnp.searchsorted, whose scan is a while loop (on a GPU a loop of conditional nodes
+  in the plan's command buffer)."""
+  return sum((jnp.int32(s) < x).astype(jnp.int32) for s in sizes)
+
+
 def _wide_rows(rows_plan, iv, wide, narrow, n_q, axis_names):
   """(block_idx [nQ, MB], block_count [nQ]) where one query modality's intervals (`wide`:
   a 2D boundary's text slashes, some 400 key blocks a row against a vision row's 20) are
@@ -327,9 +334,7 @@ def _wide_rows(rows_plan, iv, wide, narrow, n_q, axis_names):
   if axis_names:
     first, end = jax.lax.pmin(first, axis_names), jax.lax.pmax(end, axis_names)
   sizes = sorted({_cdiv(n_q, 1 << j) for j in range(_ROW_LEVELS)})
-  which = jnp.where(
-    end > first, 1 + jnp.searchsorted(jnp.asarray(sizes, jnp.int32), end - first), 0
-  )
+  which = jnp.where(end > first, 1 + _count_below(sizes, end - first), 0)
 
   def window(size):
     def plan(bi, bc):

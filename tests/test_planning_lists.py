@@ -320,11 +320,17 @@ def test_2d_boundary_with_one_pair_listed():
   assert_same_plan(a, d)
 
 
+def _count_conds(pol, q, k, mod):
+  """The lax.cond / lax.switch equations in the plan's jaxpr (nested ones included)."""
+  return str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod)).count(" cond[")
+
+
 def test_fallback_pairs_pooled_only_when_present(monkeypatch):
   """A 2D boundary's pairs for ids it never names (`planning._optional`) have their own
   selectors pooled in a lax.cond, zeros where no head has such a pair: the same plans as
-  pooling them always, on input without such ids and with id 2 tokens (where the pairs
-  pick blocks), and the dense planner's."""
+  pooling them always (the optional components taken for required ones, or
+  `skip_empty_work` False: no cond, fewer in the plan), on input without such ids and with
+  id 2 tokens (where the pairs pick blocks), and the dense planner's."""
   pol, q, k, mod = _two_d_case(43)
   assert sum(planning._optional(c) for c in pol.components()) == 2
   with_2 = jnp.where((jnp.arange(mod.shape[1]) % 37 < 5)[None] & (mod == 1), 2, mod)
@@ -335,7 +341,11 @@ def test_fallback_pairs_pooled_only_when_present(monkeypatch):
       mp.setattr(planning, "_optional", lambda c: False)
       jax.clear_caches()  # (a new trace)
       assert_same_plan(got, pol.plan(q, k, m))
-    jax.clear_caches()
+    with planning.settings(skip_empty_work=False):  # (pooled always: no cond; a new trace)
+      assert_same_plan(got, pol.plan(q, k, m))
+      conds_without = _count_conds(pol, q, k, m)
+    jax.clear_caches()  # (the trace with `_optional` patched is cached under these settings)
+    assert conds_without < _count_conds(pol, q, k, m)
 
 
 def test_early_vertical_slash_estimate_is_the_same(monkeypatch):
@@ -816,6 +826,23 @@ def test_merge_candidates_skips_only_empty_short_lists(valid_heads, n_blocks):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w_))
   jaxpr = str(jax.make_jaxpr(jax.vmap(one, axis_name="h"))(li, lp, si, sp))
   assert "cond[" in jaxpr  # (a real branch: the predicate is reduced over the heads)
+  with planning.settings(skip_empty_work=False):  # (the merge always: no cond)
+    got = jax.vmap(one, axis_name="h")(li, lp, si, sp)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(one, axis_name="h"))(li, lp, si, sp))
+  for g, w_ in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w_))
+  assert "cond[" not in jaxpr
+
+
+def test_count_below_is_searchsorted():
+  """`_wide_rows`' window index: a sum of compares (no while loop), jnp.searchsorted's."""
+  sizes = [1, 2, 4, 8, 16, 32]
+  x = jnp.arange(-1, 40, dtype=jnp.int32)
+  got = jax.vmap(lambda v: planning_lists._count_below(sizes, v))(x)
+  want = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  jaxpr = str(jax.make_jaxpr(lambda v: planning_lists._count_below(sizes, v))(x[0]))
+  assert "while[" not in jaxpr and "scan[" not in jaxpr
 
 
 @pytest.mark.parametrize("n_blocks", [None, 50, 2**25])

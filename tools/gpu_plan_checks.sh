@@ -51,9 +51,14 @@
 #         the GPU, the attn_mass GPU tests, tools/plan_variants.py on 2d_boundary at 128k
 #         (VARIANTS, default base,noearly,div32,noopt), then the benchmark at 128k for
 #         2d_boundary and mminference (its usual cycle table) (PACK=; about 350 s).
+# conds:  the plan's conditionals and its output copy (planning.SKIP_EMPTY_WORK,
+#         planning_lists._count_below, col_select.SPARE_SLOT): col_select's GPU tests, the
+#         planner's list tests, tools/plan_variants.py on 2d_boundary at 128k (VARIANTS),
+#         then the 128k benchmark of 2d_boundary and mminference for each planner setting of
+#         BENCH_PLANNERS ("default", name=value) (PACK=; about 450 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -287,8 +292,32 @@ elif [ "$part" = early ]; then
   tail -3 "$out/attention_128k_log.txt"
   pack
   exit 0
+elif [ "$part" = conds ]; then
+  run_pytest gpu_tests_cols 120 --gpu -m gpu tests/test_col_select.py
+  run_pytest gpu_tests_lists 150 tests/test_planning_lists.py -k "fallback_pairs or \
+    merge_candidates_skips or count_below or wide_rows or planner_kernels_are_the_same"
+  pack
+  timeout 200 python3 tools/plan_variants.py --out "$out/variants" \
+    --variants "${VARIANTS:-base,wscan,spare,noskip,nosplit,noskip_nosplit,noopt,base2}" \
+    > "$out/variants.txt" 2>&1
+  grep -A3 wall "$out/variants.txt"
+  pack
+  for v in ${BENCH_PLANNERS:-default skip_empty_work=False split_rows=False}; do
+    flag=""
+    [ "$v" = default ] || flag="--config.planner.$v"
+    name=attention_128k_${v%%=*}
+    timeout 120 python3 experiments/bench_attention.py --config=configs/bench_attention.py \
+      --workdir="$out/$name" '--config.lengths=(131072,)' --config.iters=5 $flag \
+      "--config.policies=('2d_boundary','mminference')" \
+      "--config.mminference_cycle=('a_shape','vertical_slash','block_sparse','grid','q_boundary','2d_boundary')" \
+      > "$out/${name}_log.txt" 2>&1
+    echo "$v"
+    grep "| 131072" "$out/${name}_log.txt"
+    pack
+  done
+  exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split or early, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early or conds, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

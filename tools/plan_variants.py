@@ -7,16 +7,23 @@ changes without the benchmark's noise between runs. GPU.
 Per variant: the plan's wall (two medians of --iters calls), the kernel time summed over
 one profiled call ("ops"; kernels overlap under concurrent scheduling), the kernel count,
 the profiled call's device busy and idle time, and whether the plan equals the first
-variant's. The first variant's kernels are listed in time order in <out>/timeline.txt
+variant's, and the profiled call's three longest device idle gaps with the host events in
+them. Each variant's kernels are listed in time order in <out>/timeline_<variant>.txt
 (start and duration in us, "*" where the device was idle before it, the stream).
 
-Variants (each against the planner as it is; names in VARIANTS): base; noearly (no
-vertical-slash estimate in the view before the grid permutation); tiles1 / tiles2
-(attn_mass's first pass with 1 or 2 key tiles per program, not 8); div32 (estimates over
-one modality group with L / 128 / 32 programs per head, `mass_range_div`); p16
-(`mass_p_dtype` float16); noopt (no fallback pairs for ids the 2D boundary never names:
-not a valid plan where such ids occur); tsort (`score_topk_sort`); st32 / st16
-(pooled_topk's tile with 32 / 16 query blocks); pg1 (`pool_group` 1).
+Variants (each against the planner as it is; names in VARIANTS): base (base2: the same,
+another time); noearly (no vertical-slash estimate in the view before the grid
+permutation); tiles1 / tiles2 (attn_mass's first pass with 1 or 2 key tiles per program,
+not 8); div32 (estimates over one modality group with L / 128 / 32 programs per head,
+`mass_range_div`); p16 (`mass_p_dtype` float16); noopt (no fallback pairs for ids the 2D
+boundary never names: not a valid plan where such ids occur); tsort (`score_topk_sort`);
+st32 / st16 (pooled_topk's tile with 32 / 16 query blocks); pg1 (`pool_group` 1); wscan
+(the split rows' window picked by jnp.searchsorted's scan, a while loop, as before);
+nosplit (`split_rows` False: no lax.switch over window sizes); nocond (the planner's
+lax.cond as both branches and a select); nocond_nosplit (both); spare (col_select's output
+with a spare slot per row, then sliced, as before); noskip (`skip_empty_work` False: the
+planner's conds that skip work no head needs gone); noskip_nosplit (and `split_rows`
+False).
 """
 
 import argparse
@@ -28,12 +35,14 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import bench_attention as bench_config
-from mmjax import bench, planning
+from mmjax import bench, planning, planning_lists
 from mmjax import policies as P
+from pallas_kernels.col_select import kernel as col_select_kernel
 from tools import plan_trace as pt
 
 
@@ -60,8 +69,49 @@ def _no_optional():
   return _patch(P.TwoDBoundary, "components", components)
 
 
+def _select_cond(pred, true_fn, false_fn, *operands):
+  """lax.cond as both branches and a select: no conditional in the program."""
+  a, b = true_fn(*operands), false_fn(*operands)
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+class _Over:
+  """A module seen through `over` (attribute name -> value), the rest its own."""
+
+  def __init__(self, base, **over):
+    self._base = base
+    self.__dict__.update(over)
+
+  def __getattr__(self, name):
+    return getattr(self._base, name)
+
+
+@contextlib.contextmanager
+def _no_conds():
+  """The planner's lax.cond (not its lax.switch, nor the kernels') as selects."""
+  proxy = _Over(jax, lax=_Over(jax.lax, cond=_select_cond))
+  with _patch(planning, "jax", proxy), _patch(planning_lists, "jax", proxy):
+    yield
+
+
+@contextlib.contextmanager
+def _both(*cms):
+  with contextlib.ExitStack() as stack:
+    for cm in cms:
+      stack.enter_context(cm())
+    yield
+
+
+def _scan_window():
+  def count_below(sizes, x):
+    return jnp.searchsorted(jnp.asarray(sizes, jnp.int32), x)
+
+  return _patch(planning_lists, "_count_below", count_below)
+
+
 VARIANTS = {
   "base": contextlib.nullcontext,
+  "base2": contextlib.nullcontext,  # (base again, later in the run: the drift)
   "noearly": lambda: _patch(planning, "early_estimates", lambda layout, components: ()),
   "tiles2": lambda: _mass_tiles(2),
   "tiles1": lambda: _mass_tiles(1),
@@ -72,6 +122,13 @@ VARIANTS = {
   "st32": lambda: _patch(planning, "SCORE_TILES", (32, 128, 4)),
   "st16": lambda: _patch(planning, "SCORE_TILES", (16, 128, 4)),
   "pg1": lambda: planning.settings(pool_group=1),
+  "wscan": _scan_window,
+  "nosplit": lambda: planning.settings(split_rows=False),
+  "nocond": _no_conds,
+  "nocond_nosplit": lambda: _both(_no_conds, lambda: planning.settings(split_rows=False)),
+  "noskip": lambda: planning.settings(skip_empty_work=False),
+  "noskip_nosplit": lambda: planning.settings(skip_empty_work=False, split_rows=False),
+  "spare": lambda: _patch(col_select_kernel, "SPARE_SLOT", True),
 }
 
 
@@ -141,9 +198,10 @@ def main():
       wall=ms, wall2=ms2, ops=total / 1e3, kernels=n, same=same,
       busy=tl["busy_us"], idle=tl["idle_between_us"],
     )  # fmt: skip
-    if name == names[0]:
-      with open(os.path.join(args.out, "timeline.txt"), "w") as f:
-        f.write("\n".join(kernel_timeline(events)) + "\n")
+    for g in tl.get("gaps", [])[:3]:
+      print(f"   gap {g['gap_us']:6.0f} us at {g['at_us']:6.0f} us: {'; '.join(g['host'][:2])}")
+    with open(os.path.join(args.out, f"timeline_{name}.txt"), "w") as f:
+      f.write("\n".join(kernel_timeline(events)) + "\n")
   with open(os.path.join(args.out, "variants.json"), "w") as f:
     json.dump(report, f, indent=1)
 
