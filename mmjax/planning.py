@@ -60,6 +60,10 @@ SKIP_EMPTY_TOPK = None
 # lists when none of them has an entry (`planning_lists.merge_candidates`). True: skipped (a
 # conditional each); False: always done (the same plan, no conditional); None: True.
 SKIP_EMPTY_WORK = None
+# Group sorts (`group_sort`) of modality ids all in [0, GROUP_COUNT_IDS) are counting sorts
+# (prefix counts by matmuls and one scatter); other ids take a sort (a lax.cond between
+# the two). 0: always the sort. The same arrays either way.
+GROUP_COUNT_IDS = 16
 _CHUNK = 128  # chunk of the sort-free prefix counts
 BIG = np.int32(2**30)
 PRI_SELF = 3.0
@@ -324,6 +328,7 @@ def kernel_settings_dict():
     split_rows=split_rows(),
     skip_empty_topk=skip_empty_topk(),
     skip_empty_work=skip_empty_work(),
+    group_count_ids=_group_count_ids_setting(),
     score_topk_impl=score_topk_impl(),
     score_topk_max_k=SCORE_TOPK_MAX_K,
     score_topk_sort=bool(SCORE_TOPK_SORT),
@@ -352,6 +357,7 @@ SETTING_NAMES = {
   "split_rows": "SPLIT_ROWS",
   "skip_empty_topk": "SKIP_EMPTY_TOPK",
   "skip_empty_work": "SKIP_EMPTY_WORK",
+  "group_count_ids": "GROUP_COUNT_IDS",
   "mass_heads_inner": "MASS_HEADS_INNER",
   "mass_p_dtype": "MASS_P_DTYPE",
   "pool_heads_inner": "POOL_HEADS_INNER",
@@ -393,6 +399,13 @@ def _mass_range_div_setting():
   if isinstance(div, bool) or not isinstance(div, int) or div < 1:
     raise ValueError(f"planning.MASS_RANGE_DIV must be an int >= 1; got {div!r}")
   return div
+
+
+def _group_count_ids_setting():
+  n = GROUP_COUNT_IDS
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f"planning.GROUP_COUNT_IDS must be an int >= 0; got {n!r}")
+  return n
 
 
 def _pool_group_setting():
@@ -799,11 +812,22 @@ class Modality(typing.NamedTuple):
   whole: GroupSort | None = None
 
 
-def group_sort(pos, mod, real) -> GroupSort:
+def group_sort(pos, mod, real, axis_names=()) -> GroupSort:
   """`GroupSort` of tokens at positions pos [L] with group ids mod [L] (real [L]: not
-  padding)."""
-  n_all = pos.shape[0]
+  padding). Where every real id is in [0, GROUP_COUNT_IDS) (over `axis_names`, the vmapped
+  axes, so that the test stays one branch) it is a counting sort (`_count_sort`), else a
+  sort; the same arrays."""
   grp = jnp.where(real, mod, BIG).astype(jnp.int32)
+  n_ids = GROUP_COUNT_IDS
+  if not n_ids:
+    return _sorted_groups(grp, pos)
+  few = ~_any_over(real & ((mod < 0) | (mod >= n_ids)), axis_names)
+  return jax.lax.cond(few, functools.partial(_count_sort, n_ids=n_ids), _sorted_groups, grp, pos)
+
+
+def _sorted_groups(grp, pos) -> GroupSort:
+  """`group_sort` by one sort of L."""
+  n_all = pos.shape[0]
   # one stable sort keyed by the group alone (pos ascends, so ties keep original order):
   # the key as uint32 in the same order (sign bit flipped), which XLA on a GPU runs as one
   # CUB radix sort of (key, value) pairs; jnp.lexsort's two keys were a bitonic sort of
@@ -817,6 +841,55 @@ def group_sort(pos, mod, real) -> GroupSort:
   is_last = jnp.concatenate([g_sorted[1:] != g_sorted[:-1], jnp.array([True])])
   size = jax.lax.cummin(jnp.where(is_last, idx, n_all), reverse=True) - start + 1
   return GroupSort(by_group.astype(jnp.int32), g_sorted, orank, size)
+
+
+def _count_sort(grp, pos, *, n_ids) -> GroupSort:
+  """`group_sort` of grp [L] whose real ids are in [0, n_ids) (padding BIG) without a sort:
+  each token's place is its id's offset (the tokens of lower ids) plus its rank among
+  its id's tokens (a prefix count of the [n_ids + 1, L] one-hot rows, by matmuls), and
+  the order is one scatter of the positions to their places. On a GPU the sort was some
+  20 kernels at the head of a plan's critical path."""
+  n = grp.shape[0]
+  idx = jnp.arange(n, dtype=jnp.int32)
+  bucket = jnp.minimum(grp, n_ids)  # (padding: the last bucket)
+  hot = bucket[None, :] == jnp.arange(n_ids + 1, dtype=jnp.int32)[:, None]  # [C + 1, L]
+  incl = _prefix_count_long(hot)  # [C + 1, L]
+  count = incl[:, -1]
+  offset = jnp.cumsum(count) - count  # [C + 1] the places before each bucket
+  rank = jnp.take_along_axis(incl, bucket[None, :], axis=0)[0] - 1
+  by_group = (
+    jnp.zeros((n,), jnp.int32)
+    .at[offset[bucket] + rank]
+    .set(pos.astype(jnp.int32), unique_indices=True)
+  )
+  # the bucket at each place: the buckets that end at or before it
+  b_sorted = jnp.sum(idx[:, None] >= (offset + count)[None, :n_ids], axis=1).astype(jnp.int32)
+  g_sorted = jnp.where(b_sorted < n_ids, b_sorted, BIG).astype(jnp.int32)
+  return GroupSort(by_group, g_sorted, idx - offset[b_sorted], count[b_sorted])
+
+
+def _prefix_count_long(mask):
+  """Inclusive count of True along the last axis of mask [R, n], any n: int32 [R, n].
+  `_prefix_count`'s matmul inside chunks of 128, the chunks' counts prefixed the same way
+  level by level (exact: f32 products of integers below 2^24 at full precision)."""
+  tri = jnp.triu(jnp.ones((_CHUNK, _CHUNK), jnp.bfloat16))  # tri[j, l] = j <= l
+
+  def prefix(x, dtype, precision):  # [R, m] -> inclusive sums along the last axis
+    n_r, m = x.shape
+    n_c = -(-m // _CHUNK)
+    c = jnp.pad(x, ((0, 0), (0, n_c * _CHUNK - m))).reshape(n_r, n_c, _CHUNK)
+    # [R, C, 128] inclusive sums inside each chunk
+    inner = jnp.einsum(
+      "rcj,jl->rcl", c.astype(dtype), tri.astype(dtype), precision=precision,
+      preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    if n_c > 1:
+      tot = inner[:, :, -1]
+      before = prefix(tot, jnp.float32, jax.lax.Precision.HIGHEST) - tot  # [R, C]
+      inner = inner + before[:, :, None]
+    return inner.reshape(n_r, -1)[:, :m]
+
+  return prefix(mask, jnp.bfloat16, None).astype(jnp.int32)
 
 
 def whole_sort(length, seq_len) -> GroupSort:
@@ -833,15 +906,15 @@ def whole_sort(length, seq_len) -> GroupSort:
   )
 
 
-def modality_row(mod, *, seq_len, by_modality, whole) -> Modality:
+def modality_row(mod, *, seq_len, by_modality, whole, axis_names=()) -> Modality:
   """`Modality` of one batch row's ids mod [L] (L padded, T = seq_len real), with the
-  sorts asked for (static bools)."""
+  sorts asked for (static bools); axis_names: the vmapped (batch) axes."""
   pos = jnp.arange(mod.shape[0], dtype=jnp.int32)
   real = pos < seq_len
   ids = jnp.where(real, mod, -1)
   return Modality(
     mod,
-    group_sort(pos, ids, real) if by_modality else None,
+    group_sort(pos, ids, real, axis_names) if by_modality else None,
     whole_sort(mod.shape[0], seq_len) if whole else None,
   )
 

@@ -175,7 +175,9 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
       seq_len=t,
       by_modality=any(lay.group != "none" for lay in layouts),
       whole=any(lay.group == "none" and lay.grid_groups for lay in layouts),
-    )
+      axis_names=_PLAN_AXES[:1],
+    ),
+    axis_name=_PLAN_AXES[0],
   )(modality)
 
   def k_pools(spec):

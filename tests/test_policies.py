@@ -213,6 +213,31 @@ def test_group_sort_is_a_stable_sort_by_group():
     np.testing.assert_array_equal(np.asarray(got.g_sorted), grp[want])
 
 
+@pytest.mark.parametrize("n", [1, 37, 129, 4096, 40000])
+def test_counting_group_sort_is_the_sort(n, monkeypatch):
+  """group_sort of ids in [0, GROUP_COUNT_IDS) (prefix counts over one-hot rows, chunked
+  in up to three levels at 40000 tokens, and one scatter) gives the sort's four arrays,
+  with padding and with ids the count does not take (then the sort)."""
+  from mmjax import planning
+
+  rng = np.random.default_rng(n)
+  pos = jnp.arange(n, dtype=jnp.int32)
+  for hi in (1, 3, 16, 17):
+    mod = jnp.asarray(rng.integers(0, hi, n), jnp.int32)
+    real = jnp.asarray(np.arange(n) < n - rng.integers(0, min(n, 9)))
+    want = planning._sorted_groups(jnp.where(real, mod, planning.BIG), pos)
+    got = planning.group_sort(pos, mod, real)
+    for name, g, w in zip(want._fields, got, want, strict=True):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"{name} hi={hi}")
+  grp = jnp.where(real, jnp.minimum(mod, 15), planning.BIG)
+  counted = planning._count_sort(grp, pos, n_ids=16)
+  for g, w in zip(counted, planning._sorted_groups(grp, pos), strict=True):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  monkeypatch.setattr(planning, "GROUP_COUNT_IDS", -1)
+  with pytest.raises(ValueError, match="GROUP_COUNT_IDS must be an int >= 0"):
+    planning.kernel_settings()
+
+
 @pytest.mark.parametrize("case", ["b2_gqa_interleaved_f32", "vision_bf16_bq32", "grid_1k"])
 @pytest.mark.parametrize("name", ["a_shape", "vertical_slash", "grid", "2d_boundary"])
 def test_plan_takes_the_sort_free_selection(name, case, monkeypatch):

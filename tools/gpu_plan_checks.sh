@@ -56,9 +56,12 @@
 #         planner's list tests, tools/plan_variants.py on 2d_boundary at 128k (VARIANTS),
 #         then the 128k benchmark of 2d_boundary and mminference for each planner setting of
 #         BENCH_PLANNERS ("default", name=value) (PACK=; about 450 s).
+# count:  the group sort by counts (planning.GROUP_COUNT_IDS): its tests on the GPU,
+#         tools/plan_variants.py on 2d_boundary at 128k (VARIANTS, default base,gsort,base2,
+#         gsort2), then the 128k benchmark of every policy (PACK=; about 350 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -316,8 +319,21 @@ elif [ "$part" = conds ]; then
     pack
   done
   exit 0
+elif [ "$part" = count ]; then
+  run_pytest gpu_tests_count 100 tests/test_policies.py -k "group_sort"
+  pack
+  timeout 150 python3 tools/plan_variants.py --out "$out/variants" \
+    --variants "${VARIANTS:-base,gsort,base2,gsort2}" > "$out/variants.txt" 2>&1
+  grep wall "$out/variants.txt"
+  pack
+  timeout 300 python3 experiments/bench_attention.py --config=configs/bench_attention.py \
+    --workdir="$out/attention_128k" '--config.lengths=(131072,)' --config.iters=5 \
+    > "$out/attention_128k_log.txt" 2>&1
+  grep "| 131072" "$out/attention_128k_log.txt"
+  pack
+  exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early or conds, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds or count, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)
