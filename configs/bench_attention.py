@@ -110,6 +110,9 @@ def get_config(arg: str | None = None):
   # the other lax.conds that skip work no head needs (the optional selectors' pooling, an
   # empty merge; None: as planning has it; --config.planner.skip_empty_work=False)
   c.planner.skip_empty_work = ml_collections.config_dict.placeholder(bool)
+  # modality ids below this are grouped by a counting sort, others by a sort (None: as
+  # planning has it, 16; --config.planner.group_count_ids=0: always the sort)
+  c.planner.group_count_ids = ml_collections.config_dict.placeholder(int)
   c.warmup = 2
   c.iters = 10
   # the plan alone is timed over max(iters, plan_iters) calls: a plan takes milliseconds,
