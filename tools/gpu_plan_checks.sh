@@ -79,6 +79,29 @@ run_pytest() {
   timeout "$limit" python3 -m pytest -q -n 4 -p no:cacheprovider "$@" > "$out/$name.txt" 2>&1
   tail -2 "$out/$name.txt"
 }
+# run_variants LIMIT VARIANTS: tools/plan_variants.py on 2d_boundary at 128k ($VARIANTS if
+# set) into $out/variants, each variant's lines shown
+run_variants() {
+  timeout "$1" python3 tools/plan_variants.py --out "$out/variants" \
+    --variants "${VARIANTS:-$2}" > "$out/variants.txt" 2>&1
+  grep -A3 wall "$out/variants.txt"
+  pack
+}
+# bench_128k NAME LIMIT [FLAGS...]: the attention benchmark at 128k into $out/NAME, its rows shown
+bench_128k() {
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 experiments/bench_attention.py --config=configs/bench_attention.py \
+    --workdir="$out/$name" '--config.lengths=(131072,)' --config.iters=5 "$@" \
+    > "$out/${name}_log.txt" 2>&1
+  grep "| 131072" "$out/${name}_log.txt"
+  pack
+}
+# 2d_boundary and mminference (with its usual cycle table: `mminference_cycle`) alone
+TWO_POLICIES=(
+  "--config.policies=('2d_boundary','mminference')"
+  "--config.mminference_cycle=('a_shape','vertical_slash','block_sparse','grid','q_boundary','2d_boundary')"
+)
 if [ "$part" = tests ]; then
   timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
     tests/test_attn_mass.py tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
@@ -283,54 +306,27 @@ elif [ "$part" = early ]; then
     -k "early_vertical or planner_kernels_are_the_same or fallback"
   run_pytest gpu_tests_attn_mass 100 --gpu -m gpu tests/test_attn_mass.py
   pack
-  timeout 150 python3 tools/plan_variants.py --out "$out/variants" \
-    --variants "${VARIANTS:-base,noearly,div32,noopt}" > "$out/variants.txt" 2>&1
-  grep wall "$out/variants.txt"
-  pack
-  timeout 150 python3 experiments/bench_attention.py --config=configs/bench_attention.py \
-    --workdir="$out/attention_128k" '--config.lengths=(131072,)' --config.iters=5 \
-    "--config.policies=('2d_boundary','mminference')" \
-    "--config.mminference_cycle=('a_shape','vertical_slash','block_sparse','grid','q_boundary','2d_boundary')" \
-    > "$out/attention_128k_log.txt" 2>&1
-  tail -3 "$out/attention_128k_log.txt"
-  pack
+  run_variants 150 base,noearly,div32,noopt
+  bench_128k attention_128k 150 "${TWO_POLICIES[@]}"
   exit 0
 elif [ "$part" = conds ]; then
   run_pytest gpu_tests_cols 120 --gpu -m gpu tests/test_col_select.py
   run_pytest gpu_tests_lists 150 tests/test_planning_lists.py -k "fallback_pairs or \
     merge_candidates_skips or count_below or wide_rows or planner_kernels_are_the_same"
   pack
-  timeout 200 python3 tools/plan_variants.py --out "$out/variants" \
-    --variants "${VARIANTS:-base,wscan,spare,noskip,nosplit,noskip_nosplit,noopt,base2}" \
-    > "$out/variants.txt" 2>&1
-  grep -A3 wall "$out/variants.txt"
-  pack
+  run_variants 200 base,wscan,spare,noskip,nosplit,noskip_nosplit,noopt,base2
   for v in ${BENCH_PLANNERS:-default skip_empty_work=False split_rows=False}; do
     flag=""
     [ "$v" = default ] || flag="--config.planner.$v"
-    name=attention_128k_${v%%=*}
-    timeout 120 python3 experiments/bench_attention.py --config=configs/bench_attention.py \
-      --workdir="$out/$name" '--config.lengths=(131072,)' --config.iters=5 $flag \
-      "--config.policies=('2d_boundary','mminference')" \
-      "--config.mminference_cycle=('a_shape','vertical_slash','block_sparse','grid','q_boundary','2d_boundary')" \
-      > "$out/${name}_log.txt" 2>&1
     echo "$v"
-    grep "| 131072" "$out/${name}_log.txt"
-    pack
+    bench_128k "attention_128k_${v%%=*}" 120 $flag "${TWO_POLICIES[@]}"
   done
   exit 0
 elif [ "$part" = count ]; then
   run_pytest gpu_tests_count 100 tests/test_policies.py -k "group_sort"
   pack
-  timeout 150 python3 tools/plan_variants.py --out "$out/variants" \
-    --variants "${VARIANTS:-base,gsort,base2,gsort2}" > "$out/variants.txt" 2>&1
-  grep wall "$out/variants.txt"
-  pack
-  timeout 300 python3 experiments/bench_attention.py --config=configs/bench_attention.py \
-    --workdir="$out/attention_128k" '--config.lengths=(131072,)' --config.iters=5 \
-    > "$out/attention_128k_log.txt" 2>&1
-  grep "| 131072" "$out/attention_128k_log.txt"
-  pack
+  run_variants 150 base,gsort,base2,gsort2
+  bench_128k attention_128k 300
   exit 0
 else
   echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds or count, got $part"
