@@ -113,9 +113,6 @@ def get_config(arg: str | None = None):
   # modality ids below this are grouped by a counting sort, others by a sort (None: as
   # planning has it, 16; --config.planner.group_count_ids=0: always the sort)
   c.planner.group_count_ids = ml_collections.config_dict.placeholder(int)
-  # a 2D boundary's heads planned in a lax.cond, without the fallback pairs on input whose
-  # ids it all names (None: as planning has it, on a GPU; --config.planner.optional_cond=False)
-  c.planner.optional_cond = ml_collections.config_dict.placeholder(bool)
   c.warmup = 2
   c.iters = 10
   # the plan alone is timed over max(iters, plan_iters) calls: a plan takes milliseconds,

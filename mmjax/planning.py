@@ -60,12 +60,6 @@ SKIP_EMPTY_TOPK = None
 # lists when none of them has an entry (`planning_lists.merge_candidates`). True: skipped (a
 # conditional each); False: always done (the same plan, no conditional); None: True.
 SKIP_EMPTY_WORK = None
-# A policy with `_optional` components (a 2D boundary's fallback pairs, for ids it never
-# names) plans each head in a lax.cond: with every component where some real token has an
-# id one of them takes (`optional_present`, reduced over the batch and heads), else without
-# them (they would add nothing: the same plan), so that inputs with only named ids skip
-# their pooling, picks and list entries. Both branches compile. None: on a GPU.
-OPTIONAL_COND = None
 # Group sorts (`group_sort`) of modality ids all in [0, GROUP_COUNT_IDS) are counting sorts
 # (prefix counts by matmuls and one scatter); other ids take a sort (a lax.cond between
 # the two). 0: always the sort. The same arrays either way.
@@ -334,7 +328,6 @@ def kernel_settings_dict():
     split_rows=split_rows(),
     skip_empty_topk=skip_empty_topk(),
     skip_empty_work=skip_empty_work(),
-    optional_cond=optional_cond(),
     group_count_ids=_group_count_ids_setting(),
     score_topk_impl=score_topk_impl(),
     score_topk_max_k=SCORE_TOPK_MAX_K,
@@ -364,7 +357,6 @@ SETTING_NAMES = {
   "split_rows": "SPLIT_ROWS",
   "skip_empty_topk": "SKIP_EMPTY_TOPK",
   "skip_empty_work": "SKIP_EMPTY_WORK",
-  "optional_cond": "OPTIONAL_COND",
   "group_count_ids": "GROUP_COUNT_IDS",
   "mass_heads_inner": "MASS_HEADS_INNER",
   "mass_p_dtype": "MASS_P_DTYPE",
@@ -478,10 +470,6 @@ def skip_empty_work():
 
 def split_rows():
   return _switch("SPLIT_ROWS", SPLIT_ROWS)
-
-
-def optional_cond():
-  return _switch("OPTIONAL_COND", OPTIONAL_COND)
 
 
 def score_impl():
@@ -1340,19 +1328,6 @@ def _optional(comp):
   """Whether a component is for modality ids a policy never names (an `OtherThan` with
   ids on either side: a 2D boundary's fallback pairs), which inputs rarely have."""
   return any(isinstance(m, OtherThan) and m.ids for m in (comp.q_mod, comp.k_mod))
-
-
-def optional_present(components, ids, seq_len, axis_names=()):
-  """Whether some real token of the row ids [L] (the first seq_len real) has an id that an
-  `_optional` component's `OtherThan` side takes, reduced (any) over `axis_names`. False:
-  every such component is empty (no query or no key)."""
-  real = jnp.arange(ids.shape[0]) < seq_len
-  sides = {m for c in components if _optional(c) for m in (c.q_mod, c.k_mod)}
-  hit = jnp.zeros((), bool)
-  for m in sides:
-    if isinstance(m, OtherThan) and m.ids:
-      hit |= jnp.any(real & ~jnp.isin(ids, jnp.asarray(m.ids, ids.dtype)))
-  return _any_over(hit, axis_names)
 
 
 def pool_all(v: HeadView, components, axis_names=()):

@@ -201,28 +201,18 @@ def _plan_impl(policy: Policy, q, k, modality, planner="lists", kernel_settings=
     # each head is cut to its own policy's bounds (so an mminference head's plan does not
     # depend on the other heads of its table), then padded to the plan's (MB, MC).
     # q and k stay whole: the head's rows are read in place (planning.HeadSource).
-    def plan_with(components):
-      return PLANNERS[planner](
-        spec.layout(),
-        components,
-        planning.HeadSource(q, b_id, q_id),
-        planning.HeadSource(k, b_id, kv_id),
-        mod,
-        max_blocks=min(spec.max_blocks(n_k), n_k),
-        max_cols=min(spec.max_cols(), length),
-        axis_names=_PLAN_AXES,
-        k_pooled=jax.tree_util.tree_map(lambda x: x[b_id, kv_id], pools),
-        **view_kw,
-      )
-
-    comps = spec.components()
-    needed = tuple(c for c in comps if not planning._optional(c))
-    if len(needed) < len(comps) and planning.optional_cond():
-      # (inputs with named ids only: the optional components, empty, are left out)
-      present = planning.optional_present(comps, mod.ids, t, _PLAN_AXES)
-      out = jax.lax.cond(present, lambda: plan_with(comps), lambda: plan_with(needed))
-    else:
-      out = plan_with(comps)
+    out = PLANNERS[planner](
+      spec.layout(),
+      spec.components(),
+      planning.HeadSource(q, b_id, q_id),
+      planning.HeadSource(k, b_id, kv_id),
+      mod,
+      max_blocks=min(spec.max_blocks(n_k), n_k),
+      max_cols=min(spec.max_cols(), length),
+      axis_names=_PLAN_AXES,
+      k_pooled=jax.tree_util.tree_map(lambda x: x[b_id, kv_id], pools),
+      **view_kw,
+    )
     for key, size in (("block_idx", mb), ("col_idx", mc)):
       extra = size - out[key].shape[-1]
       out[key] = jnp.pad(out[key], ((0, 0), (0, extra))) if extra else out[key]

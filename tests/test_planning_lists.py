@@ -348,34 +348,6 @@ def test_fallback_pairs_pooled_only_when_present(monkeypatch):
     assert conds_without < _count_conds(pol, q, k, m)
 
 
-@pytest.mark.parametrize("with_other", [False, True])
-def test_optional_components_in_a_cond_give_the_same_plan(with_other, monkeypatch):
-  """OPTIONAL_COND (on a GPU): a 2D boundary plans each head in a lax.cond, without its
-  fallback pairs where no real token has an id it does not name: the same plans as with
-  every component (on input without such ids, and with id 2 tokens, where the pairs pick
-  blocks), and the dense planner's; `optional_present` says which, over the batch."""
-  pol, q, k, mod = _two_d_case(45)
-  if with_other:
-    mod = jnp.where((jnp.arange(mod.shape[1]) % 41 < 3)[None] & (mod == 1), 2, mod)
-  comps = pol.components()
-  present = jax.vmap(
-    lambda m: planning.optional_present(comps, m, mod.shape[1], ("b",)), axis_name="b"
-  )(mod)
-  assert bool(np.all(np.asarray(present))) == with_other
-  # (padding past seq_len holds -1, an id no component names: not a token)
-  padded = jnp.pad(mod[0], (0, 8), constant_values=-1)
-  assert not bool(planning.optional_present(comps, padded, mod.shape[1])) or with_other
-  monkeypatch.setattr(planning, "OPTIONAL_COND", False)
-  want = pol.plan(q, k, mod)
-  monkeypatch.setattr(planning, "OPTIONAL_COND", True)
-  got = pol.plan(q, k, mod)  # (a new trace: the setting is part of plan's jit key)
-  assert_same_plan(got, want)
-  assert_same_plan(got, pol.plan(q, k, mod, planner="dense"))
-  jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
-  monkeypatch.setattr(planning, "OPTIONAL_COND", False)
-  assert jaxpr.count(" cond[") > _count_conds(pol, q, k, mod)
-
-
 def test_early_vertical_slash_estimate_is_the_same(monkeypatch):
   """A 2D boundary's text pair (vertical-slash) is estimated in the view before the grid
   permutation (`planning.early_estimates`: it need not wait for the vision stride): the

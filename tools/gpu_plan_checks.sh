@@ -59,12 +59,9 @@
 # count:  the group sort by counts (planning.GROUP_COUNT_IDS): its tests on the GPU,
 #         tools/plan_variants.py on 2d_boundary at 128k (VARIANTS, default base,gsort,base2,
 #         gsort2), then the 128k benchmark of every policy (PACK=; about 350 s).
-# optcond: a 2D boundary's heads in a lax.cond without its fallback pairs where no id
-#         needs them (planning.OPTIONAL_COND): tools/plan_variants.py on 2d_boundary at 128k
-#         (base,nooptcond,noopt,base2; LIMIT, 180 s) (PACK=).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|optcond"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -331,11 +328,8 @@ elif [ "$part" = count ]; then
   run_variants 150 base,gsort,base2,gsort2
   bench_128k attention_128k 300
   exit 0
-elif [ "$part" = optcond ]; then
-  run_variants "${LIMIT:-180}" base,nooptcond,noopt,base2
-  exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count or optcond, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds or count, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

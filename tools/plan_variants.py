@@ -23,8 +23,7 @@ nosplit (`split_rows` False: no lax.switch over window sizes); nocond (the plann
 lax.cond as both branches and a select); nocond_nosplit (both); spare (col_select's output
 with a spare slot per row, then sliced, as before); noskip (`skip_empty_work` False: the
 planner's conds that skip work no head needs gone); noskip_nosplit (and `split_rows`
-False); gsort / gsort2 (`group_count_ids` 0: the group sort by a sort, not counts);
-nooptcond (`optional_cond` False: the optional components always planned).
+False); gsort / gsort2 (`group_count_ids` 0: the group sort by a sort, not counts).
 """
 
 import argparse
@@ -129,7 +128,6 @@ VARIANTS = {
   "nocond_nosplit": lambda: _both(_no_conds, lambda: planning.settings(split_rows=False)),
   "noskip": lambda: planning.settings(skip_empty_work=False),
   "noskip_nosplit": lambda: planning.settings(skip_empty_work=False, split_rows=False),
-  "nooptcond": lambda: planning.settings(optional_cond=False),
   "gsort": lambda: planning.settings(group_count_ids=0),
   "gsort2": lambda: planning.settings(group_count_ids=0),
   "spare": lambda: _patch(col_select_kernel, "SPARE_SLOT", True),
