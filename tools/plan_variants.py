@@ -19,8 +19,7 @@ not 8); div32 (estimates over one modality group with L / 128 / 32 programs per 
 boundary never names: not a valid plan where such ids occur); tsort (`score_topk_sort`);
 st32 / st16 (pooled_topk's tile with 32 / 16 query blocks); pg1 (`pool_group` 1); wscan
 (the split rows' window picked by jnp.searchsorted's scan, a while loop, as before);
-nosplit (`split_rows` False: no lax.switch over window sizes); nocond (the planner's
-lax.cond as both branches and a select); nocond_nosplit (both); spare (col_select's output
+nosplit (`split_rows` False: no lax.switch over window sizes); spare (col_select's output
 with a spare slot per row, then sliced, as before); noskip (`skip_empty_work` False: the
 planner's conds that skip work no head needs gone); noskip_nosplit (and `split_rows`
 False); gsort / gsort2 (`group_count_ids` 0: the group sort by a sort, not counts).
@@ -69,39 +68,6 @@ def _no_optional():
   return _patch(P.TwoDBoundary, "components", components)
 
 
-def _select_cond(pred, true_fn, false_fn, *operands):
-  """lax.cond as both branches and a select: no conditional in the program."""
-  a, b = true_fn(*operands), false_fn(*operands)
-  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
-class _Over:
-  """A module seen through `over` (attribute name -> value), the rest its own."""
-
-  def __init__(self, base, **over):
-    self._base = base
-    self.__dict__.update(over)
-
-  def __getattr__(self, name):
-    return getattr(self._base, name)
-
-
-@contextlib.contextmanager
-def _no_conds():
-  """The planner's lax.cond (not its lax.switch, nor the kernels') as selects."""
-  proxy = _Over(jax, lax=_Over(jax.lax, cond=_select_cond))
-  with _patch(planning, "jax", proxy), _patch(planning_lists, "jax", proxy):
-    yield
-
-
-@contextlib.contextmanager
-def _both(*cms):
-  with contextlib.ExitStack() as stack:
-    for cm in cms:
-      stack.enter_context(cm())
-    yield
-
-
 def _scan_window():
   def count_below(sizes, x):
     return jnp.searchsorted(jnp.asarray(sizes, jnp.int32), x)
@@ -124,8 +90,6 @@ VARIANTS = {
   "pg1": lambda: planning.settings(pool_group=1),
   "wscan": _scan_window,
   "nosplit": lambda: planning.settings(split_rows=False),
-  "nocond": _no_conds,
-  "nocond_nosplit": lambda: _both(_no_conds, lambda: planning.settings(split_rows=False)),
   "noskip": lambda: planning.settings(skip_empty_work=False),
   "noskip_nosplit": lambda: planning.settings(skip_empty_work=False, split_rows=False),
   "gsort": lambda: planning.settings(group_count_ids=0),
