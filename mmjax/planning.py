@@ -394,18 +394,20 @@ def settings(**overrides):
       g[SETTING_NAMES[name]] = value
 
 
+def _int_setting(name, least):
+  """The int setting planning.<name>, checked to be an int >= least."""
+  n = globals()[name]
+  if isinstance(n, bool) or not isinstance(n, int) or n < least:
+    raise ValueError(f"planning.{name} must be an int >= {least}; got {n!r}")
+  return n
+
+
 def _mass_range_div_setting():
-  div = MASS_RANGE_DIV
-  if isinstance(div, bool) or not isinstance(div, int) or div < 1:
-    raise ValueError(f"planning.MASS_RANGE_DIV must be an int >= 1; got {div!r}")
-  return div
+  return _int_setting("MASS_RANGE_DIV", 1)
 
 
 def _group_count_ids_setting():
-  n = GROUP_COUNT_IDS
-  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-    raise ValueError(f"planning.GROUP_COUNT_IDS must be an int >= 0; got {n!r}")
-  return n
+  return _int_setting("GROUP_COUNT_IDS", 0)
 
 
 def _pool_group_setting():
@@ -444,12 +446,16 @@ def mass_impl():
   return _impl("MASS_IMPL", MASS_IMPL)
 
 
-def _switch(name, value, on_gpu=True):
-  """An on / off setting's value: as set, or by default `on_gpu` on a GPU and the
-  opposite elsewhere."""
+def _switch(name, value, on_gpu=True, elsewhere=None):
+  """An on / off setting's value: as set, or by default `on_gpu` on a GPU and `elsewhere`
+  (None: the opposite) elsewhere."""
   if value not in (None, True, False):
     raise ValueError(f"planning.{name} must be None, True or False; got {value!r}")
-  return (_on_gpu() == on_gpu) if value is None else value
+  if value is not None:
+    return value
+  if _on_gpu():
+    return on_gpu
+  return (not on_gpu) if elsewhere is None else elsewhere
 
 
 def merge_lists():
@@ -461,11 +467,7 @@ def skip_empty_topk():
 
 
 def skip_empty_work():
-  if SKIP_EMPTY_WORK not in (None, True, False):
-    raise ValueError(
-      f"planning.SKIP_EMPTY_WORK must be None, True or False; got {SKIP_EMPTY_WORK!r}"
-    )
-  return SKIP_EMPTY_WORK is not False
+  return _switch("SKIP_EMPTY_WORK", SKIP_EMPTY_WORK, on_gpu=True, elsewhere=True)
 
 
 def split_rows():
@@ -868,22 +870,28 @@ def _count_sort(grp, pos, *, n_ids) -> GroupSort:
   return GroupSort(by_group, g_sorted, idx - offset[b_sorted], count[b_sorted])
 
 
+def _chunk_sums(x, dtype=jnp.bfloat16, precision=None):
+  """Inclusive sums of x [R, n] along its last axis inside chunks of _CHUNK (zero-padded):
+  f32 [R, C, _CHUNK], one matmul with a triangular 0/1 matrix in `dtype` (exact for 0/1
+  in bf16; for integers below 2^24 in f32 at full precision)."""
+  n_r, n = x.shape
+  n_c = -(-n // _CHUNK)
+  c = jnp.pad(x, ((0, 0), (0, n_c * _CHUNK - n))).reshape(n_r, n_c, _CHUNK)
+  tri = jnp.triu(jnp.ones((_CHUNK, _CHUNK), dtype))  # tri[j, l] = j <= l
+  return jnp.einsum(
+    "rcj,jl->rcl", c.astype(dtype), tri, precision=precision, preferred_element_type=jnp.float32
+  )
+
+
 def _prefix_count_long(mask):
   """Inclusive count of True along the last axis of mask [R, n], any n: int32 [R, n].
-  `_prefix_count`'s matmul inside chunks of 128, the chunks' counts prefixed the same way
-  level by level (exact: f32 products of integers below 2^24 at full precision)."""
-  tri = jnp.triu(jnp.ones((_CHUNK, _CHUNK), jnp.bfloat16))  # tri[j, l] = j <= l
+  `_prefix_count`'s sums inside chunks of 128 (`_chunk_sums`), the chunks' counts
+  prefixed the same way level by level (not by an [C, C] matmul, which grows with n^2)."""
 
   def prefix(x, dtype, precision):  # [R, m] -> inclusive sums along the last axis
     n_r, m = x.shape
-    n_c = -(-m // _CHUNK)
-    c = jnp.pad(x, ((0, 0), (0, n_c * _CHUNK - m))).reshape(n_r, n_c, _CHUNK)
-    # [R, C, 128] inclusive sums inside each chunk
-    inner = jnp.einsum(
-      "rcj,jl->rcl", c.astype(dtype), tri.astype(dtype), precision=precision,
-      preferred_element_type=jnp.float32,
-    )  # fmt: skip
-    if n_c > 1:
+    inner = _chunk_sums(x, dtype, precision)  # [R, C, 128]
+    if inner.shape[1] > 1:
       tot = inner[:, :, -1]
       before = prefix(tot, jnp.float32, jax.lax.Precision.HIGHEST) - tot  # [R, C]
       inner = inner + before[:, :, None]
@@ -1568,11 +1576,8 @@ def _prefix_count(mask):
   cumsum's log-depth scan over [nQ, nK].
   """
   n_r, n = mask.shape
-  n_c = -(-n // _CHUNK)
-  m = jnp.pad(mask, ((0, 0), (0, n_c * _CHUNK - n))).reshape(n_r, n_c, _CHUNK)
-  tri = jnp.triu(jnp.ones((_CHUNK, _CHUNK), jnp.bfloat16))  # tri[j, l] = j <= l
-  # [R, C, 128] inclusive count inside each chunk
-  inner = jnp.einsum("rcj,jl->rcl", m.astype(jnp.bfloat16), tri, preferred_element_type=jnp.float32)
+  inner = _chunk_sums(mask)  # [R, C, 128]
+  n_c = inner.shape[1]
   ctri = jnp.triu(jnp.ones((n_c, n_c), jnp.float32), 1)  # ctri[c, d] = c < d
   # [R, C] count in the chunks before each chunk
   before = jnp.einsum("rc,cd->rd", inner[:, :, -1], ctri, precision=jax.lax.Precision.HIGHEST)
