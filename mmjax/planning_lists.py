@@ -304,7 +304,11 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
   return jnp.where(sel < BIG, sel, 0).astype(jnp.int32), count
 
 
-_ROW_LEVELS = 6  # `_wide_rows`' window sizes: nQ, nQ / 2, ..., nQ / 32
+# `_wide_rows`' window sizes in 32nds of nQ: steps of at most 1.5x, so that a window is at
+# most a third larger than the rows it must hold (powers of two, 1 to 32, left up to
+# twice as many: 2d_boundary's text rows at 128k, 80 of 1024, took 128; the wide rows'
+# planning is most of the plan's time that grows with the window)
+ROW_WINDOWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 
 def _count_below(sizes, x):
@@ -333,7 +337,7 @@ def _wide_rows(rows_plan, iv, wide, narrow, n_q, axis_names):
   first = jnp.where(end > 0, first, n_q)  # (none: neutral for the minimum over the axes)
   if axis_names:
     first, end = jax.lax.pmin(first, axis_names), jax.lax.pmax(end, axis_names)
-  sizes = sorted({_cdiv(n_q, 1 << j) for j in range(_ROW_LEVELS)})
+  sizes = sorted({_cdiv(n_q * w, 32) for w in ROW_WINDOWS})
   which = jnp.where(end > first, 1 + _count_below(sizes, end - first), 0)
 
   def window(size):

@@ -59,9 +59,17 @@
 # count:  the group sort by counts (planning.GROUP_COUNT_IDS): its tests on the GPU,
 #         tools/plan_variants.py on 2d_boundary at 128k (VARIANTS, default base,gsort,base2,
 #         gsort2), then the 128k benchmark of every policy (PACK=; about 350 s).
+# conds2: what the plan's conditionals cost: tools/cond_cost.py (a chain of kernels with
+#         0-10 lax.conds, the plan's compile options and XLA's defaults), then
+#         tools/plan_variants.py on 2d_boundary at 128k with the conds static (nocond*)
+#         (PACK=; about 300 s).
+# windows: the split rows' windows in 32nds (planning_lists.ROW_WINDOWS): their list tests
+#         on the GPU, plan_variants on 2d_boundary at 128k (base, pow2win, the conds one
+#         kind at a time static), the 128k benchmark of 2d_boundary and mminference
+#         (PACK=; about 450 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -328,8 +336,20 @@ elif [ "$part" = count ]; then
   run_variants 150 base,gsort,base2,gsort2
   bench_128k attention_128k 300
   exit 0
+elif [ "$part" = conds2 ]; then
+  timeout 150 python3 tools/cond_cost.py --out "$out/cond_cost.json" > "$out/cond_cost.txt" 2>&1
+  grep conds "$out/cond_cost.txt"
+  pack
+  run_variants 250 base,nocond,nocond_w1,nocond_w2,nocond_w6,base2
+  exit 0
+elif [ "$part" = windows ]; then
+  run_pytest gpu_tests_windows 100 tests/test_planning_lists.py -k "wide_rows or count_below"
+  pack
+  run_variants 260 base,pow2win,nocond,nc_group,nc_merge,nc_fits,nc_pool,base2
+  bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
+  exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds or count, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2 or windows, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

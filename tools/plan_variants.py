@@ -22,7 +22,14 @@ st32 / st16 (pooled_topk's tile with 32 / 16 query blocks); pg1 (`pool_group` 1)
 nosplit (`split_rows` False: no lax.switch over window sizes); spare (col_select's output
 with a spare slot per row, then sliced, as before); noskip (`skip_empty_work` False: the
 planner's conds that skip work no head needs gone); noskip_nosplit (and `split_rows`
-False); gsort / gsort2 (`group_count_ids` 0: the group sort by a sort, not counts).
+False); gsort / gsort2 (`group_count_ids` 0: the group sort by a sort, not counts); nocond (every
+lax.cond of the plan replaced by the branch the benchmark's input takes, `_TAKEN`: what
+the conds cost; `same` says whether the input takes them), nocond_w1 ... nocond_w6 (and
+the split rows' lax.switch by its j-th window of `planning_lists.ROW_WINDOWS`); pow2win
+(the split rows' windows nQ / 32, nQ / 16, ..., nQ, as before); nc_group, nc_merge,
+nc_fits, nc_pool (one kind of cond static: the group sort's, the short lists' merge's,
+the compaction's, the optional selectors' means).
+Also per variant: "pipelined", the ms per call of calls dispatched back to back.
 """
 
 import argparse
@@ -31,7 +38,9 @@ import contextlib
 import functools
 import json
 import os
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +77,52 @@ def _no_optional():
   return _patch(P.TwoDBoundary, "components", components)
 
 
+# The branches each lax.cond of the 2D boundary's 128k plan takes on the benchmark's input
+# (`nocond`): the counting group sort, the short lists' sort and merge, the compaction of
+# rows that fit, no optional selectors' means (no unnamed id).
+_TAKEN = {"_count_sort", "sort_merge", "compact", "zeros"}
+
+
+def _static_conds(window=None, taken=_TAKEN):
+  """jax.lax.cond (and with `window`, `_wide_rows`' lax.switch: that branch) replaced by
+  the branch named in _TAKEN, picked when traced: a measure of what the conditionals
+  cost, valid only where the input takes those branches (`same` says)."""
+  real_cond, real_switch = jax.lax.cond, jax.lax.switch
+
+  def name(f):
+    return getattr(getattr(f, "func", f), "__name__", "")
+
+  def cond(pred, true_fun, false_fun, *ops, **kw):
+    if name(true_fun) in taken:
+      return true_fun(*ops)
+    if name(false_fun) in taken:
+      return false_fun(*ops)
+    return real_cond(pred, true_fun, false_fun, *ops, **kw)
+
+  def switch(index, branches, *ops, **kw):
+    if window is not None and len(branches) == 1 + len(planning_lists.ROW_WINDOWS):
+      return branches[window](*ops)
+    return real_switch(index, branches, *ops, **kw)
+
+  stack = contextlib.ExitStack()
+  stack.enter_context(_patch(jax.lax, "cond", cond))
+  stack.enter_context(_patch(jax.lax, "switch", switch))
+  return stack
+
+
+def pipelined_ms(fn, *args, calls: int = 20) -> float:
+  """ms per call of `calls` calls of fn dispatched back to back, one wait at the end (the
+  host's launch of a call overlaps the device's work on the one before), median of 5."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(calls)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) * 1e3 / calls)
+  return statistics.median(times)
+
+
 def _scan_window():
   def count_below(sizes, x):
     return jnp.searchsorted(jnp.asarray(sizes, jnp.int32), x)
@@ -95,6 +150,20 @@ VARIANTS = {
   "gsort": lambda: planning.settings(group_count_ids=0),
   "gsort2": lambda: planning.settings(group_count_ids=0),
   "spare": lambda: _patch(col_select_kernel, "SPARE_SLOT", True),
+  "nocond": _static_conds,
+  # (and the split rows' window statically the j-th branch of ROW_WINDOWS: 1 = nQ / 32)
+  **{f"nocond_w{j}": functools.partial(_static_conds, j) for j in range(1, 11)},
+  # (one kind of cond static: the group sort's, the merge's, the compaction's, the pooling's)
+  **{
+    f"nc_{kind}": functools.partial(_static_conds, None, {fun})
+    for kind, fun in (
+      ("group", "_count_sort"),
+      ("merge", "sort_merge"),
+      ("fits", "compact"),
+      ("pool", "zeros"),
+    )
+  },  # fmt: skip
+  "pow2win": lambda: _patch(planning_lists, "ROW_WINDOWS", (1, 2, 4, 8, 16, 32)),
 }
 
 
@@ -143,6 +212,7 @@ def main():
       fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m), compiler_options=copts)
       ms = bench.timeit(fn, q, k, mod, warmup=3, iters=args.iters)
       ms2 = bench.timeit(fn, q, k, mod, warmup=0, iters=args.iters)
+      pipe = pipelined_ms(fn, q, k, mod)
       plan = fn(q, k, mod)
       same = True if ref is None else pt.same_plans(plan, ref)
       ref = plan if ref is None else ref
@@ -155,13 +225,13 @@ def main():
         tl = dict(busy_us=0.0, idle_between_us=0.0, window_us=0.0)
     n = sum(counts.values())
     print(
-      f"{name:8s} wall {ms:.3f} / {ms2:.3f} ms  ops {total / 1e3:.3f}  kernels {n}  busy"
-      f" {tl['busy_us'] / 1e3:.3f} idle {tl['idle_between_us'] / 1e3:.3f} window"
+      f"{name:8s} wall {ms:.3f} / {ms2:.3f} ms  pipelined {pipe:.3f}  ops {total / 1e3:.3f}"
+      f"  kernels {n}  busy {tl['busy_us'] / 1e3:.3f} idle {tl['idle_between_us'] / 1e3:.3f} window"
       f" {tl['window_us'] / 1e3:.3f}  same {same}",
       flush=True,
     )
     report[name] = dict(
-      wall=ms, wall2=ms2, ops=total / 1e3, kernels=n, same=same,
+      wall=ms, wall2=ms2, pipelined=pipe, ops=total / 1e3, kernels=n, same=same,
       busy=tl["busy_us"], idle=tl["idle_between_us"],
     )  # fmt: skip
     for g in tl.get("gaps", [])[:3]:
