@@ -2,6 +2,7 @@
 holds the checks; `TestInterpret` runs them on the CPU in interpret mode, `TestGPU`
 compiled on a GPU (pytest --gpu -m gpu)."""
 
+import functools
 import re
 
 import jax
@@ -146,7 +147,8 @@ class MassTests:
     bit: the skipped tiles add nothing), and the reference's; per head under vmap (a range
     inside tiles, one over every key, an empty one), heads innermost or not, with and
     without the window of offsets. range_tiles: programs over the range's tiles only, 2
-    or 5 of them for up to 16 tiles (a loop each), or 16 (L's tiles: one per tile)."""
+    or 5 of them for up to 16 tiles (a loop each), or 16 (L's tiles: one per tile); with
+    2 or 5, pass 1's too (STATS_SHARE_RANGE: the same numbers to rounding)."""
     q, k, key_lim, q_lim, base, perm = inputs(31, 16, 512, 32)
     ranges = jnp.asarray([[300, 500], [0, 512], [200, 200]], jnp.int32)
     qs = jnp.stack([q, -q, q * 0.5])
@@ -163,9 +165,17 @@ class MassTests:
     barred = jnp.stack([jnp.where((j < r[0]) | (j >= r[1]), 2**30, key_lim) for r in ranges])
     col, slash = jax.vmap(run, (0, None, 0))(qs, key_lim, ranges)
     col_b, slash_b = jax.vmap(lambda qh, kl: run(qh, kl, None))(qs, barred)
-    np.testing.assert_array_equal(np.asarray(slash), np.asarray(slash_b))
+    # (bit for bit unless pass 1's programs share the range's tiles: STATS_SHARE_RANGE,
+    # whose row sums add the tiles in other groups)
+    shared = range_tiles is not None and range_tiles < 16 and max_offset is None
+    same = (
+      functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9)
+      if shared
+      else (np.testing.assert_array_equal)
+    )
+    same(np.asarray(slash), np.asarray(slash_b))
     if max_offset is None:
-      np.testing.assert_array_equal(np.asarray(col), np.asarray(col_b))
+      same(np.asarray(col), np.asarray(col_b))
     else:
       assert col is None and slash.shape == (3, max_offset)
     for i in range(3):

@@ -67,9 +67,13 @@
 #         on the GPU, plan_variants on 2d_boundary at 128k (base, pow2win, the conds one
 #         kind at a time static), the 128k benchmark of 2d_boundary and mminference
 #         (PACK=; about 450 s).
+# rstats: attn_mass's pass 1 over a key range laid over its tiles (STATS_SHARE_RANGE):
+#         attn_mass's GPU tests, the early estimate's and the windows' list tests on the
+#         GPU, plan_variants base / rstats8 twice, the 128k benchmark of 2d_boundary and
+#         mminference (PACK=; about 450 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -348,8 +352,15 @@ elif [ "$part" = windows ]; then
   run_variants 260 base,pow2win,nocond,nc_group,nc_merge,nc_fits,nc_pool,base2
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
+elif [ "$part" = rstats ]; then
+  run_pytest gpu_tests_mass 120 --gpu -m gpu tests/test_attn_mass.py
+  run_pytest gpu_tests_lists 150 tests/test_planning_lists.py -k "early or wide_rows"
+  pack
+  run_variants 200 base,rstats8,base2,rstats8b
+  bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
+  exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2 or windows, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows or rstats, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

@@ -28,7 +28,8 @@ the conds cost; `same` says whether the input takes them), nocond_w1 ... nocond_
 the split rows' lax.switch by its j-th window of `planning_lists.ROW_WINDOWS`); pow2win
 (the split rows' windows nQ / 32, nQ / 16, ..., nQ, as before); nc_group, nc_merge,
 nc_fits, nc_pool (one kind of cond static: the group sort's, the short lists' merge's,
-the compaction's, the optional selectors' means).
+the compaction's, the optional selectors' means); rstats8 (attn_mass's pass 1 over a key
+range in programs of 8 tiles of L, not laid over the range: `STATS_SHARE_RANGE` False).
 Also per variant: "pipelined", the ms per call of calls dispatched back to back.
 """
 
@@ -50,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import bench_attention as bench_config
 from mmjax import bench, planning, planning_lists
 from mmjax import policies as P
+from pallas_kernels.attn_mass import kernel as mass_kernel
 from pallas_kernels.col_select import kernel as col_select_kernel
 from tools import plan_trace as pt
 
@@ -163,6 +165,8 @@ VARIANTS = {
       ("pool", "zeros"),
     )
   },  # fmt: skip
+  "rstats8b": lambda: _patch(mass_kernel, "STATS_SHARE_RANGE", False),  # (again)
+  "rstats8": lambda: _patch(mass_kernel, "STATS_SHARE_RANGE", False),
   "pow2win": lambda: _patch(planning_lists, "ROW_WINDOWS", (1, 2, 4, 8, 16, 32)),
 }
 

@@ -59,6 +59,11 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DIAG_TILE = 128  # diagonal offsets per program of the third pass (a power of two)
 P_DTYPES = ("float32", "float16")  # how p is stored between passes 2 and 3
 P_SCALE_F16 = 2.0**15  # p * P_SCALE_F16 in f16 (see the module docstring)
+# With key_range and range_tiles (no max_offset), pass 1's programs are laid over the key
+# range's tiles like pass 2's, one tile each (more when the range is wider than
+# range_tiles), not `tiles` tiles of L each: the 2D boundary's text keys at 128k (80
+# tiles) were read by 10 programs per head, 8 tiles in series each. False: as before.
+STATS_SHARE_RANGE = True
 
 
 def _scores(src, t, heads, *, tile, scale, key_range=None):
@@ -353,8 +358,9 @@ def attention_mass(
       for all L / tile, and a wider span is shared out (a loop per program), the same
       numbers. None: programs over every tile, most of which return at once when the
       window is narrow.
-    range_tiles: without max_offset, with key_range: passes 2 and 3 launch this many
-      programs (static) per head, laid over the key range's tiles and over the diagonal
+    range_tiles: without max_offset, with key_range: passes 2 and 3 (and 1, with
+      STATS_SHARE_RANGE, one tile a program) launch this many programs (static) per
+      head, laid over the key range's tiles and over the diagonal
       offsets' tiles that reach it, in order (a loop each when those are more), not one
       per tile of L, most of which return at once when the range is narrow (one modality's
       keys); the sums outside them are zeros, set by XLA. The same numbers. None, or at
@@ -446,10 +452,15 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   length = key_lim.shape[-1]
   n_tiles = length // tile
   spanned = span is not None
-  n_progs = -(-(min(span, n_tiles) if spanned else n_tiles) // tiles)
   gather, in_place, ranged = perm is not None, index is not None, key_range is not None
-  # (range_tiles: passes 2 and 3 over the key range's tiles only)
+  # (range_tiles: passes 2 and 3 over the key range's tiles only; pass 1 too, one tile a
+  # program, with STATS_SHARE_RANGE)
   shared = ranged and range_tiles is not None and range_tiles < n_tiles
+  stats_shared = shared and not spanned and STATS_SHARE_RANGE
+  if stats_shared:
+    n_progs = range_tiles
+  else:
+    n_progs = -(-(min(span, n_tiles) if spanned else n_tiles) // tiles)
   head = ([index] if in_place else []) + ([perm] if gather else [])
   head += [key_range] if ranged else []
   names = frozenset(per_head) | ({"out"} if per_head else set())
@@ -467,7 +478,14 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   args = head + [q, k, key_lim, q_lim]
   stats = lead + (n_progs, n_rows)
   m_t, l_t = pl.pallas_call(
-    kernel(_stats_kernel, n_rows=n_rows, tiles=tiles, n_tiles=n_tiles, spanned=spanned, **common),
+    kernel(
+      _stats_kernel,
+      n_rows=n_rows,
+      tiles=1 if stats_shared else tiles,
+      n_tiles=n_tiles,
+      spanned=spanned or stats_shared,
+      **common,
+    ),  # fmt: skip
     grid=lead + (n_progs,),
     in_specs=[whole(a.shape) for a in args],
     out_specs=[whole(stats)] * 2,
