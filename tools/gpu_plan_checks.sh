@@ -71,9 +71,11 @@
 #         attn_mass's GPU tests, the early estimate's and the windows' list tests on the
 #         GPU, plan_variants base / rstats8 twice, the 128k benchmark of 2d_boundary and
 #         mminference (PACK=; about 450 s).
+# final:  the 128k benchmark of every policy, then 2d_boundary and mminference at 256k
+#         (PACK=; about 370 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|final"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -352,6 +354,14 @@ elif [ "$part" = windows ]; then
   run_variants 260 base,pow2win,nocond,nc_group,nc_merge,nc_fits,nc_pool,base2
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
+elif [ "$part" = final ]; then
+  bench_128k attention_128k 220
+  timeout 150 python3 experiments/bench_attention.py --config=configs/bench_attention.py \
+    --workdir="$out/attention_256k" '--config.lengths=(262144,)' --config.iters=5 \
+    "${TWO_POLICIES[@]}" > "$out/attention_256k_log.txt" 2>&1
+  grep "| 262144" "$out/attention_256k_log.txt"
+  pack
+  exit 0
 elif [ "$part" = rstats ]; then
   run_pytest gpu_tests_mass 120 --gpu -m gpu tests/test_attn_mass.py
   run_pytest gpu_tests_lists 150 tests/test_planning_lists.py -k "early or wide_rows"
@@ -360,7 +370,7 @@ elif [ "$part" = rstats ]; then
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows or rstats, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats or final, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)
