@@ -55,6 +55,19 @@ def timeit(fn, *args, warmup: int = 2, iters: int = 10) -> float:
   return statistics.median(times)
 
 
+def pipelined_ms(fn, *args, calls: int = 20) -> float:
+  """ms per call of `calls` calls of fn(*args) dispatched back to back, one wait at the end (the
+  host's launch of a call overlaps the device's work on the one before), median of 5."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(calls)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) * 1e3 / calls)
+  return statistics.median(times)
+
+
 def write_report(path: str, rows: list) -> None:
   """A tool's results as JSON at `path` (nothing if empty): the rows, the device, jax's
   version and the run's manifest (git commit, versions, command)."""

@@ -168,11 +168,9 @@ class MassTests:
     # (bit for bit unless pass 1's programs share the range's tiles: STATS_SHARE_RANGE,
     # whose row sums add the tiles in other groups)
     shared = range_tiles is not None and range_tiles < 16 and max_offset is None
-    same = (
-      functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9)
-      if shared
-      else (np.testing.assert_array_equal)
-    )
+    same = np.testing.assert_array_equal
+    if shared:
+      same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9)
     same(np.asarray(slash), np.asarray(slash_b))
     if max_offset is None:
       same(np.asarray(col), np.asarray(col_b))

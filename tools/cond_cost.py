@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import bench_attention as bench_config
 from mmjax import bench
-from tools import plan_variants as pv
 
 
 def _step(x):
@@ -62,7 +61,7 @@ def main():
     for n in (int(c) for c in args.conds.split(",")):
       fn = jax.jit(lambda x, n=n: chain(x, args.steps, n), compiler_options=copts)
       wall = bench.timeit(fn, x, warmup=3, iters=args.iters)
-      pipe = pv.pipelined_ms(fn, x, calls=args.pipe)
+      pipe = bench.pipelined_ms(fn, x, calls=args.pipe)
       base = (wall, pipe) if base is None else base
       per = ((wall - base[0]) * 1e3 / n, (pipe - base[1]) * 1e3 / n) if n else (0.0, 0.0)
       print(

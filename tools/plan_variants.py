@@ -24,12 +24,13 @@ with a spare slot per row, then sliced, as before); noskip (`skip_empty_work` Fa
 planner's conds that skip work no head needs gone); noskip_nosplit (and `split_rows`
 False); gsort / gsort2 (`group_count_ids` 0: the group sort by a sort, not counts); nocond (every
 lax.cond of the plan replaced by the branch the benchmark's input takes, `_TAKEN`: what
-the conds cost; `same` says whether the input takes them), nocond_w1 ... nocond_w6 (and
+the conds cost; `same` says whether the input takes them), nocond_w1 ... nocond_w10 (and
 the split rows' lax.switch by its j-th window of `planning_lists.ROW_WINDOWS`); pow2win
 (the split rows' windows nQ / 32, nQ / 16, ..., nQ, as before); nc_group, nc_merge,
 nc_fits, nc_pool (one kind of cond static: the group sort's, the short lists' merge's,
 the compaction's, the optional selectors' means); rstats8 (attn_mass's pass 1 over a key
-range in programs of 8 tiles of L, not laid over the range: `STATS_SHARE_RANGE` False).
+range in programs of 8 tiles of L, not laid over the range: `STATS_SHARE_RANGE` False;
+rstats8b: the same again).
 Also per variant: "pipelined", the ms per call of calls dispatched back to back.
 """
 
@@ -39,9 +40,7 @@ import contextlib
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +86,7 @@ _TAKEN = {"_count_sort", "sort_merge", "compact", "zeros"}
 
 def _static_conds(window=None, taken=_TAKEN):
   """jax.lax.cond (and with `window`, `_wide_rows`' lax.switch: that branch) replaced by
-  the branch named in _TAKEN, picked when traced: a measure of what the conditionals
+  the branch named in `taken`, picked when traced: a measure of what the conditionals
   cost, valid only where the input takes those branches (`same` says)."""
   real_cond, real_switch = jax.lax.cond, jax.lax.switch
 
@@ -110,19 +109,6 @@ def _static_conds(window=None, taken=_TAKEN):
   stack.enter_context(_patch(jax.lax, "cond", cond))
   stack.enter_context(_patch(jax.lax, "switch", switch))
   return stack
-
-
-def pipelined_ms(fn, *args, calls: int = 20) -> float:
-  """ms per call of `calls` calls of fn dispatched back to back, one wait at the end (the
-  host's launch of a call overlaps the device's work on the one before), median of 5."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(calls)]
-    jax.block_until_ready(outs)
-    times.append((time.perf_counter() - t0) * 1e3 / calls)
-  return statistics.median(times)
 
 
 def _scan_window():
@@ -216,7 +202,7 @@ def main():
       fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m), compiler_options=copts)
       ms = bench.timeit(fn, q, k, mod, warmup=3, iters=args.iters)
       ms2 = bench.timeit(fn, q, k, mod, warmup=0, iters=args.iters)
-      pipe = pipelined_ms(fn, q, k, mod)
+      pipe = bench.pipelined_ms(fn, q, k, mod)
       plan = fn(q, k, mod)
       same = True if ref is None else pt.same_plans(plan, ref)
       ref = plan if ref is None else ref

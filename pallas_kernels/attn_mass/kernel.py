@@ -485,7 +485,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
       n_tiles=n_tiles,
       spanned=spanned or stats_shared,
       **common,
-    ),  # fmt: skip
+    ),
     grid=lead + (n_progs,),
     in_specs=[whole(a.shape) for a in args],
     out_specs=[whole(stats)] * 2,
