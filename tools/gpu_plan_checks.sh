@@ -101,15 +101,22 @@ run_variants() {
   grep -A3 wall "$out/variants.txt"
   pack
 }
-# bench_128k NAME LIMIT [FLAGS...]: the attention benchmark at 128k into $out/NAME, its rows shown
-bench_128k() {
-  local name=$1 limit=$2
-  shift 2
+# bench_at NAME LENGTH LIMIT [FLAGS...]: the attention benchmark at one length into
+# $out/NAME, its rows shown
+bench_at() {
+  local name=$1 length=$2 limit=$3
+  shift 3
   timeout "$limit" python3 experiments/bench_attention.py --config=configs/bench_attention.py \
-    --workdir="$out/$name" '--config.lengths=(131072,)' --config.iters=5 "$@" \
+    --workdir="$out/$name" "--config.lengths=($length,)" --config.iters=5 "$@" \
     > "$out/${name}_log.txt" 2>&1
-  grep "| 131072" "$out/${name}_log.txt"
+  grep "| $length" "$out/${name}_log.txt"
   pack
+}
+# bench_128k NAME LIMIT [FLAGS...]: bench_at at 128k
+bench_128k() {
+  local name=$1
+  shift
+  bench_at "$name" 131072 "$@"
 }
 # 2d_boundary and mminference (with its usual cycle table: `mminference_cycle`) alone
 TWO_POLICIES=(
@@ -356,11 +363,7 @@ elif [ "$part" = windows ]; then
   exit 0
 elif [ "$part" = final ]; then
   bench_128k attention_128k 220
-  timeout 150 python3 experiments/bench_attention.py --config=configs/bench_attention.py \
-    --workdir="$out/attention_256k" '--config.lengths=(262144,)' --config.iters=5 \
-    "${TWO_POLICIES[@]}" > "$out/attention_256k_log.txt" 2>&1
-  grep "| 262144" "$out/attention_256k_log.txt"
-  pack
+  bench_at attention_256k 262144 150 "${TWO_POLICIES[@]}"
   exit 0
 elif [ "$part" = rstats ]; then
   run_pytest gpu_tests_mass 120 --gpu -m gpu tests/test_attn_mass.py
