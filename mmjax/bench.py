@@ -68,6 +68,21 @@ def pipelined_ms(fn, *args, calls: int = 20) -> float:
   return statistics.median(times)
 
 
+def dispatch_ms(fn, *args, iters: int = 20) -> float:
+  """Median ms until fn(*args) returns, the device idle before each call: the host's part
+  of a call before it can overlap the device (dispatch, XLA's command-buffer work, the
+  graph's launch)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    times.append((time.perf_counter() - t0) * 1e3)
+    jax.block_until_ready(out)
+    del out
+  return statistics.median(times)
+
+
 def write_report(path: str, rows: list) -> None:
   """A tool's results as JSON at `path` (nothing if empty): the rows, the device, jax's
   version and the run's manifest (git commit, versions, command)."""

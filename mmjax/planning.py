@@ -217,6 +217,9 @@ MASS_P_DTYPE = "float32"
 # 1.4-1.6x slower than a program per tile on an H200). 32 instead: within the noise of 8
 # in 2d_boundary's 128k plan on an H200 (h200_2026-12-03d/3_variants and 4_early).
 MASS_RANGE_DIV = 8
+# The last-query estimates' key tile (attn_mass's `tile`; at most the length's largest
+# power-of-two divisor).
+MASS_TILE = 128
 
 # XLA compile options for a program that builds plans (`jax.jit(..., compiler_options=)`;
 # an inner jit's options are ignored, so they go on the outermost one). Concurrent
@@ -1083,7 +1086,7 @@ def last_query_mass(
   seen = kok & (v.k_pos <= jnp.max(q_lim))
   lo = jnp.min(jnp.where(seen, at, v.length))
   hi = jnp.maximum(jnp.max(jnp.where(seen, at, -1)) + 1, lo)
-  tile = min(128, v.length & -v.length)
+  tile = min(MASS_TILE, v.length & -v.length)
   span = range_tiles = None
   if window and max_offset is not None:  # the window's tiles, with the rows' own spread
     span = -(-(max_offset + 2 * (n_r + n_pad)) // tile) + 2

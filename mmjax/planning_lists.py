@@ -304,11 +304,13 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
   return jnp.where(sel < BIG, sel, 0).astype(jnp.int32), count
 
 
-# `_wide_rows`' window sizes in 32nds of nQ: steps of at most 1.5x, so that a window is at
-# most a third larger than the rows it must hold (powers of two, 1 to 32, left up to
-# twice as many: 2d_boundary's text rows at 128k, 80 of 1024, took 128; the wide rows'
-# planning is most of the plan's time that grows with the window)
-ROW_WINDOWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# `_wide_rows`' window sizes in 32nds of nQ. Each is a branch of its lax.switch, and on a
+# GPU every branch is a child graph of the plan's CUDA graph that the launch pays for,
+# taken or not: with (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) the host spent about 0.17 ms more
+# before 2d_boundary's 128k plan started on the device than with the switch replaced by
+# its taken branch (0.47 -> 0.30 ms, h200_2026-12-03g/2_launch3). Five sizes, steps of at
+# most 3x: its 80 text rows of 1024 still take 96, a short question 32.
+ROW_WINDOWS = (1, 3, 8, 16, 32)
 
 
 def _count_below(sizes, x):
@@ -327,8 +329,8 @@ def _wide_rows(rows_plan, iv, wide, narrow, n_q, axis_names):
   then the rows from the first to the last one with a wide interval not empty (a
   modality's query blocks are contiguous in a symmetric view), reduced over the vmapped
   axes, are planned again from all of them in a window of static size: the smallest of
-  nQ, nQ / 2, ..., nQ / 32 that holds them (one `lax.switch` branch each, and one for no
-  such row). Rows outside the window have no wide interval, so their union, and plan,
+  `ROW_WINDOWS` (32nds of nQ) that holds them (one `lax.switch` branch each, and one for
+  no such row). Rows outside the window have no wide interval, so their union, and plan,
   is the same either way.
   """
   block_idx, block_count = rows_plan(narrow, 0, n_q)

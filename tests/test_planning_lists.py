@@ -384,8 +384,8 @@ def test_wide_rows_window_gives_the_same_plan(monkeypatch):
   are wider than the vision pair's A-shape (7) plans every row from the narrow intervals
   and a window of rows from all (`_wide_rows`). The same plans as the dense planner's for
   text rows in a window of 8 of the 32 query blocks (interleaved), in all of them (text
-  only), in none (vision only), at the end (a question after the video) and in 5 (a
-  window of 6: `ROW_WINDOWS`); one trace."""
+  only), in none (vision only), at the end (a question after the video) and in 3 (a
+  window of 3: `ROW_WINDOWS`); one trace."""
   t, bq, bk = 512, 16, 16
   pols = helpers.small_policies(bq, bk)
   pol = P.get(
@@ -398,8 +398,8 @@ def test_wide_rows_window_gives_the_same_plan(monkeypatch):
     "text": jnp.zeros((1, t), jnp.int32),
     "vision": jnp.ones((1, t), jnp.int32),
     "question": jnp.asarray(np.arange(t)[None] < t - 40, jnp.int32),
-    # (80 text tokens: 5 query blocks, a window of 6, not a power of two)
-    "five_rows": jnp.asarray((np.arange(t)[None] < 200) | (np.arange(t)[None] >= 280), jnp.int32),
+    # (48 text tokens: 3 query blocks, a window of 3, not a power of two)
+    "three_rows": jnp.asarray((np.arange(t)[None] < 192) | (np.arange(t)[None] >= 240), jnp.int32),
   }
   calls = []
   wide_rows = planning_lists._wide_rows

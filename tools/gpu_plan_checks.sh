@@ -71,11 +71,25 @@
 #         attn_mass's GPU tests, the early estimate's and the windows' list tests on the
 #         GPU, plan_variants base / rstats8 twice, the 128k benchmark of 2d_boundary and
 #         mminference (PACK=; about 450 s).
+# launch: where the per-call latency of 2d_boundary's 128k plan goes: plan_variants with
+#         the host's dispatch time and the command buffer's host events, attn_mass's
+#         warps / stages / tile, XLA's command-buffer update modes, then one base run with
+#         command_buffer_thunk's VLOG (are the graphs updated every call?) (PACK=; ~420 s).
+# launch2: XLA's command-buffer flags and update modes in the installed jaxlib / CUDA
+#         plugin (tools/xla_flags.py), tools/launch_probe.py --vlog (which calls
+#         re-record the plan's graph), plan_variants with attn_mass's and pooled_topk's
+#         pipeline stages, then launch_probe's option variants for 2d_boundary and a_shape
+#         (PACK=; ~450 s).
+# launch3: what the untaken branches of the plan's conditionals cost at launch:
+#         plan_variants with the split rows' switch static (sw3), every cond static
+#         (nocond_w3), fewer row windows (rw4, rw3), attn_mass's stages (PACK=; ~300 s).
+# final2: attn_mass's GPU tests and the windows' list tests, plan_variants base / old /
+#         oldwin / bw8, then the 128k benchmark of every policy (PACK=; ~480 s).
 # final:  the 128k benchmark of every policy, then 2d_boundary and mminference at 256k
 #         (PACK=; about 370 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|final"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|launch|launch2|launch3|final2|final"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -361,6 +375,41 @@ elif [ "$part" = windows ]; then
   run_variants 260 base,pow2win,nocond,nc_group,nc_merge,nc_fits,nc_pool,base2
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
+elif [ "$part" = launch ]; then
+  run_variants 330 base,mw8,mw2,ms1,ms3,tile64,tile256,noconc,base2,upd_capture,upd_never
+  pack
+  TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 timeout 80 python3 \
+    tools/plan_variants.py --out "$out/vlog" --variants base --iters 10 > "$out/vlog.txt" 2>&1
+  grep -c "Execute command buffer" "$out/vlog.txt"
+  grep "Updated command buffer\|Recorded command buffer\|Initialized command buffer" \
+    "$out/vlog.txt" | tail -5
+  grep -c "Updated command buffer" "$out/vlog.txt"
+  exit 0
+elif [ "$part" = launch2 ]; then
+  python3 tools/xla_flags.py > "$out/xla_flags.txt" 2>&1
+  cat "$out/xla_flags.txt"
+  TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 timeout 100 python3 \
+    tools/launch_probe.py --vlog > "$out/vlog.txt" 2>&1
+  awk '/^PHASE/ {ph=$2} /Updated command buffer/ {n[ph]++} /updated_allocs=/ {match($0, /updated_allocs=[0-9]+/); a[ph]=a[ph] " " substr($0, RSTART+15, RLENGTH-15)} /^CALL/ {print} END {for (p in n) print p, "updates", n[p], "allocs:" a[p]}' "$out/vlog.txt"
+  pack
+  run_variants 230 base,ms311,ms211,ms311_t64,ms311_mw8,pt1,pt3,base2
+  pack
+  timeout 200 python3 tools/launch_probe.py --out "$out/probe.json" \
+    --policies 2d_boundary,a_shape > "$out/probe.txt" 2>&1
+  cat "$out/probe.txt"
+  pack
+  exit 0
+elif [ "$part" = launch3 ]; then
+  run_variants 300 base,sw3,nocond_w3,rw4,rw3,rw4_ms311,ms311,base2
+  exit 0
+elif [ "$part" = final2 ]; then
+  run_pytest gpu_tests_mass 120 --gpu -m gpu tests/test_attn_mass.py
+  run_pytest gpu_tests_lists 150 tests/test_planning_lists.py -k "early or wide_rows"
+  pack
+  run_variants 170 base,old,oldwin,bw8,base2
+  pack
+  bench_128k attention_128k 230
+  exit 0
 elif [ "$part" = final ]; then
   bench_128k attention_128k 220
   bench_at attention_256k 262144 150 "${TWO_POLICIES[@]}"
@@ -373,7 +422,7 @@ elif [ "$part" = rstats ]; then
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats or final, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats, launch, launch2, launch3, final2 or final, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

@@ -30,8 +30,19 @@ the split rows' lax.switch by its j-th window of `planning_lists.ROW_WINDOWS`); 
 nc_fits, nc_pool (one kind of cond static: the group sort's, the short lists' merge's,
 the compaction's, the optional selectors' means); rstats8 (attn_mass's pass 1 over a key
 range in programs of 8 tiles of L, not laid over the range: `STATS_SHARE_RANGE` False;
-rstats8b: the same again).
-Also per variant: "pipelined", the ms per call of calls dispatched back to back.
+rstats8b: the same again); upd_never / upd_capture / noconc (XLA's command-buffer update
+mode / LHS scheduling added to the plan's compile options); mw8 / mw2 (attn_mass with 8 /
+2 warps); ms1, ms3, ms311, ms211 (attn_mass's pipeline stages of passes 1-3: 1,1,1 /
+3,3,2 / 3,1,1 / 2,1,1), ms311_t64, ms311_mw8 (and key tiles of 64 / 8 warps); pt1 / pt3
+(pooled_topk with 1 / 3 stages); tile64 / tile256 (the estimates' key tile,
+`planning.MASS_TILE`); sw3 (the split rows' switch alone replaced by its 3rd branch);
+rw4 / rw3 (`ROW_WINDOWS` (3, 8, 16, 32) / (3, 12, 32)), rw4_ms311; oldwin / old (the
+windows, and attn_mass's stages 3,2,1, as before h200_2026-12-03g); bw8 (block_mean with
+8 warps).
+Also per variant: "pipelined", the ms per call of calls dispatched back to back (each
+call's outputs kept: new output buffers every call, so XLA re-records the plan's graph
+each time, about 0.3 ms of host time; h200_2026-12-03g), and "dispatch", the ms until a
+call returns with the device idle before it (`bench.dispatch_ms`).
 """
 
 import argparse
@@ -52,6 +63,7 @@ from mmjax import bench, planning, planning_lists
 from mmjax import policies as P
 from pallas_kernels.attn_mass import kernel as mass_kernel
 from pallas_kernels.col_select import kernel as col_select_kernel
+from pallas_kernels.pooled_topk import kernel as topk_kernel
 from tools import plan_trace as pt
 
 
@@ -118,8 +130,61 @@ def _scan_window():
   return _patch(planning_lists, "_count_below", count_below)
 
 
+def _both(*contexts):
+  stack = contextlib.ExitStack()
+  for c in contexts:
+    stack.enter_context(c)
+  return stack
+
+
+def _mass_kw(**kw):
+  return _patch(planning, "attention_mass", functools.partial(planning.attention_mass, **kw))
+
+
+_OLD_WINDOWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+# Variants that change the plan program's XLA options (added to the benchmark's).
+COPT_VARIANTS = {
+  "upd_never": {"xla_gpu_command_buffer_update_mode": "NEVER_UPDATE"},
+  "upd_capture": {"xla_gpu_command_buffer_update_mode": "CAPTURE_CMD_NEVER_UPDATE"},
+  "noconc": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
+}
+
 VARIANTS = {
   "base": contextlib.nullcontext,
+  **{n: contextlib.nullcontext for n in COPT_VARIANTS},
+  "mw8": lambda: _mass_kw(num_warps=8),
+  "mw2": lambda: _mass_kw(num_warps=2),
+  "ms1": lambda: _patch(mass_kernel, "NUM_STAGES", (1, 1, 1)),
+  "ms3": lambda: _patch(mass_kernel, "NUM_STAGES", (3, 3, 2)),
+  "ms311": lambda: _patch(mass_kernel, "NUM_STAGES", (3, 1, 1)),
+  "ms211": lambda: _patch(mass_kernel, "NUM_STAGES", (2, 1, 1)),
+  "ms311_t64": lambda: _both(
+    _patch(mass_kernel, "NUM_STAGES", (3, 1, 1)), _patch(planning, "MASS_TILE", 64)
+  ),
+  "ms311_mw8": lambda: _both(_patch(mass_kernel, "NUM_STAGES", (3, 1, 1)), _mass_kw(num_warps=8)),
+  "pt1": lambda: _patch(topk_kernel, "NUM_STAGES", 1),
+  "pt3": lambda: _patch(topk_kernel, "NUM_STAGES", 3),
+  "tile64": lambda: _patch(planning, "MASS_TILE", 64),
+  # (the split rows' lax.switch alone replaced by its 3rd window, 3/32 of nQ: the 80
+  # text rows of the 128k input; the other conds kept)
+  "sw3": functools.partial(_static_conds, 3, frozenset()),
+  "rw4": lambda: _patch(planning_lists, "ROW_WINDOWS", (3, 8, 16, 32)),
+  # (the split rows' windows and attn_mass's stages as before h200_2026-12-03g)
+  "oldwin": lambda: _patch(planning_lists, "ROW_WINDOWS", _OLD_WINDOWS),
+  "old": lambda: _both(
+    _patch(planning_lists, "ROW_WINDOWS", _OLD_WINDOWS),
+    _patch(mass_kernel, "NUM_STAGES", (3, 2, 1)),
+  ),
+  "bw8": lambda: _patch(
+    planning, "block_mean", functools.partial(planning.block_mean, num_warps=8)
+  ),
+  "rw3": lambda: _patch(planning_lists, "ROW_WINDOWS", (3, 12, 32)),
+  "rw4_ms311": lambda: _both(
+    _patch(planning_lists, "ROW_WINDOWS", (3, 8, 16, 32)),
+    _patch(mass_kernel, "NUM_STAGES", (3, 1, 1)),
+  ),
+  "tile256": lambda: _patch(planning, "MASS_TILE", 256),
   "base2": contextlib.nullcontext,  # (base again, later in the run: the drift)
   "noearly": lambda: _patch(planning, "early_estimates", lambda layout, components: ()),
   "tiles2": lambda: _mass_tiles(2),
@@ -199,10 +264,12 @@ def main():
     jax.clear_caches()  # (a monkeypatch is not part of the plan's jit key)
     with VARIANTS[name]():
       pol = P.get(args.policy, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=hps)
-      fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m), compiler_options=copts)
+      vopts = (copts or {}) | COPT_VARIANTS.get(name, {})
+      fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m), compiler_options=vopts or None)
       ms = bench.timeit(fn, q, k, mod, warmup=3, iters=args.iters)
       ms2 = bench.timeit(fn, q, k, mod, warmup=0, iters=args.iters)
       pipe = bench.pipelined_ms(fn, q, k, mod)
+      disp = bench.dispatch_ms(fn, q, k, mod, iters=60)
       plan = fn(q, k, mod)
       same = True if ref is None else pt.same_plans(plan, ref)
       ref = plan if ref is None else ref
@@ -215,17 +282,23 @@ def main():
         tl = dict(busy_us=0.0, idle_between_us=0.0, window_us=0.0)
     n = sum(counts.values())
     print(
-      f"{name:8s} wall {ms:.3f} / {ms2:.3f} ms  pipelined {pipe:.3f}  ops {total / 1e3:.3f}"
+      f"{name:8s} wall {ms:.3f} / {ms2:.3f} ms  pipelined {pipe:.3f}  dispatch {disp:.3f}"
+      f"  ops {total / 1e3:.3f}"
       f"  kernels {n}  busy {tl['busy_us'] / 1e3:.3f} idle {tl['idle_between_us'] / 1e3:.3f} window"
       f" {tl['window_us'] / 1e3:.3f}  same {same}",
       flush=True,
     )
     report[name] = dict(
-      wall=ms, wall2=ms2, pipelined=pipe, ops=total / 1e3, kernels=n, same=same,
+      wall=ms, wall2=ms2, pipelined=pipe, dispatch=disp, ops=total / 1e3, kernels=n, same=same,
       busy=tl["busy_us"], idle=tl["idle_between_us"],
     )  # fmt: skip
     for g in tl.get("gaps", [])[:3]:
       print(f"   gap {g['gap_us']:6.0f} us at {g['at_us']:6.0f} us: {'; '.join(g['host'][:2])}")
+    cb = collections.defaultdict(list)  # the profiled call's command-buffer host events
+    for e in events:
+      if e.get("ph") == "X" and e.get("name", "").startswith(("command_buffer", "cuGraph")):
+        cb[e["name"].split(" ")[0]].append(e.get("dur", 0.0))
+    print("   host: " + "; ".join(f"{k} x{len(v)} {sum(v):.0f} us" for k, v in sorted(cb.items())))
     with open(os.path.join(args.out, f"timeline_{name}.txt"), "w") as f:
       f.write("\n".join(kernel_timeline(events)) + "\n")
   with open(os.path.join(args.out, "variants.json"), "w") as f:

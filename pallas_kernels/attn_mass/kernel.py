@@ -64,6 +64,12 @@ P_SCALE_F16 = 2.0**15  # p * P_SCALE_F16 in f16 (see the module docstring)
 # range_tiles), not `tiles` tiles of L each: the 2D boundary's text keys at 128k (80
 # tiles) were read by 10 programs per head, 8 tiles in series each. False: as before.
 STATS_SHARE_RANGE = True
+# Triton software-pipeline stages of passes 1, 2 and 3. Pass 1 loops over tiles; passes 2
+# and 3 have no loop, so stages only take shared memory from programs that could run side
+# by side: pass 2 with 1 stage instead of 2 took 124 -> 62 us (the 2D boundary's text
+# estimate at 128k) and 148 -> 87 us (its stride estimate), the same plans; pass 1 with 1
+# stage ran slower (73 -> 90 us) (h200_2026-12-03g/1_launch).
+NUM_STAGES = (3, 1, 1)
 
 
 def _scores(src, t, heads, *, tile, scale, key_range=None):
@@ -471,8 +477,8 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   def kernel(fn, **kw):
     return _with_heads(functools.partial(fn, **kw), names)
 
-  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=3)
-  params2 = plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES[0])
+  params2 = plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES[1])
   common = dict(tile=tile, scale=scale, gather=gather, in_place=in_place, ranged=ranged)
 
   args = head + [q, k, key_lim, q_lim]
@@ -552,7 +558,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
       in_specs=[whole((n_rows * length,)), whole((n_rows,))] + [whole((2,))] * ranged,
       out_specs=whole((n_diag * diag_tile,)),
       out_shape=jax.ShapeDtypeStruct((n_diag * diag_tile,), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES[2]),
       interpret=interpret,
       name="mmjax_attn_mass_diagonals",
     )(p.reshape(-1), base, *key_range)

@@ -59,6 +59,7 @@ _BIG = 2**30
 _EMPTY = -(2**31)  # the packed key of a pair that is not allowed (empty slots: _EMPTY + slot)
 _FULL = 2**31 - 1  # the packed key of a slot past k: never the worst, never replaced
 MAX_PACKED_COLUMNS = 2**16  # bf16 inputs' keys hold the column in their low 16 bits
+NUM_STAGES = 2  # Triton software-pipeline stages of the loop over key tiles
 
 
 def _kernel(
@@ -331,7 +332,7 @@ def _call(
     in_specs=[*input_specs(block_m, n_k, h), *extra_specs],
     out_specs=[pl.BlockSpec((block_m, slots), lambda i: (i, 0))] * len(out_shape),
     out_shape=out_shape,
-    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES),
     interpret=interpret,
     name="mmjax_pooled_topk",
   )(qp, kp, q_lim, k_lim, *extra)
