@@ -73,7 +73,7 @@
 #         mminference (PACK=; about 450 s).
 # launch: where the per-call latency of 2d_boundary's 128k plan goes: plan_variants with
 #         the host's dispatch time and the command buffer's host events, attn_mass's
-#         warps / stages / tile, XLA's command-buffer update modes, then one base run with
+#         warps / stages / tile, LHS scheduling, then one base run with
 #         command_buffer_thunk's VLOG (are the graphs updated every call?) (PACK=; ~420 s).
 # launch2: XLA's command-buffer flags and update modes in the installed jaxlib / CUDA
 #         plugin (tools/xla_flags.py), tools/launch_probe.py --vlog (which calls
@@ -376,7 +376,7 @@ elif [ "$part" = windows ]; then
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
 elif [ "$part" = launch ]; then
-  run_variants 330 base,mw8,mw2,ms1,ms3,tile64,tile256,noconc,base2,upd_capture,upd_never
+  run_variants 330 base,mw8,mw2,ms1,ms3,tile64,tile256,noconc,base2
   pack
   TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=command_buffer_thunk=3 timeout 80 python3 \
     tools/plan_variants.py --out "$out/vlog" --variants base --iters 10 > "$out/vlog.txt" 2>&1
@@ -384,6 +384,7 @@ elif [ "$part" = launch ]; then
   grep "Updated command buffer\|Recorded command buffer\|Initialized command buffer" \
     "$out/vlog.txt" | tail -5
   grep -c "Updated command buffer" "$out/vlog.txt"
+  pack
   exit 0
 elif [ "$part" = launch2 ]; then
   python3 tools/xla_flags.py > "$out/xla_flags.txt" 2>&1

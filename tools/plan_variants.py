@@ -30,8 +30,8 @@ the split rows' lax.switch by its j-th window of `planning_lists.ROW_WINDOWS`); 
 nc_fits, nc_pool (one kind of cond static: the group sort's, the short lists' merge's,
 the compaction's, the optional selectors' means); rstats8 (attn_mass's pass 1 over a key
 range in programs of 8 tiles of L, not laid over the range: `STATS_SHARE_RANGE` False;
-rstats8b: the same again); upd_never / upd_capture / noconc (XLA's command-buffer update
-mode / LHS scheduling added to the plan's compile options); mw8 / mw2 (attn_mass with 8 /
+rstats8b: the same again); noconc (LHS command-buffer scheduling added to the plan's
+compile options); mw8 / mw2 (attn_mass with 8 /
 2 warps); ms1, ms3, ms311, ms211 (attn_mass's pipeline stages of passes 1-3: 1,1,1 /
 3,3,2 / 3,1,1 / 2,1,1), ms311_t64, ms311_mw8 (and key tiles of 64 / 8 warps); pt1 / pt3
 (pooled_topk with 1 / 3 stages); tile64 / tile256 (the estimates' key tile,
@@ -144,9 +144,10 @@ def _mass_kw(**kw):
 _OLD_WINDOWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 # Variants that change the plan program's XLA options (added to the benchmark's).
+# (XLA's command-buffer update modes are not among them: jax 0.11.2's XLA rejects
+# CAPTURE_CMD_NEVER_UPDATE, and NEVER_UPDATE keeps the first call's buffer addresses in
+# the graph, wrong once a call's outputs move; h200_2026-12-03g/1_launch.)
 COPT_VARIANTS = {
-  "upd_never": {"xla_gpu_command_buffer_update_mode": "NEVER_UPDATE"},
-  "upd_capture": {"xla_gpu_command_buffer_update_mode": "CAPTURE_CMD_NEVER_UPDATE"},
   "noconc": {"xla_gpu_command_buffer_scheduling_mode": "LHS"},
 }
 
