@@ -220,6 +220,11 @@ MASS_RANGE_DIV = 8
 # The last-query estimates' key tile (attn_mass's `tile`; at most the length's largest
 # power-of-two divisor).
 MASS_TILE = 128
+# The estimates by attn_mass's two-pass form (`attention_mass(tile_stats=True)`: each key
+# tile's exp stored with its own row max and sum, rescaled in the diagonal and column
+# passes; no statistics pass). The same sums to rounding. Off until timed on a GPU
+# (tools/plan_variants.py's `ts` variant, --config.planner.mass_tile_stats=True).
+MASS_TILE_STATS = False
 
 # XLA compile options for a program that builds plans (`jax.jit(..., compiler_options=)`;
 # an inner jit's options are ignored, so they go on the outermost one). Concurrent
@@ -340,6 +345,7 @@ def kernel_settings_dict():
     mass_heads_inner=bool(MASS_HEADS_INNER),
     mass_p_dtype=MASS_P_DTYPE,
     mass_range_div=_mass_range_div_setting(),
+    mass_tile_stats=bool(MASS_TILE_STATS),
     pool_heads_inner=bool(POOL_HEADS_INNER),
     pool_group=_pool_group_setting(),
   )
@@ -366,11 +372,12 @@ SETTING_NAMES = {
   "pool_heads_inner": "POOL_HEADS_INNER",
   "pool_group": "POOL_GROUP",
   "mass_range_div": "MASS_RANGE_DIV",
+  "mass_tile_stats": "MASS_TILE_STATS",
 }
 
 
 # the settings that are on / off (`settings` takes True or False for them)
-SWITCH_SETTINGS = ("mass_heads_inner", "pool_heads_inner", "score_topk_sort")
+SWITCH_SETTINGS = ("mass_heads_inner", "pool_heads_inner", "score_topk_sort", "mass_tile_stats")
 
 
 @contextlib.contextmanager
@@ -1108,6 +1115,7 @@ def last_query_mass(
     key_range=jnp.stack([lo, hi]).astype(jnp.int32),
     span_tiles=span,
     range_tiles=range_tiles,
+    tile_stats=bool(MASS_TILE_STATS),
     interpret=_interpret(),
   )
 

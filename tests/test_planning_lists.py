@@ -770,6 +770,27 @@ def test_last_query_mass_of_the_kernel_matches_xla(layout, p_dtype, max_offset, 
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["vertical_slash", "grid", "2d_boundary"])
+def test_plans_with_two_pass_estimates_are_the_same(name, monkeypatch):
+  """MASS_TILE_STATS: the last-query estimates by attn_mass's two passes (each key tile's
+  exp with its own row max, rescaled as the diagonals and columns are read) give the
+  three passes' plan: a whole-sequence estimate, a grid's stride estimate (a window of
+  offsets) and a 2D boundary's (its text pair over a key range, its stride estimate)."""
+  b, t, n, kh, h, dtype, modk, bq, bk = CASES["b2_gqa_interleaved_f32"]
+  q, k, _, mod = helpers.random_inputs(28, b, t, n, kh, h, dtype, modk)
+  pol = _policy(name, n, bq, bk)
+  monkeypatch.setattr(planning, "MASS_IMPL", "pallas")
+  want = pol.plan(q, k, mod)
+  with planning.settings(mass_tile_stats=True):
+    got = pol.plan(q, k, mod)  # (a new trace: the setting is part of plan's jit key)
+    jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  assert "mmjax_attn_mass_tiles" in jaxpr and "mmjax_attn_mass_stats" not in jaxpr
+  assert_same_plan(got, want)
+  with pytest.raises(ValueError, match="mass_tile_stats takes True or False"):
+    with planning.settings(mass_tile_stats="yes"):
+      pass
+
+
 @pytest.mark.parametrize(
   "name",
   [

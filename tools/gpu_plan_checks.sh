@@ -85,11 +85,15 @@
 #         (nocond_w3), fewer row windows (rw4, rw3), attn_mass's stages (PACK=; ~300 s).
 # final2: attn_mass's GPU tests and the windows' list tests, plan_variants base / old /
 #         oldwin / bw8, then the 128k benchmark of every policy (PACK=; ~480 s).
+# twopass: attn_mass's two passes (planning.MASS_TILE_STATS): attn_mass's GPU tests (both
+#         forms), the planner's two-pass and early-estimate tests on the GPU, plan_variants
+#         base / ts twice, the 128k benchmark of 2d_boundary and mminference without and
+#         with --config.planner.mass_tile_stats=True (PACK=; ~550 s).
 # final:  the 128k benchmark of every policy, then 2d_boundary and mminference at 256k
 #         (PACK=; about 370 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|launch|launch2|launch3|final2|final"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|launch|launch2|launch3|final2|twopass|final"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -411,6 +415,19 @@ elif [ "$part" = final2 ]; then
   pack
   bench_128k attention_128k 230
   exit 0
+elif [ "$part" = twopass ]; then
+  run_pytest gpu_tests_mass 150 --gpu -m gpu tests/test_attn_mass.py
+  run_pytest gpu_tests_lists 150 tests/test_planning_lists.py -k "two_pass or early"
+  pack
+  run_variants 170 base,ts,base2,ts2
+  pack
+  for v in default mass_tile_stats=True; do
+    flag=""
+    [ "$v" = default ] || flag="--config.planner.$v"
+    echo "$v"
+    bench_128k "attention_128k_${v%%=*}" 130 $flag "${TWO_POLICIES[@]}"
+  done
+  exit 0
 elif [ "$part" = final ]; then
   bench_128k attention_128k 220
   bench_at attention_256k 262144 150 "${TWO_POLICIES[@]}"
@@ -423,7 +440,7 @@ elif [ "$part" = rstats ]; then
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats, launch, launch2, launch3, final2 or final, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats, launch, launch2, launch3, final2, twopass or final, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

@@ -38,7 +38,7 @@ compile options); mw8 / mw2 (attn_mass with 8 /
 `planning.MASS_TILE`); sw3 (the split rows' switch alone replaced by its 3rd branch);
 rw4 / rw3 (`ROW_WINDOWS` (3, 8, 16, 32) / (3, 12, 32)), rw4_ms311; oldwin / old (the
 windows, and attn_mass's stages 3,2,1, as before h200_2026-12-03g); bw8 (block_mean with
-8 warps).
+8 warps); ts / ts2 (the estimates by attn_mass's two passes, `mass_tile_stats`).
 Also per variant: "pipelined", the ms per call of calls dispatched back to back (each
 call's outputs kept: new output buffers every call, so XLA re-records the plan's graph
 each time, about 0.3 ms of host time; h200_2026-12-03g), and "dispatch", the ms until a
@@ -177,6 +177,8 @@ VARIANTS = {
     _patch(planning_lists, "ROW_WINDOWS", _OLD_WINDOWS),
     _patch(mass_kernel, "NUM_STAGES", (3, 2, 1)),
   ),
+  "ts": lambda: planning.settings(mass_tile_stats=True),
+  "ts2": lambda: planning.settings(mass_tile_stats=True),  # (ts again)
   "bw8": lambda: _patch(
     planning, "block_mean", functools.partial(planning.block_mean, num_warps=8)
   ),

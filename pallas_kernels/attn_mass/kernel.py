@@ -35,6 +35,13 @@ p is stored in f32, or with `p_dtype=float16` as p * 2^15 in f16 (half the traff
 passes 2 and 3; p <= 1 stays below f16's maximum and p >= 2e-9 stays a normal number, so
 each entry keeps 11 significant bits); the sums are f32 either way.
 
+With `tile_stats` there are two passes. The first, one program per key tile, stores e =
+exp(s - m_t) with m_t the row maxima over the tile's allowed keys, and m_t and the row
+sums l_t of e per (tile, row). XLA combines those into f [n_tiles, R] = exp(m_t - m) / l.
+The diagonal pass reads e times f of the key's tile (a second gather, from a few KB),
+and a column pass sums e times f down each column. p = e f, so the sums are the same to
+rounding, without pass 1's second sweep over the keys.
+
 A key j is allowed for row r iff key_lim[j] <= q_lim[r] (the caller folds causality,
 the key's modality and the row's validity into these two integer vectors). With
 `key_range` (lo, hi) only keys lo <= j < hi can be allowed, and the passes visit only the
@@ -64,6 +71,12 @@ P_SCALE_F16 = 2.0**15  # p * P_SCALE_F16 in f16 (see the module docstring)
 # range_tiles), not `tiles` tiles of L each: the 2D boundary's text keys at 128k (80
 # tiles) were read by 10 programs per head, 8 tiles in series each. False: as before.
 STATS_SHARE_RANGE = True
+# `attention_mass(tile_stats=None)`'s default: two passes instead of three
+# (`_tile_passes`). The first stores each key tile's exp(s - the tile's row max) with that
+# max and the row sums, XLA turns those into a scale per (tile, row), and the diagonal
+# pass (and a column pass) applies it as it reads. The same sums to rounding, without the
+# statistics pass. Off: not yet timed on a GPU (the planner's MASS_TILE_STATS).
+TILE_STATS = False
 # Triton software-pipeline stages of passes 1, 2 and 3. Pass 1 loops over tiles; passes 2
 # and 3 have no loop, so stages only take shared memory from programs that could run side
 # by side: pass 2 with 1 stage instead of 2 took 124 -> 62 us (the 2D boundary's text
@@ -237,21 +250,28 @@ def _mass_kernel(
     pl.when(run)(lambda: body(t))
 
 
-def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged, shared):
+def _diag_kernel(
+  *refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged, shared, scale_tile=None
+):
   """slash[o] = sum_r p[r, base_r - o] for this program's offsets o < n_offsets (p flat
   [R * L]); ranged: only keys inside the key range are read (p is written there only).
   shared (ranged): the programs share the offset tiles that reach the range
   (`_reaching_tiles`), in order, a loop each when there are more tiles than programs; the
-  other tiles are left unwritten (the wrapper zeroes them)."""
+  other tiles are left unwritten (the wrapper zeroes them). scale_tile (TILE_STATS): p
+  holds each key tile's unscaled exp, and a second input f [n_tiles * R] the scale of
+  each (tile, row), applied as p is read."""
+  refs = list(refs)
+  p_ref = refs.pop(0)
+  f_ref = refs.pop(0) if scale_tile else None
   if ranged:
-    p_ref, base_ref, range_ref, slash_ref = refs
+    base_ref, range_ref, slash_ref = refs
     key_range = (range_ref[0], range_ref[1])
   else:
-    (p_ref, base_ref, slash_ref), key_range = refs, None
+    (base_ref, slash_ref), key_range = refs, None
   base = base_ref[...]
   sums = functools.partial(
     _offset_sums, p_ref, base, key_range, length=length, n_rows=n_rows,
-    n_offsets=n_offsets, p_dtype=p_dtype,
+    n_offsets=n_offsets, p_dtype=p_dtype, f_ref=f_ref, scale_tile=scale_tile,
   )  # fmt: skip
 
   def store(o0, vals):
@@ -281,9 +301,12 @@ def _diag_kernel(*refs, diag_tile, length, n_rows, n_offsets, p_dtype, ranged, s
     store(o0, sums(o))
 
 
-def _offset_sums(p_ref, base, key_range, o, *, length, n_rows, n_offsets, p_dtype):
+def _offset_sums(
+  p_ref, base, key_range, o, *, length, n_rows, n_offsets, p_dtype, f_ref=None, scale_tile=None
+):
   """sum_r p[r, base_r - o] for the offsets o [D] (f32), reading p only at keys >= 0,
-  inside key_range (lo, hi) if not None, for offsets below n_offsets."""
+  inside key_range (lo, hi) if not None, for offsets below n_offsets; with f_ref, each
+  entry times f[(base_r - o) // scale_tile, r] (f flat [n_tiles * R])."""
   j = base[:, None] - o[None, :]  # [R, D]: key of row r at offset o
   ok = j >= 0
   if key_range is not None:
@@ -292,7 +315,11 @@ def _offset_sums(p_ref, base, key_range, o, *, length, n_rows, n_offsets, p_dtyp
     ok = ok & (o < n_offsets)[None, :]
   r = jnp.arange(n_rows, dtype=jnp.int32)[:, None]
   vals = plgpu.load(p_ref.at[jnp.where(ok, r * length + j, 0)], mask=ok, other=0.0)
-  sums = jnp.sum(vals.astype(jnp.float32), axis=0)
+  vals = vals.astype(jnp.float32)
+  if f_ref is not None:
+    at = jnp.where(ok, (j // scale_tile) * n_rows + r, 0)
+    vals = vals * plgpu.load(f_ref.at[at], mask=ok, other=0.0)
+  sums = jnp.sum(vals, axis=0)
   if p_dtype == "float16":
     sums = sums * (1.0 / P_SCALE_F16)
   return sums
@@ -329,6 +356,7 @@ def attention_mass(
   key_range=None,
   span_tiles: int | None = None,
   range_tiles: int | None = None,
+  tile_stats: bool | None = None,
   interpret: bool = False,
 ):
   """Column and diagonal sums of the softmax of a few query rows against all keys.
@@ -371,6 +399,12 @@ def attention_mass(
       per tile of L, most of which return at once when the range is narrow (one modality's
       keys); the sums outside them are zeros, set by XLA. The same numbers. None, or at
       least L / tile: one program per tile.
+    tile_stats: two passes (None: `TILE_STATS`): the first stores each key tile's
+      exp(s - its row max) with the row max and sum for every tile the statistics would
+      read (the key range's, or all: with max_offset, more than the window unless the
+      range is about the window), and the diagonal pass (and a column pass) rescales per
+      (tile, row). The same sums to rounding; with p_dtype float16 the column sums are
+      rounded like the slash sums.
     interpret: Pallas interpret mode (CPU).
 
   Returns:
@@ -431,6 +465,7 @@ def attention_mass(
     tile=tile,
     tiles=max(1, int(tiles)),
     num_warps=num_warps,
+    tile_stats=bool(TILE_STATS if tile_stats is None else tile_stats),
     interpret=interpret,
   )
   if not heads_inner:
@@ -448,6 +483,11 @@ _ARGS = ("q", "k", "key_lim", "q_lim", "base", "perm", "index", "key_range")
 def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_heads, **static):
   """The three passes. per_head: the names of the arguments with a leading head axis of
   n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
+  if static.pop("tile_stats"):
+    return _tile_passes(
+      q, k, key_lim, q_lim, base, perm, index, key_range, per_head=per_head, n_heads=n_heads,
+      **static,
+    )  # fmt: skip
   scale, tile, tiles = static["scale"], static["tile"], static["tiles"]
   p_dtype, max_offset = static["p_dtype"], static["max_offset"]
   num_warps, interpret = static["num_warps"], static["interpret"]
@@ -534,15 +574,186 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
     name="mmjax_attn_mass",
   )(*args)
   col = col[0] if col else None
-  diag_tile = min(DIAG_TILE, length & -length)
-  n_offsets = length if max_offset is None else max_offset
-  n_diag = -(-n_offsets // diag_tile)
   if shared:  # the tiles outside the range were not written: zeros
-    t = jnp.arange(length, dtype=jnp.int32) // tile
-    t0, t1 = _key_tiles(key_range[..., 0:1], key_range[..., 1:2], tile)
-    col = jnp.where((t >= t0) & (t < t1), col, 0.0)
+    col = _zero_outside(col, key_range, tile, length)
+  slash = _slash_pass(
+    p, b, key_range, None, per_head=per_head, n_rows=n_rows, n_offsets=max_offset or length,
+    p_dtype=p_dtype, shared=shared, range_tiles=range_tiles, num_warps=num_warps,
+    interpret=interpret,
+  )  # fmt: skip
+  return col, slash
 
-  def diagonals(p, base, *key_range):
+
+def _tile_kernel(*refs, tile, scale, gather, in_place, p_dtype, ranged, laid, n_tiles, heads):
+  """TILE_STATS' first pass, per key tile t: s as in the other passes, the row maxima m_t
+  over the tile's allowed keys, e = exp(s - m_t) (0 where not allowed), stored like p, and
+  the row sums of e. laid: the programs are laid over the key range's tiles (all tiles
+  without a range), one each, a loop when there are more tiles than programs; else one
+  program per tile of L (those outside the range return)."""
+  index_ref, perm_ref, rest = _split(refs, gather, in_place)
+  range_ref = rest.pop(0) if ranged else None
+  q_ref, k_ref, klim_ref, qlim_ref, m_ref, l_ref, p_ref = rest
+  src = (q_ref, k_ref, klim_ref, qlim_ref, index_ref, perm_ref)
+  key_range, tile_range = _range_of(range_ref, heads, tile)
+
+  def body(t):
+    s, allowed = _scores(src, t, heads, tile=tile, scale=scale, key_range=key_range)
+    m = jnp.max(s, axis=1)  # [R], -inf where nothing is allowed
+    e = jnp.where(allowed, jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m)[:, None]), 0.0)
+    heads.set("out", m_ref, (t, slice(None)), m)
+    heads.set("out", l_ref, (t, slice(None)), jnp.sum(e, axis=1))
+    if p_dtype == "float16":
+      e = (e * P_SCALE_F16).astype(jnp.float16)
+    heads.set("out", p_ref, (slice(None), pl.ds(t * tile, tile)), e)
+
+  _over_tiles(body, tile_range, n_tiles, laid, heads)
+
+
+def _over_tiles(body, tile_range, n_tiles, laid, heads):
+  """body(t) for this program's key tiles: laid over tile_range ((first, end), or all
+  tiles if None), one each and a loop when there are more tiles than programs; else tile
+  program_id, if inside tile_range."""
+  if laid:
+    t0, count = _shared_range(*(tile_range or (0, n_tiles)), 1, heads)
+    pl.when(count > 0)(lambda: body(t0))
+
+    def more(i, carry):  # (only when there are more tiles than programs)
+      body(t0 + i)
+      return carry
+
+    jax.lax.fori_loop(1, count, more, 0)
+    return
+  t = heads.program_id(0)
+  if tile_range is None:
+    body(t)
+  else:
+    pl.when((t >= tile_range[0]) & (t < tile_range[1]))(lambda: body(t))
+
+
+def _col_kernel(*refs, tile, p_dtype, ranged, laid, n_tiles, heads):
+  """TILE_STATS' column sums: col[j] = sum_r e[r, j] f[tile of j, r], for the tiles of
+  `_tile_kernel`'s layout (the others are left unwritten: the wrapper zeroes them)."""
+  refs = list(refs)
+  range_ref = refs.pop(0) if ranged else None
+  p_ref, f_ref, col_ref = refs
+  _, tile_range = _range_of(range_ref, heads, tile)
+
+  def body(t):
+    e = heads.get("out", p_ref, slice(None), pl.ds(t * tile, tile)).astype(jnp.float32)
+    c = jnp.sum(e * heads.get("out", f_ref, t, slice(None))[:, None], axis=0)
+    if p_dtype == "float16":
+      c = c * (1.0 / P_SCALE_F16)
+    heads.set("out", col_ref, (pl.ds(t * tile, tile),), c)
+
+  _over_tiles(body, tile_range, n_tiles, laid, heads)
+
+
+def _tile_passes(
+  q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_heads, **static
+):  # fmt: skip
+  """TILE_STATS: the first pass stores e = exp(s - the tile's row max) for every key tile
+  the statistics pass would read (the key range's, or all), with each tile's row max and
+  sum; XLA turns those into a scale f [n_tiles, R] = exp(m_t - m) / l per (tile, row); the
+  diagonal pass, and a column pass (without max_offset), read e times f. The same sums as
+  the three passes to rounding. With max_offset, e is stored for the whole key range, not
+  only the window: the planner's windowed estimate (`Grid.stride_norm="window"`) passes
+  a key range about the window's size."""
+  scale, tile = static["scale"], static["tile"]
+  p_dtype, max_offset = static["p_dtype"], static["max_offset"]
+  num_warps, interpret = static["num_warps"], static["interpret"]
+  span, range_tiles = static["span_tiles"], static["range_tiles"]
+  lead = (n_heads,) if per_head else ()
+  n_rows = q.shape[-2]
+  length = key_lim.shape[-1]
+  n_tiles = length // tile
+  gather, in_place, ranged = perm is not None, index is not None, key_range is not None
+  shared = ranged and range_tiles is not None and range_tiles < n_tiles
+  n_progs = min(span, n_tiles) if span is not None else range_tiles if shared else n_tiles
+  laid = n_progs < n_tiles
+  head = ([index] if in_place else []) + ([perm] if gather else [])
+  names = frozenset(per_head) | ({"out"} if per_head else set())
+
+  def whole(shape):
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+  def kernel(fn, **kw):
+    return _with_heads(functools.partial(fn, **kw), names)
+
+  args = head + ([key_range] if ranged else []) + [q, k, key_lim, q_lim]
+  stats = jax.ShapeDtypeStruct(lead + (n_tiles, n_rows), jnp.float32)
+  p_shape = jax.ShapeDtypeStruct(lead + (n_rows, length), jnp.dtype(p_dtype))
+  layout = dict(tile=tile, ranged=ranged, laid=laid, n_tiles=n_tiles, p_dtype=p_dtype)
+  m_t, l_t, p = pl.pallas_call(
+    kernel(_tile_kernel, scale=scale, gather=gather, in_place=in_place, **layout),
+    grid=lead + (n_progs,),
+    in_specs=[whole(a.shape) for a in args],
+    out_specs=[whole(stats.shape)] * 2 + [whole(p_shape.shape)],
+    out_shape=[stats, stats, p_shape],
+    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES[1]),
+    interpret=interpret,
+    name="mmjax_attn_mass_tiles",
+  )(*args)
+  # per (tile, row): f = exp(m_t - m) / l, 0 for tiles not computed (outside the range)
+  if ranged:
+    t0, t1 = _key_tiles(key_range[..., 0:1], key_range[..., 1:2], tile)
+    t = jnp.arange(n_tiles, dtype=jnp.int32)
+    done = ((t >= t0) & (t < t1))[..., None]  # [..., n_tiles, 1]
+  else:
+    done = jnp.ones((n_tiles, 1), bool)
+  m_t = jnp.where(done, m_t, -jnp.inf)
+  m = jnp.max(m_t, axis=-2)
+  w = jnp.where(m_t == -jnp.inf, 0.0, jnp.exp(m_t - jnp.where(m == -jnp.inf, 0.0, m)[..., None, :]))
+  l = jnp.sum(w * jnp.where(done, l_t, 0.0), axis=-2)
+  f = w * (1.0 / jnp.maximum(l, 1e-30))[..., None, :]
+  col = None
+  if max_offset is None:
+    args = ([key_range] if ranged else []) + [p, f]
+    col = pl.pallas_call(
+      kernel(_col_kernel, **layout),
+      grid=lead + (n_progs,),
+      in_specs=[whole(a.shape) for a in args],
+      out_specs=whole(lead + (length,)),
+      out_shape=jax.ShapeDtypeStruct(lead + (length,), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="mmjax_attn_mass_cols",
+    )(*args)
+    if ranged:  # the tiles outside the range were not written: zeros
+      col = _zero_outside(col, key_range, tile, length)
+  slash = _slash_pass(
+    p, jnp.clip(base, -1, length - 1), key_range, f, per_head=per_head, n_rows=n_rows,
+    n_offsets=max_offset or length, p_dtype=p_dtype, shared=shared, range_tiles=range_tiles,
+    num_warps=num_warps, interpret=interpret, scale_tile=tile,
+  )  # fmt: skip
+  return col, slash
+
+
+def _zero_outside(col, key_range, tile, length):
+  """col with the sums of the key tiles outside the key range (left unwritten) zeroed."""
+  t = jnp.arange(length, dtype=jnp.int32) // tile
+  t0, t1 = _key_tiles(key_range[..., 0:1], key_range[..., 1:2], tile)
+  return jnp.where((t >= t0) & (t < t1), col, 0.0)
+
+
+def _slash_pass(
+  p, b, key_range, f, *, per_head, n_rows, n_offsets, p_dtype, shared, range_tiles, num_warps,
+  interpret, scale_tile=None,
+):  # fmt: skip
+  """The diagonal pass: slash [..., n_offsets] from p [..., R, L] and the clipped bases b,
+  one call per head (vmapped over a leading head axis when per_head); f [..., n_tiles, R]
+  (or None): the scale of each (key tile of scale_tile keys, row), applied to p."""
+  length = p.shape[-1]
+  ranged = key_range is not None
+  diag_tile = min(DIAG_TILE, length & -length)
+  n_diag = -(-n_offsets // diag_tile)
+
+  def whole(shape):
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+  def diagonals(p, *rest):
+    scales = [rest[0].reshape(-1)] if f is not None else []
+    base, *rng = rest[1:] if f is not None else rest
+    ins = [whole((n_rows * length,))] + [whole(a.shape) for a in scales]
     return pl.pallas_call(
       functools.partial(
         _diag_kernel,
@@ -553,33 +764,34 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
         p_dtype=p_dtype,
         ranged=ranged,
         shared=shared,
+        scale_tile=scale_tile if f is not None else None,
       ),
       grid=(min(range_tiles, n_diag) if shared else n_diag,),
-      in_specs=[whole((n_rows * length,)), whole((n_rows,))] + [whole((2,))] * ranged,
+      in_specs=ins + [whole((n_rows,))] + [whole((2,))] * ranged,
       out_specs=whole((n_diag * diag_tile,)),
       out_shape=jax.ShapeDtypeStruct((n_diag * diag_tile,), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES[2]),
       interpret=interpret,
       name="mmjax_attn_mass_diagonals",
-    )(p.reshape(-1), base, *key_range)
+    )(p.reshape(-1), *scales, base, *rng)
 
-  extra = [key_range] if ranged else []
+  args = [p] + ([f] if f is not None else []) + [b] + ([key_range] if ranged else [])
   if per_head:
-    axes = [0, 0 if "base" in per_head else None]
+    axes = [0] + ([0] if f is not None else []) + [0 if "base" in per_head else None]
     axes += [0 if "key_range" in per_head else None] if ranged else []
-    slash = jax.vmap(diagonals, axes)(p, b, *extra)
+    slash = jax.vmap(diagonals, axes)(*args)
   else:
-    slash = diagonals(p, b, *extra)
+    slash = diagonals(*args)
   if shared:  # the offset tiles that reach no key of the range were not written: zeros
     d0, d1 = _reaching_tiles(b, key_range[..., 0], key_range[..., 1], diag_tile, length)
     d = jnp.arange(n_diag * diag_tile, dtype=jnp.int32) // diag_tile
     slash = jnp.where((d >= d0[..., None]) & (d < d1[..., None]), slash, 0.0)
-  return col, slash[..., :n_offsets]
+  return slash[..., :n_offsets]
 
 
 _STATIC = (
   "scale", "tile", "tiles", "num_warps", "p_dtype", "max_offset", "span_tiles",
-  "range_tiles", "interpret",
+  "range_tiles", "tile_stats", "interpret",
 )  # fmt: skip
 _call = jax.jit(
   functools.partial(_passes, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
