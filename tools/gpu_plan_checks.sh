@@ -141,6 +141,18 @@ TWO_POLICIES=(
   "--config.policies=('2d_boundary','mminference')"
   "--config.mminference_cycle=('a_shape','vertical_slash','block_sparse','grid','q_boundary','2d_boundary')"
 )
+# bench_settings LIMIT SETTINGS...: bench_128k of TWO_POLICIES once per planner setting
+# ("default", or name=value: --config.planner.name=value) into attention_128k_<name>
+bench_settings() {
+  local limit=$1 v flag
+  shift
+  for v in "$@"; do
+    flag=""
+    [ "$v" = default ] || flag="--config.planner.$v"
+    echo "$v"
+    bench_128k "attention_128k_${v%%=*}" "$limit" $flag "${TWO_POLICIES[@]}"
+  done
+}
 if [ "$part" = tests ]; then
   timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu \
     tests/test_attn_mass.py tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
@@ -354,12 +366,8 @@ elif [ "$part" = conds ]; then
     merge_candidates_skips or count_below or wide_rows or planner_kernels_are_the_same"
   pack
   run_variants 200 base,wscan,spare,noskip,nosplit,noskip_nosplit,noopt,base2
-  for v in ${BENCH_PLANNERS:-default skip_empty_work=False split_rows=False}; do
-    flag=""
-    [ "$v" = default ] || flag="--config.planner.$v"
-    echo "$v"
-    bench_128k "attention_128k_${v%%=*}" 120 $flag "${TWO_POLICIES[@]}"
-  done
+  # shellcheck disable=SC2086
+  bench_settings 120 ${BENCH_PLANNERS:-default skip_empty_work=False split_rows=False}
   exit 0
 elif [ "$part" = count ]; then
   run_pytest gpu_tests_count 100 tests/test_policies.py -k "group_sort"
@@ -421,12 +429,7 @@ elif [ "$part" = twopass ]; then
   pack
   run_variants 170 base,ts,base2,ts2
   pack
-  for v in default mass_tile_stats=True; do
-    flag=""
-    [ "$v" = default ] || flag="--config.planner.$v"
-    echo "$v"
-    bench_128k "attention_128k_${v%%=*}" 130 $flag "${TWO_POLICIES[@]}"
-  done
+  bench_settings 130 default mass_tile_stats=True
   exit 0
 elif [ "$part" = final ]; then
   bench_128k attention_128k 220
