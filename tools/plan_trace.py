@@ -231,6 +231,7 @@ SWITCH_HELP = {
   "mass_heads_inner": "the last-query estimates with the heads innermost",
   "pool_heads_inner": "the pooled means with the heads innermost",
   "score_topk_sort": "pooled_topk sorts grid views' blocks by their limits",
+  "mass_tile_stats": "the last-query estimates by attn_mass's two passes",
 }
 SWITCH_FLAGS = tuple((name, SWITCH_HELP[name]) for name in planning.SWITCH_SETTINGS)
 # on / off settings whose default depends on the backend: 0 / 1 flags, "" for the default
