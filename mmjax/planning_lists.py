@@ -308,7 +308,7 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
 # GPU every branch is a child graph of the plan's CUDA graph that the launch pays for,
 # taken or not: with (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) the host spent about 0.17 ms more
 # before 2d_boundary's 128k plan started on the device than with the switch replaced by
-# its taken branch (0.47 -> 0.30 ms, h200_2026-12-03g/2_launch3). Five sizes, steps of at
+# its taken branch (0.47 -> 0.30 ms, h200_2026-12-03g/3_launch3). Five sizes, steps of at
 # most 3x: its 80 text rows of 1024 still take 96, a short question 32.
 ROW_WINDOWS = (1, 3, 8, 16, 32)
 

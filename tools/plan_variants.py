@@ -31,14 +31,14 @@ nc_fits, nc_pool (one kind of cond static: the group sort's, the short lists' me
 the compaction's, the optional selectors' means); rstats8 (attn_mass's pass 1 over a key
 range in programs of 8 tiles of L, not laid over the range: `STATS_SHARE_RANGE` False;
 rstats8b: the same again); noconc (LHS command-buffer scheduling added to the plan's
-compile options); mw8 / mw2 (attn_mass with 8 /
-2 warps); ms1, ms3, ms311, ms211 (attn_mass's pipeline stages of passes 1-3: 1,1,1 /
-3,3,2 / 3,1,1 / 2,1,1), ms311_t64, ms311_mw8 (and key tiles of 64 / 8 warps); pt1 / pt3
-(pooled_topk with 1 / 3 stages); tile64 / tile256 (the estimates' key tile,
-`planning.MASS_TILE`); sw3 (the split rows' switch alone replaced by its 3rd branch);
-rw4 / rw3 (`ROW_WINDOWS` (3, 8, 16, 32) / (3, 12, 32)), rw4_ms311; oldwin / old (the
-windows, and attn_mass's stages 3,2,1, as before h200_2026-12-03g); bw8 (block_mean with
-8 warps); ts / ts2 (the estimates by attn_mass's two passes, `mass_tile_stats`).
+compile options); mw8 / mw2 (attn_mass with 8 / 2 warps); ms1, ms3, ms311, ms211
+(attn_mass's pipeline stages of passes 1-3: 1,1,1 / 3,3,2 / 3,1,1 / 2,1,1), ms311_t64,
+ms311_mw8 (and key tiles of 64 / 8 warps); pt1 / pt3 (pooled_topk with 1 / 3 stages);
+tile64 / tile256 (the estimates' key tile, `planning.MASS_TILE`); sw3 (the split rows'
+switch alone replaced by its 3rd branch); rw4 / rw3 (`ROW_WINDOWS` (3, 8, 16, 32) /
+(3, 12, 32)), rw4_ms311; oldwin / old (the windows, and attn_mass's stages 3,2,1, as
+before h200_2026-12-03g); bw8 (block_mean with 8 warps); ts / ts2 (the estimates by
+attn_mass's two passes, `mass_tile_stats`).
 Also per variant: "pipelined", the ms per call of calls dispatched back to back (each
 call's outputs kept: new output buffers every call, so XLA re-records the plan's graph
 each time, about 0.3 ms of host time; h200_2026-12-03g), and "dispatch", the ms until a
@@ -137,6 +137,10 @@ def _both(*contexts):
   return stack
 
 
+def _stages(stages):  # attn_mass's pipeline stages of passes 1-3
+  return _patch(mass_kernel, "NUM_STAGES", stages)
+
+
 def _mass_kw(**kw):
   return _patch(planning, "attention_mass", functools.partial(planning.attention_mass, **kw))
 
@@ -156,14 +160,12 @@ VARIANTS = {
   **{n: contextlib.nullcontext for n in COPT_VARIANTS},
   "mw8": lambda: _mass_kw(num_warps=8),
   "mw2": lambda: _mass_kw(num_warps=2),
-  "ms1": lambda: _patch(mass_kernel, "NUM_STAGES", (1, 1, 1)),
-  "ms3": lambda: _patch(mass_kernel, "NUM_STAGES", (3, 3, 2)),
-  "ms311": lambda: _patch(mass_kernel, "NUM_STAGES", (3, 1, 1)),
-  "ms211": lambda: _patch(mass_kernel, "NUM_STAGES", (2, 1, 1)),
-  "ms311_t64": lambda: _both(
-    _patch(mass_kernel, "NUM_STAGES", (3, 1, 1)), _patch(planning, "MASS_TILE", 64)
-  ),
-  "ms311_mw8": lambda: _both(_patch(mass_kernel, "NUM_STAGES", (3, 1, 1)), _mass_kw(num_warps=8)),
+  "ms1": lambda: _stages((1, 1, 1)),
+  "ms3": lambda: _stages((3, 3, 2)),
+  "ms311": lambda: _stages((3, 1, 1)),
+  "ms211": lambda: _stages((2, 1, 1)),
+  "ms311_t64": lambda: _both(_stages((3, 1, 1)), _patch(planning, "MASS_TILE", 64)),
+  "ms311_mw8": lambda: _both(_stages((3, 1, 1)), _mass_kw(num_warps=8)),
   "pt1": lambda: _patch(topk_kernel, "NUM_STAGES", 1),
   "pt3": lambda: _patch(topk_kernel, "NUM_STAGES", 3),
   "tile64": lambda: _patch(planning, "MASS_TILE", 64),
@@ -175,7 +177,7 @@ VARIANTS = {
   "oldwin": lambda: _patch(planning_lists, "ROW_WINDOWS", _OLD_WINDOWS),
   "old": lambda: _both(
     _patch(planning_lists, "ROW_WINDOWS", _OLD_WINDOWS),
-    _patch(mass_kernel, "NUM_STAGES", (3, 2, 1)),
+    _stages((3, 2, 1)),
   ),
   "ts": lambda: planning.settings(mass_tile_stats=True),
   "ts2": lambda: planning.settings(mass_tile_stats=True),  # (ts again)
@@ -185,7 +187,7 @@ VARIANTS = {
   "rw3": lambda: _patch(planning_lists, "ROW_WINDOWS", (3, 12, 32)),
   "rw4_ms311": lambda: _both(
     _patch(planning_lists, "ROW_WINDOWS", (3, 8, 16, 32)),
-    _patch(mass_kernel, "NUM_STAGES", (3, 1, 1)),
+    _stages((3, 1, 1)),
   ),
   "tile256": lambda: _patch(planning, "MASS_TILE", 256),
   "base2": contextlib.nullcontext,  # (base again, later in the run: the drift)
