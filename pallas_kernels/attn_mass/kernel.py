@@ -142,6 +142,11 @@ def _shared_range(lo, end, least, heads):
   return first, jnp.clip(jnp.minimum(first + per, end) - first, 0, per)
 
 
+def _whole(shape):
+  """A BlockSpec of the whole array (every program reads or writes any part of it)."""
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
 def _with_heads(kernel, per_head):
   """kernel(*refs, heads=...): a batched call's head is its grid's first axis."""
 
@@ -222,14 +227,7 @@ def _mass_kernel(
         c0, c1 = jnp.maximum(c0, tile_range[0]), jnp.minimum(c1, tile_range[1] - 1)
     else:
       c0, c1 = tile_range[0], tile_range[1] - 1
-    t0, count = _shared_range(c0, c1 + 1, 1, heads)
-    pl.when(count > 0)(lambda: body(t0))
-
-    def more(i, carry):  # (only when the window is wider than the grid)
-      body(t0 + i)
-      return carry
-
-    jax.lax.fori_loop(1, count, more, 0)
+    _over_tiles(body, (c0, c1 + 1), None, True, heads)
     return
   t = heads.program_id(0)
   run = None
@@ -511,9 +509,6 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   head += [key_range] if ranged else []
   names = frozenset(per_head) | ({"out"} if per_head else set())
 
-  def whole(shape):
-    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-
   def kernel(fn, **kw):
     return _with_heads(functools.partial(fn, **kw), names)
 
@@ -533,8 +528,8 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
       **common,
     ),
     grid=lead + (n_progs,),
-    in_specs=[whole(a.shape) for a in args],
-    out_specs=[whole(stats)] * 2,
+    in_specs=[_whole(a.shape) for a in args],
+    out_specs=[_whole(stats)] * 2,
     out_shape=[jax.ShapeDtypeStruct(stats, jnp.float32)] * 2,
     compiler_params=params,
     interpret=interpret,
@@ -550,7 +545,7 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
   b = jnp.clip(base, -1, length - 1)  # the bases as the third pass reads them
   windowed = max_offset is not None
   p_spec = (
-    whole(lead + (n_rows, length)),
+    _whole(lead + (n_rows, length)),
     jax.ShapeDtypeStruct(lead + (n_rows, length), jnp.dtype(p_dtype)),
   )
   if windowed:  # the tiles holding a key within max_offset of some row's base
@@ -560,13 +555,13 @@ def _passes(q, k, key_lim, q_lim, base, perm, index, key_range, *, per_head, n_h
     args.append(win.astype(jnp.int32))
     outs = [p_spec]
   else:
-    outs = [(whole(lead + (length,)), jax.ShapeDtypeStruct(lead + (length,), jnp.float32)), p_spec]
+    outs = [(_whole(lead + (length,)), jax.ShapeDtypeStruct(lead + (length,), jnp.float32)), p_spec]
   *col, p = pl.pallas_call(
     kernel(
       _mass_kernel, p_dtype=p_dtype, windowed=windowed, spanned=spanned, shared=shared, **common
     ),
     grid=lead + (min(span, n_tiles) if spanned else range_tiles if shared else n_tiles,),
-    in_specs=[whole(a.shape) for a in args],
+    in_specs=[_whole(a.shape) for a in args],
     out_specs=[spec for spec, _ in outs],
     out_shape=[shape for _, shape in outs],
     compiler_params=params2,
@@ -674,9 +669,6 @@ def _tile_passes(
   head = ([index] if in_place else []) + ([perm] if gather else [])
   names = frozenset(per_head) | ({"out"} if per_head else set())
 
-  def whole(shape):
-    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-
   def kernel(fn, **kw):
     return _with_heads(functools.partial(fn, **kw), names)
 
@@ -687,8 +679,8 @@ def _tile_passes(
   m_t, l_t, p = pl.pallas_call(
     kernel(_tile_kernel, scale=scale, gather=gather, in_place=in_place, **layout),
     grid=lead + (n_progs,),
-    in_specs=[whole(a.shape) for a in args],
-    out_specs=[whole(stats.shape)] * 2 + [whole(p_shape.shape)],
+    in_specs=[_whole(a.shape) for a in args],
+    out_specs=[_whole(stats.shape)] * 2 + [_whole(p_shape.shape)],
     out_shape=[stats, stats, p_shape],
     compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES[1]),
     interpret=interpret,
@@ -712,8 +704,8 @@ def _tile_passes(
     col = pl.pallas_call(
       kernel(_col_kernel, **layout),
       grid=lead + (n_progs,),
-      in_specs=[whole(a.shape) for a in args],
-      out_specs=whole(lead + (length,)),
+      in_specs=[_whole(a.shape) for a in args],
+      out_specs=_whole(lead + (length,)),
       out_shape=jax.ShapeDtypeStruct(lead + (length,), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
@@ -724,7 +716,7 @@ def _tile_passes(
   slash = _slash_pass(
     p, jnp.clip(base, -1, length - 1), key_range, f, per_head=per_head, n_rows=n_rows,
     n_offsets=max_offset or length, p_dtype=p_dtype, shared=shared, range_tiles=range_tiles,
-    num_warps=num_warps, interpret=interpret, scale_tile=tile,
+    num_warps=num_warps, interpret=interpret,
   )  # fmt: skip
   return col, slash
 
@@ -738,23 +730,21 @@ def _zero_outside(col, key_range, tile, length):
 
 def _slash_pass(
   p, b, key_range, f, *, per_head, n_rows, n_offsets, p_dtype, shared, range_tiles, num_warps,
-  interpret, scale_tile=None,
+  interpret,
 ):  # fmt: skip
   """The diagonal pass: slash [..., n_offsets] from p [..., R, L] and the clipped bases b,
   one call per head (vmapped over a leading head axis when per_head); f [..., n_tiles, R]
-  (or None): the scale of each (key tile of scale_tile keys, row), applied to p."""
+  (or None): the scale of each (key tile of L / n_tiles keys, row), applied to p."""
   length = p.shape[-1]
   ranged = key_range is not None
+  scale_tile = None if f is None else length // f.shape[-2]
   diag_tile = min(DIAG_TILE, length & -length)
   n_diag = -(-n_offsets // diag_tile)
-
-  def whole(shape):
-    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
   def diagonals(p, *rest):
     scales = [rest[0].reshape(-1)] if f is not None else []
     base, *rng = rest[1:] if f is not None else rest
-    ins = [whole((n_rows * length,))] + [whole(a.shape) for a in scales]
+    ins = [_whole((n_rows * length,))] + [_whole(a.shape) for a in scales]
     return pl.pallas_call(
       functools.partial(
         _diag_kernel,
@@ -765,11 +755,11 @@ def _slash_pass(
         p_dtype=p_dtype,
         ranged=ranged,
         shared=shared,
-        scale_tile=scale_tile if f is not None else None,
+        scale_tile=scale_tile,
       ),
       grid=(min(range_tiles, n_diag) if shared else n_diag,),
-      in_specs=ins + [whole((n_rows,))] + [whole((2,))] * ranged,
-      out_specs=whole((n_diag * diag_tile,)),
+      in_specs=ins + [_whole((n_rows,))] + [_whole((2,))] * ranged,
+      out_specs=_whole((n_diag * diag_tile,)),
       out_shape=jax.ShapeDtypeStruct((n_diag * diag_tile,), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES[2]),
       interpret=interpret,
