@@ -55,11 +55,18 @@ NEG = -jnp.inf
 # conds: block_sparse 0.91 -> 0.75 ms (XLA's default command buffers), 2d_boundary 2.39
 # -> 2.24 ms and mminference 2.83 -> 2.75 ms (with CONDITIONAL,WHILE; h200_2026-12-03b).
 SKIP_EMPTY_TOPK = None
-# The other lax.conds that skip work no head needs: the pooled means of the selectors
-# only `_optional` components use (`pool_all`), and the merge of a row's short candidate
-# lists when none of them has an entry (`planning_lists.merge_candidates`). True: skipped (a
-# conditional each); False: always done (the same plan, no conditional); None: True.
+# The other lax.conds that skip work no head needs: the merge of a row's short candidate
+# lists when none of them has an entry (`planning_lists.merge_candidates`), and with
+# `POOL_OPTIONAL_APART` the pooled means of the selectors only `_optional` components use
+# (`pool_all`). True: skipped (a conditional each); False: always done (the same plan, no
+# conditional); None: True.
 SKIP_EMPTY_WORK = None
+# The pooled means of the selectors only `_optional` components use: False, in the
+# selectors' one pooling per side (block_mean skips a selection's sum in a block without
+# its rows); True, in a pooling of their own inside a lax.cond (`SKIP_EMPTY_WORK`) that
+# skips it when no head has such a component's query and key: a conditional node and a
+# child graph in the plan's CUDA graph, which the launch pays for (h200_2026-12-03g).
+POOL_OPTIONAL_APART = False
 # Group sorts (`group_sort`) of modality ids all in [0, GROUP_COUNT_IDS) are counting sorts
 # (prefix counts by matmuls and one scatter); other ids take a sort (a lax.cond between
 # the two). 0: always the sort. The same arrays either way.
@@ -1354,16 +1361,19 @@ def pool_all(v: HeadView, components, axis_names=()):
   grid) of `components` use: one pooling per side, before any branch (a mean computed
   inside a `lax.cond` branch would stay there, out of reach of the other branches).
 
-  The selectors that only `_optional` components use are pooled in a `lax.cond`: where
-  none of those components has a query and a key in any head (over `axis_names`), their
-  entries are zeros, which nothing reads (each such component is skipped, or finds no
-  allowed pair). A 2D boundary's two fallback pairs added two selections to each side's
-  pooling (the sampled means of its 1M plan: block_mean's time about grew with them).
+  The selectors that only `_optional` components use (a 2D boundary's fallback pairs, for
+  modality ids inputs rarely have) are pooled with the others: block_mean skips the sum
+  of a selection with no row in a block. (`POOL_OPTIONAL_APART`: in a `lax.cond` of their
+  own instead, zeros where none of those components has a query and a key in any head
+  over `axis_names`; nothing reads them then.)
   """
   scored = [c for c in components if c.pattern.name in ("block_sparse", "grid")]
   extra = [c for c in scored if _optional(c)]
   for side in ("q", "k"):
     todo = [s for s in _scored_selectors(components, side) if (side, s) not in v.pooled]
+    if not POOL_OPTIONAL_APART:
+      _pool_sels(v, side, todo)
+      continue
     need = _scored_selectors([c for c in scored if not _optional(c)], side)
     _pool_sels(v, side, [s for s in todo if s in need])
     rest = [s for s in todo if s not in need]
@@ -1451,6 +1461,7 @@ def pool_side(v: HeadView, side, sels):
       group=group,
       out_dtype=_pooled_dtype(),
       interpret=_interpret(),
+      stacked=False,  # (a buffer per selection: slices of one were copies)
     )
   else:
     # (sampled: only those rows gathered, not the whole view)

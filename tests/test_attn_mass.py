@@ -44,6 +44,7 @@ def inputs(seed, n_rows, length, h, dtype=jnp.bfloat16, gather=True, consecutive
 
 class MassTests:
   interpret: bool
+  ranges_bit_for_bit = True  # test_key_range: a key range's numbers as barred keys' exactly
 
   def check(self, q, k, key_lim, q_lim, base, perm, index=None, **kw):
     kw = dict(scale=0.3, perm=perm, index=index, **kw)
@@ -170,8 +171,10 @@ class MassTests:
     col, slash = jax.vmap(run, (0, None, 0))(qs, key_lim, ranges)
     col_b, slash_b = jax.vmap(lambda qh, kl: run(qh, kl, None))(qs, barred)
     # (bit for bit unless pass 1's programs share the range's tiles: STATS_SHARE_RANGE,
-    # whose row sums add the tiles in other groups)
+    # whose row sums add the tiles in other groups; or the two-pass form compiled, whose
+    # per-tile scales XLA computes in fusions of its own in each program: 1e-7 apart)
     shared = range_tiles is not None and range_tiles < 16 and max_offset is None
+    shared = shared or not self.ranges_bit_for_bit
     same = np.testing.assert_array_equal
     if shared:
       same = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-9)
@@ -380,6 +383,10 @@ class TestGPU(MassTests):
 class TileStats:
   """MassTests with TILE_STATS: two passes, the first storing each key tile's exp(s - its
   row max) with the row max and sum, the diagonal and column passes rescaling per tile."""
+
+  @property
+  def ranges_bit_for_bit(self):
+    return self.interpret
 
   @pytest.fixture(autouse=True)
   def _tile_stats(self, monkeypatch):

@@ -29,13 +29,17 @@ class BlockPoolTests:
   interpret: bool
 
   def check(self, x, bits, rows, block, n_sel, **kw):
-    out = block_mean(
-      x, bits, rows=rows, block=block, n_sel=n_sel, interpret=self.interpret, poison=POISON, **kw
-    )
+    """block_mean against the reference, and its per-selection outputs (`stacked` False)
+    equal to the stacked ones; the stacked means returned."""
+    kw = dict(rows=rows, block=block, n_sel=n_sel, interpret=self.interpret, poison=POISON, **kw)
+    out = block_mean(x, bits, **kw)
     ref = block_mean_reference(x, bits, rows=rows, block=block, n_sel=n_sel)
     n_view = x.shape[0] if rows is None else rows.shape[0]
     assert out.shape == (n_sel, n_view // block, x.shape[1]) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=RTOL, atol=1e-5)
+    each = block_mean(x, bits, stacked=False, **kw)
+    assert isinstance(each, tuple) and len(each) == n_sel
+    np.testing.assert_array_equal(np.stack([np.asarray(e) for e in each]), np.asarray(out))
     return out
 
   @pytest.mark.parametrize(
@@ -83,6 +87,20 @@ class BlockPoolTests:
       ref = block_mean_reference(x4[b, :, h], bits, rows=rows[j], block=16, n_sel=2)
       np.testing.assert_allclose(np.asarray(out[j]), np.asarray(ref), rtol=RTOL, atol=1e-5)
 
+  @pytest.mark.parametrize("group, block", [(1, 32), (16, 16)])
+  def test_selections_empty_in_whole_programs(self, group, block):
+    """A selection with no row at all (a modality id the input lacks: its sums are
+    skipped, zeros written) and one with rows in only a few programs' blocks, beside a
+    full one; the other selections' means as the reference's."""
+    x, bits, rows = inputs(60 + group, 2048, 64, 3, jnp.bfloat16)
+    few = np.zeros(2048, bool)
+    few[group * block * 3 + 5 : group * block * 3 + 9] = True  # (view rows of one program)
+    bits = (bits & 1) | jnp.asarray(few.astype(np.int32) << 2)  # selection 1 empty
+    out = self.check(x, bits, rows, block, 3, group=group)
+    assert not np.asarray(out[1]).any()
+    nonzero = np.asarray(out[2]).any(-1)
+    assert nonzero.sum() in (1, 2) and nonzero[3 * group : 3 * group + 1].all()
+
   @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
   def test_low_precision_inputs(self, dtype):
     x, bits, rows = inputs(7, 512, 128, 2, dtype)
@@ -127,11 +145,11 @@ class BlockPoolTests:
     bits = jnp.stack([b for _, b, _ in per]) if bits_per_head else per[0][1]
     rows = jnp.stack([r for _, _, r in per]) if rows_per_head else per[0][2]
 
-    def pool(inner):
+    def pool(inner, stacked=True):
       def head(ix, b, r):
         return block_mean(
           x4, b, rows=r, index=ix, block=16, n_sel=2, heads_inner=inner,
-          interpret=self.interpret, poison=POISON,
+          interpret=self.interpret, poison=POISON, stacked=stacked,
         )  # fmt: skip
 
       axes = (0, 0 if bits_per_head else None, 0 if rows_per_head else None)
@@ -139,6 +157,9 @@ class BlockPoolTests:
 
     out = pool(True)
     assert out.shape == (2, n_h, 2, 8, 32)
+    each = pool(True, stacked=False)  # (one output per selection, each with the head axes)
+    assert len(each) == 2 and each[1].shape == (2, n_h, 8, 32)
+    np.testing.assert_array_equal(np.stack([np.asarray(e) for e in each], 2), np.asarray(out))
     for bi in range(2):
       for j in range(n_h):
         b, h = np.asarray(index[bi, j])

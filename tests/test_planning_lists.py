@@ -325,27 +325,30 @@ def _count_conds(pol, q, k, mod):
   return str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod)).count(" cond[")
 
 
-def test_fallback_pairs_pooled_only_when_present(monkeypatch):
-  """A 2D boundary's pairs for ids it never names (`planning._optional`) have their own
-  selectors pooled in a lax.cond, zeros where no head has such a pair: the same plans as
-  pooling them always (the optional components taken for required ones, or
-  `skip_empty_work` False: no cond, fewer in the plan), on input without such ids and with
-  id 2 tokens (where the pairs pick blocks), and the dense planner's."""
+def test_fallback_pairs_pooled_with_the_others_or_apart(monkeypatch):
+  """A 2D boundary's pairs for ids it never names (`planning._optional`) have their
+  selectors pooled with the others (block_mean skips a selection's sum where a block has
+  none of its rows), or with `POOL_OPTIONAL_APART` in a lax.cond of their own, zeros where
+  no head has such a pair: the same plans either way, as the optional components taken
+  for required ones, on input without such ids and with id 2 tokens (where the pairs pick
+  blocks), and the dense planner's; only the apart form has the conds."""
   pol, q, k, mod = _two_d_case(43)
   assert sum(planning._optional(c) for c in pol.components()) == 2
   with_2 = jnp.where((jnp.arange(mod.shape[1]) % 37 < 5)[None] & (mod == 1), 2, mod)
   for m in (mod, with_2):
     got = pol.plan(q, k, m)
     assert_same_plan(got, pol.plan(q, k, m, planner="dense"))
+    conds_with = _count_conds(pol, q, k, m)
     with monkeypatch.context() as mp:
       mp.setattr(planning, "_optional", lambda c: False)
       jax.clear_caches()  # (a new trace)
       assert_same_plan(got, pol.plan(q, k, m))
-    with planning.settings(skip_empty_work=False):  # (pooled always: no cond; a new trace)
+    with monkeypatch.context() as mp:
+      mp.setattr(planning, "POOL_OPTIONAL_APART", True)
+      jax.clear_caches()
       assert_same_plan(got, pol.plan(q, k, m))
-      conds_without = _count_conds(pol, q, k, m)
-    jax.clear_caches()  # (the trace with `_optional` patched is cached under these settings)
-    assert conds_without < _count_conds(pol, q, k, m)
+      assert _count_conds(pol, q, k, m) == conds_with + 2  # (one per side)
+    jax.clear_caches()  # (the patched traces are cached under the same settings)
 
 
 def test_early_vertical_slash_estimate_is_the_same(monkeypatch):

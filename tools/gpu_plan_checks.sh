@@ -91,9 +91,23 @@
 #         with --config.planner.mass_tile_stats=True (PACK=; ~550 s).
 # final:  the 128k benchmark of every policy, then 2d_boundary and mminference at 256k
 #         (PACK=; about 370 s).
+# pool2:  block_mean's outputs one buffer per selection (`stacked` False in the planner):
+#         block_pool's GPU tests, the planner's two-pass and fallback-pair list tests on
+#         the GPU, every 128k plan against the dense planner's with the two-pass estimates,
+#         plan_variants base / ts / stacked / ts_noskip in turn (--rounds 12), then the 128k
+#         benchmark of every policy with --config.planner.mass_tile_stats=True (PACK=;
+#         ~560 s).
+# conds3: block_mean's skip of a selection with no row in a block, which lets the
+#         optional selectors be pooled with the others (planning.POOL_OPTIONAL_APART
+#         False: two conds fewer), beside the two-pass estimates and the merge's cond:
+#         the GPU tests of block_pool and attn_mass, the planner's list tests of those on
+#         the GPU, plan_variants base / ts / poolapart / noskip / ts_noskip timed in turn
+#         (--rounds 12), then the 128k benchmark of 2d_boundary and mminference as it is
+#         and with BENCH_SETTING (default mass_tile_stats=True+skip_empty_work=False)
+#         (PACK=; ~540 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|launch|launch2|launch3|final2|twopass|final"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|launch|launch2|launch3|final2|twopass|final|conds3|pool2"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -115,8 +129,8 @@ run_pytest() {
 # set) into $out/variants, each variant's lines shown
 run_variants() {
   timeout "$1" python3 tools/plan_variants.py --out "$out/variants" \
-    --variants "${VARIANTS:-$2}" > "$out/variants.txt" 2>&1
-  grep -A3 wall "$out/variants.txt"
+    --variants "${VARIANTS:-$2}" --rounds "${ROUNDS:-0}" > "$out/variants.txt" 2>&1
+  grep -A3 "wall\|interleaved" "$out/variants.txt"
   pack
 }
 # bench_at NAME LENGTH LIMIT [FLAGS...]: the attention benchmark at one length into
@@ -142,15 +156,23 @@ TWO_POLICIES=(
   "--config.mminference_cycle=('a_shape','vertical_slash','block_sparse','grid','q_boundary','2d_boundary')"
 )
 # bench_settings LIMIT SETTINGS...: bench_128k of TWO_POLICIES once per planner setting
-# ("default", or name=value: --config.planner.name=value) into attention_128k_<name>
+# ("default", or name=value[+name=value...]: --config.planner.name=value each) into
+# attention_128k_<the names>
 bench_settings() {
-  local limit=$1 v flag
+  local limit=$1 v flags name pairs p
   shift
   for v in "$@"; do
-    flag=""
-    [ "$v" = default ] || flag="--config.planner.$v"
+    flags=() name=default
+    if [ "$v" != default ]; then
+      IFS=+ read -ra pairs <<< "$v"
+      name=""
+      for p in "${pairs[@]}"; do
+        flags+=("--config.planner.$p")
+        name="${name:+${name}_}${p%%=*}"
+      done
+    fi
     echo "$v"
-    bench_128k "attention_128k_${v%%=*}" "$limit" $flag "${TWO_POLICIES[@]}"
+    bench_128k "attention_128k_$name" "$limit" ${flags[@]+"${flags[@]}"} "${TWO_POLICIES[@]}"
   done
 }
 if [ "$part" = tests ]; then
@@ -431,6 +453,23 @@ elif [ "$part" = twopass ]; then
   pack
   bench_settings 130 default mass_tile_stats=True
   exit 0
+elif [ "$part" = conds3 ]; then
+  run_pytest gpu_tests_kernels 170 --gpu -m gpu tests/test_block_pool.py tests/test_attn_mass.py
+  run_pytest gpu_tests_lists 120 tests/test_planning_lists.py -k "two_pass or early or fallback"
+  pack
+  ROUNDS=${ROUNDS:-12} run_variants 200 base,ts,poolapart,noskip,ts_noskip
+  bench_settings 125 default "${BENCH_SETTING:-mass_tile_stats=True+skip_empty_work=False}"
+  exit 0
+elif [ "$part" = pool2 ]; then
+  run_pytest gpu_tests_kernels 120 --gpu -m gpu tests/test_block_pool.py
+  run_pytest gpu_tests_lists 120 tests/test_planning_lists.py -k "two_pass or fallback"
+  timeout 130 python3 tools/plan_trace.py --length 131072 --check --top 2 --mass_tile_stats 1 \
+    --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+  pack
+  ROUNDS=${ROUNDS:-12} run_variants 170 base,ts,stacked,ts_noskip
+  bench_128k attention_128k_ts 230 --config.planner.mass_tile_stats=True
+  exit 0
 elif [ "$part" = final ]; then
   bench_128k attention_128k 220
   bench_at attention_256k 262144 150 "${TWO_POLICIES[@]}"
@@ -443,7 +482,7 @@ elif [ "$part" = rstats ]; then
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats, launch, launch2, launch3, final2, twopass or final, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats, launch, launch2, launch3, final2, twopass, final, conds3 or pool2, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

@@ -2,7 +2,7 @@
 compiles it (its compile options at that length), timed in one process: an A/B of planner
 changes without the benchmark's noise between runs. GPU.
 
-  python3 tools/plan_variants.py --out $OUT/v --variants base,noearly,div32
+  python3 tools/plan_variants.py --out $OUT/v --variants base,noearly,div32 [--rounds 10]
 
 Per variant: the plan's wall (two medians of --iters calls), the kernel time summed over
 one profiled call ("ops"; kernels overlap under concurrent scheduling), the kernel count,
@@ -12,37 +12,43 @@ them. Each variant's kernels are listed in time order in <out>/timeline_<variant
 (start and duration in us, "*" where the device was idle before it, the stream).
 
 Variants (each against the planner as it is; names in VARIANTS): base (base2: the same,
-another time); noearly (no vertical-slash estimate in the view before the grid
-permutation); tiles1 / tiles2 (attn_mass's first pass with 1 or 2 key tiles per program,
-not 8); div32 (estimates over one modality group with L / 128 / 32 programs per head,
-`mass_range_div`); p16 (`mass_p_dtype` float16); noopt (no fallback pairs for ids the 2D
-boundary never names: not a valid plan where such ids occur); tsort (`score_topk_sort`);
-st32 / st16 (pooled_topk's tile with 32 / 16 query blocks); pg1 (`pool_group` 1); wscan
-(the split rows' window picked by jnp.searchsorted's scan, a while loop, as before);
-nosplit (`split_rows` False: no lax.switch over window sizes); spare (col_select's output
-with a spare slot per row, then sliced, as before); noskip (`skip_empty_work` False: the
-planner's conds that skip work no head needs gone); noskip_nosplit (and `split_rows`
-False); gsort / gsort2 (`group_count_ids` 0: the group sort by a sort, not counts); nocond (every
-lax.cond of the plan replaced by the branch the benchmark's input takes, `_TAKEN`: what
-the conds cost; `same` says whether the input takes them), nocond_w1 ... nocond_w10 (and
-the split rows' lax.switch by its j-th window of `planning_lists.ROW_WINDOWS`); pow2win
-(the split rows' windows nQ / 32, nQ / 16, ..., nQ, as before); nc_group, nc_merge,
-nc_fits, nc_pool (one kind of cond static: the group sort's, the short lists' merge's,
-the compaction's, the optional selectors' means); rstats8 (attn_mass's pass 1 over a key
-range in programs of 8 tiles of L, not laid over the range: `STATS_SHARE_RANGE` False;
-rstats8b: the same again); noconc (LHS command-buffer scheduling added to the plan's
-compile options); mw8 / mw2 (attn_mass with 8 / 2 warps); ms1, ms3, ms311, ms211
-(attn_mass's pipeline stages of passes 1-3: 1,1,1 / 3,3,2 / 3,1,1 / 2,1,1), ms311_t64,
-ms311_mw8 (and key tiles of 64 / 8 warps); pt1 / pt3 (pooled_topk with 1 / 3 stages);
-tile64 / tile256 (the estimates' key tile, `planning.MASS_TILE`); sw3 (the split rows'
-switch alone replaced by its 3rd branch); rw4 / rw3 (`ROW_WINDOWS` (3, 8, 16, 32) /
-(3, 12, 32)), rw4_ms311; oldwin / old (the windows, and attn_mass's stages 3,2,1, as
-before h200_2026-12-03g); bw8 (block_mean with 8 warps); ts / ts2 (the estimates by
-attn_mass's two passes, `mass_tile_stats`).
+another time); noearly (no vertical-slash estimate in the view before the grid permutation);
+tiles1 / tiles2 (attn_mass's first pass with 1 or 2 key tiles per program, not 8); div32
+(estimates over one modality group with L / 128 / 32 programs per head, `mass_range_div`);
+p16 (`mass_p_dtype` float16); noopt (no fallback pairs for ids the 2D boundary never names:
+not a valid plan where such ids occur); tsort (`score_topk_sort`); st32 / st16
+(pooled_topk's tile with 32 / 16 query blocks); pg1 (`pool_group` 1); wscan (the split rows'
+window picked by jnp.searchsorted's scan, a while loop, as before); nosplit (`split_rows`
+False: no lax.switch over window sizes); spare (col_select's output with a spare slot per
+row, then sliced, as before); noskip (`skip_empty_work` False: the planner's conds that skip
+work no head needs gone: the short lists' merge's); noskip_nosplit (and `split_rows` False);
+gsort / gsort2 (`group_count_ids` 0: the group sort by a sort, not counts); nocond (every
+lax.cond of the plan replaced by the branch the benchmark's input takes, `_TAKEN`: what the
+conds cost; `same` says whether the input takes them), nocond_w1 ... nocond_w10 (and the
+split rows' lax.switch by its j-th window of `planning_lists.ROW_WINDOWS`); pow2win (the
+split rows' windows nQ / 32, nQ / 16, ..., nQ, as before); nc_group, nc_merge, nc_fits,
+nc_pool (one kind of cond static: the group sort's, the short lists' merge's, the
+compaction's, the optional selectors' means); rstats8 (attn_mass's pass 1 over a key range
+in programs of 8 tiles of L, not laid over the range: `STATS_SHARE_RANGE` False; rstats8b:
+the same again); noconc (LHS command-buffer scheduling added to the plan's compile options);
+mw8 / mw2 (attn_mass with 8 / 2 warps); ms1, ms3, ms311, ms211 (attn_mass's pipeline stages
+of passes 1-3: 1,1,1 / 3,3,2 / 3,1,1 / 2,1,1), ms311_t64, ms311_mw8 (and key tiles of 64 / 8
+warps); pt1 / pt3 (pooled_topk with 1 / 3 stages); tile64 / tile256 (the estimates' key
+tile, `planning.MASS_TILE`); sw3 (the split rows' switch alone replaced by its 3rd branch);
+rw4 / rw3 (`ROW_WINDOWS` (3, 8, 16, 32) / (3, 12, 32)), rw4_ms311; oldwin / old (the
+windows, and attn_mass's stages 3,2,1, as before h200_2026-12-03g); bw8 (block_mean with 8
+warps); ts / ts2 (the estimates by attn_mass's two passes, `mass_tile_stats`); poolapart
+(the optional selectors' means in a lax.cond of their own, `planning.POOL_OPTIONAL_APART`,
+as before); stacked (block_mean's selections in one output array, sliced by XLA, as before);
+ts_noskip (ts and noskip).
 Also per variant: "pipelined", the ms per call of calls dispatched back to back (each
 call's outputs kept: new output buffers every call, so XLA re-records the plan's graph
 each time, about 0.3 ms of host time; h200_2026-12-03g), and "dispatch", the ms until a
 call returns with the device idle before it (`bench.dispatch_ms`).
+With --rounds R, the compiled variants are then timed in turn, R rounds of --round_iters
+calls each: the walls of variants measured one after the other drift by up to 0.1 ms in
+a run (base against base2), which this spreads over all of them; it prints each
+variant's median and its paired difference from the first variant.
 """
 
 import argparse
@@ -51,7 +57,9 @@ import contextlib
 import functools
 import json
 import os
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +70,7 @@ from configs import bench_attention as bench_config
 from mmjax import bench, planning, planning_lists
 from mmjax import policies as P
 from pallas_kernels.attn_mass import kernel as mass_kernel
+from pallas_kernels.block_pool import block_mean
 from pallas_kernels.col_select import kernel as col_select_kernel
 from pallas_kernels.pooled_topk import kernel as topk_kernel
 from tools import plan_trace as pt
@@ -180,6 +189,11 @@ VARIANTS = {
     _stages((3, 2, 1)),
   ),
   "ts": lambda: planning.settings(mass_tile_stats=True),
+  "poolapart": lambda: _patch(planning, "POOL_OPTIONAL_APART", True),
+  "stacked": lambda: _patch(
+    planning, "block_mean", lambda *a, **kw: block_mean(*a, **(kw | {"stacked": True}))
+  ),
+  "ts_noskip": lambda: planning.settings(mass_tile_stats=True, skip_empty_work=False),
   "ts2": lambda: planning.settings(mass_tile_stats=True),  # (ts again)
   "bw8": lambda: _patch(
     planning, "block_mean", functools.partial(planning.block_mean, num_warps=8)
@@ -252,6 +266,11 @@ def main():
   ap.add_argument("--policy", default="2d_boundary")
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--iters", type=int, default=40)
+  ap.add_argument(
+    "--rounds", type=int, default=0,
+    help="then time the variants in turn: this many rounds (0: not)",
+  )  # fmt: skip
+  ap.add_argument("--round_iters", type=int, default=20, help="calls per variant and round")
   args = ap.parse_args()
   names = args.variants.split(",")
   unknown = [n for n in names if n not in VARIANTS]
@@ -265,12 +284,15 @@ def main():
   hps = bench.heads_per_step(cfg, t, 28)
   print(f"compile options {copts}; heads per step {hps}", flush=True)
   ref, report = None, {"length": t, "policy": args.policy, "compiler_options": copts}
+  compiled = {}
   for name in names:
     jax.clear_caches()  # (a monkeypatch is not part of the plan's jit key)
     with VARIANTS[name]():
       pol = P.get(args.policy, block_q=cfg.block_q, block_k=cfg.block_k, heads_per_step=hps)
       vopts = (copts or {}) | COPT_VARIANTS.get(name, {})
       fn = jax.jit(lambda q, k, m, pol=pol: pol.plan(q, k, m), compiler_options=vopts or None)
+      fn = fn.lower(q, k, mod).compile()  # (kept for --rounds, past the next clear_caches)
+      compiled[name] = fn
       ms = bench.timeit(fn, q, k, mod, warmup=3, iters=args.iters)
       ms2 = bench.timeit(fn, q, k, mod, warmup=0, iters=args.iters)
       pipe = bench.pipelined_ms(fn, q, k, mod)
@@ -306,8 +328,45 @@ def main():
     print("   host: " + "; ".join(f"{k} x{len(v)} {sum(v):.0f} us" for k, v in sorted(cb.items())))
     with open(os.path.join(args.out, f"timeline_{name}.txt"), "w") as f:
       f.write("\n".join(kernel_timeline(events)) + "\n")
+  if args.rounds:
+    report["rounds"] = interleaved(compiled, (q, k, mod), args.rounds, args.round_iters)
   with open(os.path.join(args.out, "variants.json"), "w") as f:
     json.dump(report, f, indent=1)
+
+
+def interleaved(compiled, args, rounds, iters):
+  """The variants' walls timed in turn (`rounds` rounds of `iters` calls each, the order
+  rotated every round), so that a drift of the machine in the run meets every variant
+  alike: per variant the median of all its calls, and the median over rounds of its
+  round's median minus the first variant's (the paired difference)."""
+  names = list(compiled)
+  times = {n: [] for n in names}
+  per_round = {n: [] for n in names}
+  for r in range(rounds):
+    for n in names[r % len(names) :] + names[: r % len(names)]:
+      jax.block_until_ready(compiled[n](*args))  # (one warm-up call)
+      ts = []
+      for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled[n](*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+      times[n] += ts
+      per_round[n].append(statistics.median(ts))
+  out = {}
+  print(f"interleaved: {rounds} rounds of {iters} calls (ms)", flush=True)
+  for n in names:
+    diffs = [a - b for a, b in zip(per_round[n], per_round[names[0]], strict=True)]
+    out[n] = dict(
+      median=statistics.median(times[n]),
+      vs_first=statistics.median(diffs),
+      round_medians=per_round[n],
+    )
+    print(
+      f"  {n:10s} median {out[n]['median']:.3f}  vs {names[0]} {out[n]['vs_first']:+.3f}"
+      f"  (rounds {min(per_round[n]):.3f} .. {max(per_round[n]):.3f})",
+      flush=True,
+    )
+  return out
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ one dot of 0/1 weights per selection):
   xb   = x[rows, :] in f32                     [block, H], one gathered load
   for each selection m (bit m of `bits`):
     w = bit m of bits[block i]                 [block] 0/1
-    out[m, i, :] = sum(w * xb, rows) / max(sum(w), 1)
+    out[m, i, :] = sum(w * xb, rows) / sum(w)  if sum(w) > 0, else 0 (no sum: skipped)
 """
 
 from __future__ import annotations
@@ -32,11 +32,15 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_SELECTIONS = 31  # bits of an int32 (the sign bit unused)
 
 
-def _kernel(*refs, block, n_sel, group, gather, in_place, per_head):
+def _kernel(*refs, block, n_sel, group, gather, in_place, per_head, stacked):
   refs = list(refs)
   index_ref = refs.pop(0) if in_place else None
   rows_ref = refs.pop(0) if gather else None
-  bits_ref, x_ref, out_ref = refs
+  bits_ref, x_ref, *out_refs = refs
+
+  def out(m, *at):  # (the output ref of selection m, the index of `at` in it)
+    return (out_refs[0], (m, *at)) if stacked else (out_refs[m], at)
+
   # a call batched over heads (`per_head`: the refs with a leading head axis; the output
   # has one too) has the head as its first grid axis, the innermost of the launch
   heads = HeadRefs(per_head | {"out"}, pl.program_id(0)) if per_head else HeadRefs()
@@ -55,17 +59,40 @@ def _kernel(*refs, block, n_sel, group, gather, in_place, per_head):
     f32 = xb.dtype == jnp.float32  # (0/1 weights: exact products; f32 without TF32)
     for m in range(n_sel):
       w = jnp.where(mine & (((bits >> m) & 1) > 0)[None, :], 1.0, 0.0)  # [group, rows]
-      total = plgpu.dot(w.astype(xb.dtype), xb, allow_tf32=not f32)  # [group, H] f32
-      count = jnp.maximum(jnp.sum(w, axis=1), 1.0)
-      mean = (total / count[:, None]).astype(out_ref.dtype)
-      heads.set("out", out_ref, (m, pl.ds(i * group, group), slice(None)), mean)
+      count = jnp.sum(w, axis=1)  # [group]
+      ref, at = out(m, pl.ds(i * group, group), slice(None))
+
+      @pl.when(jnp.sum(count) > 0)
+      def _(w=w, count=count, ref=ref, at=at):
+        total = plgpu.dot(w.astype(xb.dtype), xb, allow_tf32=not f32)  # [group, H] f32
+        mean = (total / jnp.maximum(count, 1.0)[:, None]).astype(ref.dtype)
+        heads.set("out", ref, at, mean)
+
+      _zeros_if(jnp.sum(count) == 0, heads, ref, at, (group, xb.shape[-1]))
     return
   xb = xb.astype(jnp.float32)  # [block, H]
   for m in range(n_sel):
     w = (bits >> m) & 1
-    count = jnp.maximum(jnp.sum(w), 1).astype(jnp.float32)
-    total = jnp.sum(jnp.where(w[:, None] > 0, xb, 0.0), axis=0)  # [H]
-    heads.set("out", out_ref, (m, i, slice(None)), (total / count).astype(out_ref.dtype))
+    count = jnp.sum(w)
+    ref, at = out(m, i, slice(None))
+
+    @pl.when(count > 0)
+    def _(w=w, count=count, ref=ref, at=at):
+      total = jnp.sum(jnp.where(w[:, None] > 0, xb, 0.0), axis=0)  # [H]
+      mean = (total / count.astype(jnp.float32)).astype(ref.dtype)
+      heads.set("out", ref, at, mean)
+
+    _zeros_if(count == 0, heads, ref, at, (xb.shape[-1],))
+
+
+def _zeros_if(empty, heads, out_ref, at, shape):
+  """Zeros at out[at] (shape `shape`) where `empty`: a selection with no row in the
+  program's blocks skips its sum (the planner pools the selections of modality ids an
+  input rarely has with the others, and most blocks have none of their rows)."""
+
+  @pl.when(empty)
+  def _():
+    heads.set("out", out_ref, at, jnp.zeros(shape, out_ref.dtype))
 
 
 def is_group(group) -> bool:
@@ -90,6 +117,7 @@ def block_mean(
   group: int = 1,
   out_dtype=jnp.float32,
   poison: float | None = None,
+  stacked: bool = True,
 ):
   """Per block of `block` view rows, the mean of the rows each selection admits.
 
@@ -120,9 +148,14 @@ def block_mean(
       pooled scores take bf16 means on a GPU, and rounding here spares a conversion pass.
     poison: tests only: the output starts filled with this value, aliased into the
       kernel, so an entry the kernel fails to write keeps it.
+    stacked: True, the selections' means in one array; False, a tuple of n_sel arrays
+      [V // block, H], one output buffer each (the planner reads each selection's
+      means on its own: slices of one array were copies, about 30 us of 2d_boundary's
+      128k plan on an H200 for its four key selections).
 
   Returns:
-    mean [n_sel, V // block, H] in out_dtype, 0 where a block has no row of the selection.
+    mean [n_sel, V // block, H] in out_dtype, 0 where a block has no row of the selection
+    (`stacked` False: a tuple of its n_sel rows).
   """
   if x.ndim == 4:
     if index is None or index.shape != (2,) or index.dtype != jnp.int32:
@@ -171,6 +204,7 @@ def block_mean(
     num_warps=num_warps,
     interpret=interpret,
     poison=poison,
+    stacked=stacked,
   )
   if not heads_inner:
     return _call(x, bits, rows, index, **static)
@@ -196,6 +230,7 @@ def _pool(
   num_warps,
   interpret,
   poison,
+  stacked,
 ):
   """The pallas_call. per_head: the names of the arguments with a leading head axis of
   n_heads (a call batched over heads, the head the first grid axis); empty: one head."""
@@ -211,31 +246,34 @@ def _pool(
     gather=gather,
     in_place=in_place,
     per_head=per_head,
+    stacked=stacked,
   )
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   args = ([index] if in_place else []) + ([rows] if gather else []) + [bits, x]
   in_specs = [whole(a.shape) for a in args]
-  out_shape = lead + (n_sel, nb, h)
+  shapes = [lead + (n_sel, nb, h)] if stacked else [lead + (nb, h)] * n_sel
   aliases = {}
-  if poison is not None:  # the poisoned buffer becomes the output (the kernel ignores it)
-    in_specs.append(whole(out_shape))
-    args.append(jnp.full(out_shape, poison, out_dtype))
-    aliases = {len(args) - 1: 0}
-    kernel = functools.partial(_drop_last_input, kernel)
-  return pl.pallas_call(
+  if poison is not None:  # the poisoned buffers become the outputs (the kernel ignores them)
+    for j, shape in enumerate(shapes):
+      in_specs.append(whole(shape))
+      args.append(jnp.full(shape, poison, out_dtype))
+      aliases[len(args) - 1] = j
+    kernel = functools.partial(_drop_inputs, kernel, len(shapes))
+  out = pl.pallas_call(
     kernel,
     grid=lead + (nb // group,),
     in_specs=in_specs,
-    out_specs=whole(out_shape),
-    out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+    out_specs=[whole(shape) for shape in shapes],
+    out_shape=[jax.ShapeDtypeStruct(shape, out_dtype) for shape in shapes],
     input_output_aliases=aliases,
     compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
     interpret=interpret,
     name="mmjax_block_mean",
   )(*args)
+  return out[0] if stacked else tuple(out)
 
 
-_STATIC = ("block", "n_sel", "group", "out_dtype", "num_warps", "interpret", "poison")
+_STATIC = ("block", "n_sel", "group", "out_dtype", "num_warps", "interpret", "poison", "stacked")
 _call = jax.jit(
   functools.partial(_pool, per_head=frozenset(), n_heads=None), static_argnames=_STATIC
 )
@@ -259,5 +297,5 @@ def _heads_inner(gather, in_place, static):
   )
 
 
-def _drop_last_input(kernel, *refs):
-  kernel(*refs[:-2], refs[-1])
+def _drop_inputs(kernel, n, *refs):  # (the n poisoned inputs, before the n outputs)
+  kernel(*refs[: -2 * n], *refs[-n:])
