@@ -311,6 +311,11 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
 # its taken branch (0.47 -> 0.30 ms, h200_2026-12-03g/3_launch3). Five sizes, steps of at
 # most 3x: its 80 text rows of 1024 still take 96, a short question 32.
 ROW_WINDOWS = (1, 3, 8, 16, 32)
+# 0: `_wide_rows` picks a window of `ROW_WINDOWS` (a lax.switch); w > 0: instead a loop
+# over windows of w 32nds of nQ from the first row with a wide interval to the last (one
+# loop body in the plan's graph, not a branch per size; a window per trip, so a long text
+# run costs trips of a small window's latency).
+ROW_LOOP = 0
 
 
 def _count_below(sizes, x):
@@ -339,6 +344,19 @@ def _wide_rows(rows_plan, iv, wide, narrow, n_q, axis_names):
   first = jnp.where(end > 0, first, n_q)  # (none: neutral for the minimum over the axes)
   if axis_names:
     first, end = jax.lax.pmin(first, axis_names), jax.lax.pmax(end, axis_names)
+  if ROW_LOOP:
+    size = _cdiv(n_q * ROW_LOOP, 32)
+
+    def trip(i, carry):
+      start = jnp.clip(first + i * size, 0, n_q - size)
+      wi, wc = rows_plan(iv, start, size)
+      return (
+        jax.lax.dynamic_update_slice_in_dim(carry[0], wi, start, axis=0),
+        jax.lax.dynamic_update_slice_in_dim(carry[1], wc, start, axis=0),
+      )
+
+    trips = jnp.where(end > first, _cdiv(end - first, size), 0)
+    return jax.lax.fori_loop(0, trips, trip, (block_idx, block_count))
   sizes = sorted({_cdiv(n_q * w, 32) for w in ROW_WINDOWS})
   which = jnp.where(end > first, 1 + _count_below(sizes, end - first), 0)
 

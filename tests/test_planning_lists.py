@@ -382,13 +382,15 @@ def test_early_vertical_slash_estimate_is_the_same(monkeypatch):
   jax.clear_caches()
 
 
-def test_wide_rows_window_gives_the_same_plan(monkeypatch):
+@pytest.mark.parametrize("row_loop", [0, 3])
+def test_wide_rows_window_gives_the_same_plan(row_loop, monkeypatch):
   """SPLIT_ROWS (on a GPU): a 2D boundary whose text pair's slashes (24 key blocks a row)
   are wider than the vision pair's A-shape (7) plans every row from the narrow intervals
   and a window of rows from all (`_wide_rows`). The same plans as the dense planner's for
   text rows in a window of 8 of the 32 query blocks (interleaved), in all of them (text
   only), in none (vision only), at the end (a question after the video) and in 3 (a
-  window of 3: `ROW_WINDOWS`); one trace."""
+  window of 3: `ROW_WINDOWS`); one trace. row_loop 3 (`ROW_LOOP`): a loop over windows
+  of 3 rows instead (0, 1, 3 and 11 trips here), the same plans."""
   t, bq, bk = 512, 16, 16
   pols = helpers.small_policies(bq, bk)
   pol = P.get(
@@ -414,6 +416,8 @@ def test_wide_rows_window_gives_the_same_plan(monkeypatch):
   monkeypatch.setattr(planning_lists, "_wide_rows", spy)
   monkeypatch.setattr(planning, "SPLIT_ROWS", True)
   monkeypatch.setattr(planning, "MERGE_LISTS", True)
+  monkeypatch.setattr(planning_lists, "ROW_LOOP", row_loop)
+  jax.clear_caches()  # (ROW_LOOP is not in the plan's jit key)
   for name, mod in mods.items():
     got, want = _plans(pol, q, k, mod)
     assert int(np.asarray(got.block_count).sum()) > 0, name

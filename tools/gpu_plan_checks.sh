@@ -94,9 +94,9 @@
 # pool2:  block_mean's outputs one buffer per selection (`stacked` False in the planner):
 #         block_pool's GPU tests, the planner's two-pass and fallback-pair list tests on
 #         the GPU, every 128k plan against the dense planner's with the two-pass estimates,
-#         plan_variants base / ts / stacked / ts_noskip in turn (--rounds 12), then the 128k
-#         benchmark of every policy with --config.planner.mass_tile_stats=True (PACK=;
-#         ~560 s).
+#         plan_variants base / ts / stacked / ts_noskip / loop3 / ts_loop3 in turn (--rounds
+#         12), then the 128k benchmark of 2d_boundary and mminference with
+#         --config.planner.mass_tile_stats=True (PACK=; ~560 s).
 # conds3: block_mean's skip of a selection with no row in a block, which lets the
 #         optional selectors be pooled with the others (planning.POOL_OPTIONAL_APART
 #         False: two conds fewer), beside the two-pass estimates and the merge's cond:
@@ -467,8 +467,8 @@ elif [ "$part" = pool2 ]; then
     --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
   grep "plan \|identical" "$out/plan_trace_128k_check.txt"
   pack
-  ROUNDS=${ROUNDS:-12} run_variants 170 base,ts,stacked,ts_noskip
-  bench_128k attention_128k_ts 230 --config.planner.mass_tile_stats=True
+  ROUNDS=${ROUNDS:-12} run_variants 200 base,ts,stacked,ts_noskip,loop3,ts_loop3
+  bench_settings 125 mass_tile_stats=True
   exit 0
 elif [ "$part" = final ]; then
   bench_128k attention_128k 220

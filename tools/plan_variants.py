@@ -40,7 +40,8 @@ windows, and attn_mass's stages 3,2,1, as before h200_2026-12-03g); bw8 (block_m
 warps); ts / ts2 (the estimates by attn_mass's two passes, `mass_tile_stats`); poolapart
 (the optional selectors' means in a lax.cond of their own, `planning.POOL_OPTIONAL_APART`,
 as before); stacked (block_mean's selections in one output array, sliced by XLA, as before);
-ts_noskip (ts and noskip).
+ts_noskip (ts and noskip); loop3 / ts_loop3 (the split rows by a loop over windows of 3 / 32
+of nQ, `planning_lists.ROW_LOOP`, not a lax.switch; and ts).
 Also per variant: "pipelined", the ms per call of calls dispatched back to back (each
 call's outputs kept: new output buffers every call, so XLA re-records the plan's graph
 each time, about 0.3 ms of host time; h200_2026-12-03g), and "dispatch", the ms until a
@@ -194,6 +195,10 @@ VARIANTS = {
     planning, "block_mean", lambda *a, **kw: block_mean(*a, **(kw | {"stacked": True}))
   ),
   "ts_noskip": lambda: planning.settings(mass_tile_stats=True, skip_empty_work=False),
+  "loop3": lambda: _patch(planning_lists, "ROW_LOOP", 3),
+  "ts_loop3": lambda: _both(
+    planning.settings(mass_tile_stats=True), _patch(planning_lists, "ROW_LOOP", 3)
+  ),
   "ts2": lambda: planning.settings(mass_tile_stats=True),  # (ts again)
   "bw8": lambda: _patch(
     planning, "block_mean", functools.partial(planning.block_mean, num_warps=8)
