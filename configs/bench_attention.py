@@ -102,7 +102,7 @@ def get_config(arg: str | None = None):
   # (None: as planning has it; --config.planner.mass_range_div=32)
   c.planner.mass_range_div = ml_collections.config_dict.placeholder(int)
   # the estimates by attn_mass's two passes (None: as planning has it;
-  # --config.planner.mass_tile_stats=True)
+  # --config.planner.mass_tile_stats=False)
   c.planner.mass_tile_stats = ml_collections.config_dict.placeholder(bool)
   # the widest query modality's intervals only in a window of rows (None: as planning has
   # it, on a GPU; --config.planner.split_rows=False)

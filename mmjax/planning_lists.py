@@ -313,9 +313,12 @@ def select_candidates(idx, pri, max_blocks, axis_names=(), runs=None):
 ROW_WINDOWS = (1, 3, 8, 16, 32)
 # 0: `_wide_rows` picks a window of `ROW_WINDOWS` (a lax.switch); w > 0: instead a loop
 # over windows of w 32nds of nQ from the first row with a wide interval to the last (one
-# loop body in the plan's graph, not a branch per size; a window per trip, so a long text
-# run costs trips of a small window's latency).
-ROW_LOOP = 0
+# loop body in the plan's graph, not a branch per size, each a child graph the launch
+# pays for; a window per trip, so a long text run costs a trip of a small window's
+# latency per w 32nds of nQ: about 11 trips where all rows are text). On an H200,
+# 2d_boundary's 128k plan (80 text rows of 1024: one trip) -0.061 ms against the switch,
+# timed in turn, the same plans (h200_2026-12-04/2_pool2).
+ROW_LOOP = 3
 
 
 def _count_below(sizes, x):

@@ -787,9 +787,12 @@ def test_plans_with_two_pass_estimates_are_the_same(name, monkeypatch):
   q, k, _, mod = helpers.random_inputs(28, b, t, n, kh, h, dtype, modk)
   pol = _policy(name, n, bq, bk)
   monkeypatch.setattr(planning, "MASS_IMPL", "pallas")
-  want = pol.plan(q, k, mod)
+  with planning.settings(mass_tile_stats=False):
+    want = pol.plan(q, k, mod)  # (a new trace: the setting is part of plan's jit key)
+    jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
+  assert "mmjax_attn_mass_stats" in jaxpr and "mmjax_attn_mass_tiles" not in jaxpr
   with planning.settings(mass_tile_stats=True):
-    got = pol.plan(q, k, mod)  # (a new trace: the setting is part of plan's jit key)
+    got = pol.plan(q, k, mod)
     jaxpr = str(jax.make_jaxpr(lambda q, k, m: pol.plan(q, k, m))(q, k, mod))
   assert "mmjax_attn_mass_tiles" in jaxpr and "mmjax_attn_mass_stats" not in jaxpr
   assert_same_plan(got, want)

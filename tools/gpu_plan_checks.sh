@@ -97,6 +97,7 @@
 #         plan_variants base / ts / stacked / ts_noskip / loop3 / ts_loop3 in turn (--rounds
 #         12), then the 128k benchmark of 2d_boundary and mminference with
 #         --config.planner.mass_tile_stats=True (PACK=; ~560 s).
+# final3: the 128k benchmark of every policy (PACK=; ~230 s).
 # conds3: block_mean's skip of a selection with no row in a block, which lets the
 #         optional selectors be pooled with the others (planning.POOL_OPTIONAL_APART
 #         False: two conds fewer), beside the two-pass estimates and the merge's cond:
@@ -107,7 +108,7 @@
 #         (PACK=; ~540 s).
 # Carry the ml_collections wheel in .whl/ (WORKSPACE "Running on the GPU").
 set -u
-usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|launch|launch2|launch3|final2|twopass|final|conds3|pool2"
+usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool|estimate|pool_group|split|early|conds|count|conds2|windows|rstats|launch|launch2|launch3|final2|twopass|final|conds3|pool2|final3"
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
@@ -470,6 +471,9 @@ elif [ "$part" = pool2 ]; then
   ROUNDS=${ROUNDS:-12} run_variants 200 base,ts,stacked,ts_noskip,loop3,ts_loop3
   bench_settings 125 mass_tile_stats=True
   exit 0
+elif [ "$part" = final3 ]; then
+  bench_128k attention_128k 250
+  exit 0
 elif [ "$part" = final ]; then
   bench_128k attention_128k 220
   bench_at attention_256k 262144 150 "${TWO_POLICIES[@]}"
@@ -482,7 +486,7 @@ elif [ "$part" = rstats ]; then
   bench_128k attention_128k 200 "${TWO_POLICIES[@]}"
   exit 0
 else
-  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats, launch, launch2, launch3, final2, twopass, final, conds3 or pool2, got $part"
+  echo "part must be tests, traces, bf16, quick, sort, tiles, pool, estimate, pool_group, split, early, conds, count, conds2, windows, rstats, launch, launch2, launch3, final2, twopass, final, conds3, pool2 or final3, got $part"
   exit 2
 fi
 # (at most 8 files come back from the device: one archive)

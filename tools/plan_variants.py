@@ -196,6 +196,12 @@ VARIANTS = {
   ),
   "ts_noskip": lambda: planning.settings(mass_tile_stats=True, skip_empty_work=False),
   "loop3": lambda: _patch(planning_lists, "ROW_LOOP", 3),
+  # (as before h200_2026-12-04: the three-pass estimates, the rows' switch)
+  "mass3": lambda: planning.settings(mass_tile_stats=False),
+  "switch": lambda: _patch(planning_lists, "ROW_LOOP", 0),
+  "pre04": lambda: _both(
+    planning.settings(mass_tile_stats=False), _patch(planning_lists, "ROW_LOOP", 0)
+  ),
   "ts_loop3": lambda: _both(
     planning.settings(mass_tile_stats=True), _patch(planning_lists, "ROW_LOOP", 3)
   ),
