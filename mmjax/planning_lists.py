@@ -338,8 +338,9 @@ def _wide_rows(rows_plan, iv, wide, narrow, n_q, axis_names):
   modality's query blocks are contiguous in a symmetric view), reduced over the vmapped
   axes, are planned again from all of them in a window of static size: the smallest of
   `ROW_WINDOWS` (32nds of nQ) that holds them (one `lax.switch` branch each, and one for
-  no such row). Rows outside the window have no wide interval, so their union, and plan,
-  is the same either way.
+  no such row), or with `ROW_LOOP` in windows of ROW_LOOP 32nds of nQ, one per trip of a
+  loop from the first such row on. Rows outside the windows have no wide interval, so
+  their union, and plan, is the same either way.
   """
   block_idx, block_count = rows_plan(narrow, 0, n_q)
   has = jnp.any(jnp.concatenate(wide.lo, axis=1) <= jnp.concatenate(wide.hi, axis=1), axis=1)

@@ -155,7 +155,7 @@ def block_mean(
 
   Returns:
     mean [n_sel, V // block, H] in out_dtype, 0 where a block has no row of the selection
-    (`stacked` False: a tuple of its n_sel rows).
+    (`stacked` False: the tuple of mean[0], ..., mean[n_sel - 1]).
   """
   if x.ndim == 4:
     if index is None or index.shape != (2,) or index.dtype != jnp.int32:
