@@ -119,6 +119,15 @@ git log --oneline -1 > "$out/commit.txt" 2>/dev/null  # stale on the device: say
 # PACK=$OUT/NAME.tgz (OUT_DIR outside $OUT): the parts sort, tiles and pool rewrite that
 # archive after each step, so that a call cut short still brings back what ran
 pack() { [ -n "${PACK:-}" ] && tar czf "$PACK" -C "$(dirname "$out")" "$(basename "$out")"; }
+# check_128k NAME LIMIT [FLAGS...]: every 128k plan (plan_trace.py --check, its FLAGS)
+# against the dense planner's into $out/plan_trace_128k_check<NAME>.txt, its verdicts shown
+check_128k() {
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" python3 tools/plan_trace.py --length 131072 --check --top 2 "$@" \
+    > "$out/plan_trace_128k_check$name.txt" 2>&1
+  grep "plan \|identical" "$out/plan_trace_128k_check$name.txt"
+}
 # run_pytest NAME LIMIT PYTEST_ARGS...: pytest on 4 workers into $out/NAME.txt, its last lines shown
 run_pytest() {
   local name=$1 limit=$2
@@ -185,9 +194,7 @@ if [ "$part" = tests ]; then
     group_order or stride or heads_per_step or one_kernel" > "$out/gpu_tests_planner.txt" 2>&1
   tail -2 "$out/gpu_tests_planner.txt"
   for topk in xla pallas; do
-    timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 --score_topk $topk \
-      --out "$out/plan_trace_128k_check_$topk.json" > "$out/plan_trace_128k_check_$topk.txt" 2>&1
-    grep "plan \|identical" "$out/plan_trace_128k_check_$topk.txt"
+    check_128k "_$topk" 120 --score_topk $topk --out "$out/plan_trace_128k_check_$topk.json"
   done
 elif [ "$part" = traces ]; then
   for v in "plain" "float16 --mass_p_dtype float16" "fused --score_topk pallas"; do
@@ -215,10 +222,8 @@ elif [ "$part" = bf16 ]; then
     > "$out/score_bench_bf16.txt" 2>&1
   grep same "$out/score_bench_bf16.txt"
   tiles=${TILES:-64,128,4}
-  timeout 150 python3 tools/plan_trace.py --length 131072 --check --top 2 \
-    --score_dtype bfloat16 --score_tiles "$tiles" --out "$out/plan_trace_128k_check_bf16.json" \
-    > "$out/plan_trace_128k_check_bf16.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check_bf16.txt"
+  check_128k _bf16 150 --score_dtype bfloat16 --score_tiles "$tiles" \
+    --out "$out/plan_trace_128k_check_bf16.json"
   for dt in float32 bfloat16; do
     timeout 60 python3 tools/plan_trace.py --length 131072 --policies mminference --top 2 \
       --concurrent 1 --score_dtype $dt > "$out/plan_trace_128k_mminference_$dt.txt" 2>&1
@@ -235,17 +240,13 @@ elif [ "$part" = quick ]; then
   timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_topk_select.py \
     tests/test_attn_mass.py tests/test_block_pool.py > "$out/gpu_tests_kernels.txt" 2>&1
   tail -2 "$out/gpu_tests_kernels.txt"
-  timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 \
-    --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+  check_128k "" 120 --out "$out/plan_trace_128k_check.json"
 elif [ "$part" = sort ]; then
   timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider --gpu -m gpu tests/test_kernels.py \
     tests/test_col_select.py tests/test_pooled_topk.py > "$out/gpu_tests_kernels.txt" 2>&1
   tail -2 "$out/gpu_tests_kernels.txt"
   for srt in 0 1; do
-    timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 \
-      --score_topk_sort $srt > "$out/plan_trace_128k_check_sort$srt.txt" 2>&1
-    grep "plan \|identical" "$out/plan_trace_128k_check_sort$srt.txt"
+    check_128k "_sort$srt" 120 --score_topk_sort $srt
     pack
   done
   for srt in 0 1; do
@@ -266,9 +267,7 @@ elif [ "$part" = estimate ]; then
     > "$out/gpu_tests_kernels.txt" 2>&1
   tail -2 "$out/gpu_tests_kernels.txt"
   pack
-  timeout 150 python3 tools/plan_trace.py --length 131072 --check --top 2 \
-    > "$out/plan_trace_128k_check.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+  check_128k "" 150
   pack
   XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 python3 tools/plan_trace.py \
     --length 1048576 --policies grid,2d_boundary,mminference --by kernel --top 14 \
@@ -286,10 +285,8 @@ elif [ "$part" = tiles ]; then
     echo "tile $t"; grep "plan \|pooled_topk" "$out/plan_trace_1m_grid_tiles_${t//,/_}.txt"
     pack
   done
-  timeout 90 python3 tools/plan_trace.py --length 131072 --check --top 2 \
-    --policies grid,block_sparse,2d_boundary --score_tiles ${CHECK_TILE:-32,128,4} \
-    > "$out/plan_trace_128k_check_tiles.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check_tiles.txt"
+  check_128k _tiles 90 --policies grid,block_sparse,2d_boundary \
+    --score_tiles "${CHECK_TILE:-32,128,4}"
   pack
   exit 0
 elif [ "$part" = pool ]; then
@@ -323,9 +320,7 @@ elif [ "$part" = pool ]; then
     > "$out/plan_trace_128k_mminference_by_function.txt" 2>&1
   head -4 "$out/plan_trace_128k_mminference_by_function.txt"
   pack
-  timeout 120 python3 tools/plan_trace.py --length 131072 --check --top 2 --pool_heads_inner 1 \
-    > "$out/plan_trace_128k_check_pool_inner.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check_pool_inner.txt"
+  check_128k _pool_inner 120 --pool_heads_inner 1
   pack
   exit 0
 elif [ "$part" = pool_group ]; then
@@ -345,9 +340,7 @@ elif [ "$part" = pool_group ]; then
     echo "pool_group $g"; grep "plan \|block_mean" "$out/plan_trace_1m_group$g.txt"
     pack
   done
-  timeout 100 python3 tools/plan_trace.py --length 131072 --check --top 2 --pool_group 16 \
-    --policies grid,2d_boundary,mminference > "$out/plan_trace_128k_check_group16.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check_group16.txt"
+  check_128k _group16 100 --pool_group 16 --policies grid,2d_boundary,mminference
   pack
   exit 0
 elif [ "$part" = split ]; then
@@ -370,9 +363,7 @@ elif [ "$part" = split ]; then
   grep "plan " "$out/plan_trace_128k_2d_boundary.txt"
   pack
   [ "${CHECK:-1}" = 1 ] || exit 0
-  timeout 150 python3 tools/plan_trace.py --length 131072 --check --top 2 \
-    > "$out/plan_trace_128k_check.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+  check_128k "" 150
   pack
   exit 0
 elif [ "$part" = early ]; then
@@ -464,9 +455,7 @@ elif [ "$part" = conds3 ]; then
 elif [ "$part" = pool2 ]; then
   run_pytest gpu_tests_kernels 120 --gpu -m gpu tests/test_block_pool.py
   run_pytest gpu_tests_lists 120 tests/test_planning_lists.py -k "two_pass or fallback"
-  timeout 130 python3 tools/plan_trace.py --length 131072 --check --top 2 --mass_tile_stats 1 \
-    --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
-  grep "plan \|identical" "$out/plan_trace_128k_check.txt"
+  check_128k "" 130 --mass_tile_stats 1 --out "$out/plan_trace_128k_check.json"
   pack
   ROUNDS=${ROUNDS:-12} run_variants 200 base,ts,stacked,ts_noskip,loop3,ts_loop3
   bench_settings 125 mass_tile_stats=True
