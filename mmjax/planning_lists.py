@@ -317,7 +317,8 @@ ROW_WINDOWS = (1, 3, 8, 16, 32)
 # pays for; a window per trip, so a long text run costs a trip of a small window's
 # latency per w 32nds of nQ: about 11 trips where all rows are text). On an H200,
 # 2d_boundary's 128k plan (80 text rows of 1024: one trip) -0.061 ms against the switch,
-# timed in turn, the same plans (h200_2026-12-04/2_pool2).
+# timed in turn, the same plans (h200_2026-12-04/2_pool2). With text in every frame (11
+# trips): -0.11 ms at 53% text, but +0.51 ms at 88% (h200_2026-12-04b/3_text_heavy).
 ROW_LOOP = 3
 
 

@@ -365,13 +365,15 @@ def main():
     trace(args)
 
 
-def plan_inputs(length, heads=28, kv_heads=4):
+def plan_inputs(length, heads=28, kv_heads=4, frame_tokens=576, text_between=16):
   """(q [1, T, N, 128], k [1, T, K, 128] bf16 random, modality ids [1, T]): the
-  benchmark's shapes and video + text layout, the plans' inputs in the plan tools."""
+  benchmark's shapes and video + text layout (`bench.video_text_modality`: frames of
+  frame_tokens vision tokens, text_between text tokens before each), the plans' inputs in
+  the plan tools."""
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   q = jax.random.normal(keys[0], (1, length, heads, 128), jnp.float32).astype(jnp.bfloat16)
   k = jax.random.normal(keys[1], (1, length, kv_heads, 128), jnp.float32).astype(jnp.bfloat16)
-  return q, k, bench.video_text_modality(length, 576, 16, 256)
+  return q, k, bench.video_text_modality(length, frame_tokens, text_between, 256)
 
 
 def trace(args):

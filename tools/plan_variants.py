@@ -282,19 +282,33 @@ def main():
     help="then time the variants in turn: this many rounds (0: not)",
   )  # fmt: skip
   ap.add_argument("--round_iters", type=int, default=20, help="calls per variant and round")
+  ap.add_argument(
+    "--layout", default="576,16",
+    help="FRAME,TEXT: the input's frames of FRAME vision tokens with TEXT text tokens before"
+    " each (the benchmark's: 576,16; text-heavy, e.g. 64,448)",
+  )  # fmt: skip
   args = ap.parse_args()
   names = args.variants.split(",")
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
     raise ValueError(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+  try:
+    frame, text = (int(x) for x in args.layout.split(","))
+    if frame < 1 or text < 0:
+      raise ValueError
+  except ValueError:
+    raise ValueError(f"--layout: want FRAME,TEXT (ints, FRAME >= 1), got {args.layout!r}") from None
   os.makedirs(args.out, exist_ok=True)
   t = args.length
-  q, k, mod = pt.plan_inputs(t)
+  q, k, mod = pt.plan_inputs(t, frame_tokens=frame, text_between=text)
+  text_share = float(jnp.mean(mod == 0))
+  print(f"layout {frame},{text}: {text_share:.1%} text tokens", flush=True)
   cfg = bench_config.get_config("")
   copts = bench.plan_compiler_options(cfg, t, args.policy)
   hps = bench.heads_per_step(cfg, t, 28)
   print(f"compile options {copts}; heads per step {hps}", flush=True)
   ref, report = None, {"length": t, "policy": args.policy, "compiler_options": copts}
+  report |= {"layout": [frame, text], "text_share": text_share}
   compiled = {}
   for name in names:
     jax.clear_caches()  # (a monkeypatch is not part of the plan's jit key)
