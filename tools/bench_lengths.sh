@@ -8,8 +8,8 @@
 # Each argument is LENGTH:ITERS:WARMUP:TIMEOUT_S. The archive (PACK; default OUT_DIR.tgz,
 # keep OUT_DIR outside $OUT) is rewritten after each length, so a call cut short keeps the
 # lengths that ran. BENCH_FLAGS="--config.planner.score_topk_impl=pallas ..." adds flags to
-# every run. Measured on an H200: 128k about 125 s, 256k more than 130 s, 512k about 200 s,
-# 1M about 250 s (WORKSPACE "Running on the GPU"). Carry the ml_collections wheel in .whl/.
+# every run. Measured on an H200 (h200_2026-12-04b): 128k 136-144 s, 256k 133 s, 512k 125 s,
+# 1M 177 s, plus about 60 s for a cold start. Carry the ml_collections wheel in .whl/.
 set -u
 out=${1:?usage: bench_lengths.sh OUT_DIR LENGTH:ITERS:WARMUP:TIMEOUT_S ...}
 shift
