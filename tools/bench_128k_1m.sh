@@ -14,10 +14,9 @@ set -u
 out=${1:?usage: bench_128k_1m.sh OUT_DIR}
 mkdir -p "$out"
 if [ "${PLAN_CHECK:-0}" = 1 ]; then
-  python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
-    --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  PYTHONPATH=/tmp/site:$PWD timeout 150 python3 tools/plan_trace.py --length 131072 --check \
-    --top 2 --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
+  . "$(dirname "$0")/device_env.sh" || exit 1
+  timeout 150 python3 tools/plan_trace.py --length 131072 --check --top 2 \
+    --out "$out/plan_trace_128k_check.json" > "$out/plan_trace_128k_check.txt" 2>&1
   grep "plan \|identical" "$out/plan_trace_128k_check.txt"
 fi
 bash "$(dirname "$0")/bench_lengths.sh" "$out" 131072:5:2:200 1048576:2:1:330 && rm -rf "$out"

@@ -21,9 +21,7 @@ for spec in "$@"; do
   }
 done
 mkdir -p "$out"
-python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
-  --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+. "$(dirname "$0")/device_env.sh" || exit 1
 git log --oneline -1 > "$out/commit.txt" 2>/dev/null  # stale on the device: say it yourself
 for spec in "$@"; do
   IFS=: read -r length iters warmup limit <<< "$spec"

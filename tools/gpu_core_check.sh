@@ -2,8 +2,7 @@
 # Validates the core on the device machine (jax 0.11.2): the test suite on the GPU backend,
 # whether jaxlib accepts the CPU YNN flag, and whether its CPU backend shows the race.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+. "$(dirname "$0")/device_env.sh" || exit 1
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jaxlib.__version__, jax.devices())"
 echo "== flag accepted by jaxlib on CPU?"
 XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= JAX_PLATFORMS=cpu python3 -c "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))" 2>&1 | tail -2

@@ -112,9 +112,8 @@ usage="usage: gpu_plan_checks.sh OUT_DIR tests|traces|bf16|quick|sort|tiles|pool
 out=${1:?$usage}
 part=${2:?$usage}
 mkdir -p "$out"
-python3 -c "import ml_collections" 2>/dev/null || python3 -m pip install -q --no-index \
-  --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+. "$(dirname "$0")/device_env.sh" || exit 1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 git log --oneline -1 > "$out/commit.txt" 2>/dev/null  # stale on the device: say it yourself
 # PACK=$OUT/NAME.tgz (OUT_DIR outside $OUT): the parts sort, tiles and pool rewrite that
 # archive after each step, so that a call cut short still brings back what ran
